@@ -1,0 +1,51 @@
+"""The ``fmseg`` command: one sub-command per module in this package, each with ``register(subparsers)``."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Optional, Sequence
+
+from FMSegCore import __version__
+from FMSegCore.errors import FMSegError
+
+#: Sub-command modules (FMSegCore.cli.<name>); each defines ``register(subparsers)`` which sets ``func``.
+COMMAND_MODULES = ("prompt_cmd", "models_cmd", "demo_cmd", "bench_cmd")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with every available sub-command."""
+    parser = argparse.ArgumentParser(prog="fmseg", description="Medical segmentation foundation models.")
+    parser.add_argument("--version", action="version", version=f"fmseg {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(f"FMSegCore.cli.{name}")
+        except ModuleNotFoundError as error:
+            if error.name == f"FMSegCore.cli.{name}":
+                continue
+            raise
+        module.register(subparsers)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run ``fmseg``; user errors become one line on stderr and exit code 2."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 1
+    try:
+        return int(args.func(args) or 0)
+    except FMSegError as error:
+        print(f"fmseg {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"fmseg {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

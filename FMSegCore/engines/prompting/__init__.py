@@ -1,0 +1,1 @@
+"""Promptable segmentation: boxes, ROIs and points per named segment, carried through volumes."""

@@ -1,0 +1,1 @@
+"""Reading and writing volumes, label maps, Slicer segmentations and Slicer markups."""

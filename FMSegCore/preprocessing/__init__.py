@@ -1,0 +1,1 @@
+"""Intensity normalisation, resampling and slice extraction: reusable pieces shared by every engine."""

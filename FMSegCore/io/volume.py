@@ -6,9 +6,13 @@ Arrays are KJI-ordered (slice, row, column), as in SimpleITK and Slicer. Geometr
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Optional, Union
 
 import numpy as np
 import SimpleITK as sitk
@@ -172,8 +176,26 @@ def write_volume(volume: Volume, path: PathLike, compress: bool = True) -> Path:
     path = Path(path)
     if not _is_volume_file(path):
         raise InputError(path, f"unsupported output format (use one of {', '.join(VOLUME_SUFFIXES)})")
+    if path.name.lower().endswith(".mhd"):
+        return _write_metaimage_pair(volume, path, compress)
     with atomic_output(path) as temporary:
         sitk.WriteImage(volume.to_sitk(), str(temporary), compress)
+    return path
+
+
+def _write_metaimage_pair(volume: Volume, path: Path, compress: bool) -> Path:
+    """A header (.mhd) and its data file, written under their final names in a temporary folder, then moved."""
+    if not path.parent.exists():
+        raise InputError(path, f"output folder {path.parent} does not exist")
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
+    try:
+        sitk.WriteImage(volume.to_sitk(), str(staging / path.name), compress)
+        data_files = [f for f in staging.iterdir() if f.name != path.name]
+        for data_file in data_files:
+            os.replace(data_file, path.parent / data_file.name)
+        os.replace(staging / path.name, path)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return path
 
 

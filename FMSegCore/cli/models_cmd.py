@@ -1,0 +1,119 @@
+"""``fmseg models``: list the zoo, show one model, download a model into the cache."""
+
+from __future__ import annotations
+
+import argparse
+import textwrap
+from pathlib import Path
+from typing import Optional
+
+from FMSegCore.zoo.cache import CACHE_ENV, cache_dir, cached_path, fetch, file_digest, is_cached
+from FMSegCore.zoo.registry import ModelCard, get_card, list_cards
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``models`` (with ``list``, ``info`` and ``fetch``) to the ``fmseg`` parser."""
+    parser = subparsers.add_parser("models", help="list, inspect and download the models of the zoo",
+                                   description="The model zoo. Without an action: the table of models.")
+    actions = parser.add_subparsers(dest="models_command", metavar="ACTION")
+    actions.add_parser("list", help="the table of models (the default)")
+    info = actions.add_parser("info", help="everything known about one model")
+    info.add_argument("name", help="model name (see `fmseg models`)")
+    get = actions.add_parser("fetch", help="download a model into the cache and verify it")
+    get.add_argument("name", help="model name (see `fmseg models`)")
+    get.add_argument("--trust-unverified", action="store_true",
+                     help="accept a download that cannot be verified because no sha256 is published")
+    get.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Dispatch to the chosen action; ``list`` when none is given."""
+    action = getattr(args, "models_command", None)
+    if action == "info":
+        return show_info(get_card(args.name))
+    if action == "fetch":
+        return fetch_model(get_card(args.name), args.trust_unverified, not args.no_progress)
+    return show_table(list_cards())
+
+
+def _tilde(path: Path) -> str:
+    home = str(Path.home())
+    text = str(path)
+    return "~" + text[len(home):] if home != "/" and text.startswith(home + "/") else text
+
+
+def _size(size: Optional[int]) -> str:
+    if size is None:
+        return "?"
+    value = float(size)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{size} B"
+
+
+def _state(card: ModelCard) -> str:
+    """``yes: <path>`` when the file is there and passes its checks, else ``no``."""
+    if not is_cached(card):
+        return "no"
+    return f"yes{'' if card.verifiable else ' (unverified)'}: {_tilde(cached_path(card))}"
+
+
+def show_table(cards: list[ModelCard]) -> int:
+    """Print one row per model: name, family, size, licence, checksum, cached or not and where."""
+    header = ("NAME", "FAMILY", "SIZE", "LICENCE", "SHA256", "CACHED")
+    rows = [header]
+    for card in cards:
+        path = cached_path(card)
+        size = card.size_bytes if card.size_bytes is not None or not path.is_file() else path.stat().st_size
+        rows.append((card.name, card.family, _size(size), card.licence,
+                     "pinned" if card.verifiable else "none", _state(card)))
+    widths = [max(len(row[column]) for row in rows) for column in range(len(header) - 1)]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[-1])
+    print(f"\nCache folder: {_tilde(cache_dir())} (set {CACHE_ENV} to move it). "
+          "Details: `fmseg models info NAME`; download: `fmseg models fetch NAME`.")
+    return 0
+
+
+def show_info(card: ModelCard) -> int:
+    """Print every field of one card, wrapped for a terminal."""
+    size = "unknown size" if card.size_bytes is None else f"{_size(card.size_bytes)}, {card.size_bytes:,} bytes"
+    fields = (
+        ("family", card.family),
+        ("description", card.description),
+        ("source", card.source),
+        ("file", f"{card.filename} ({size})"),
+        ("sha256", card.sha256 or "none published (fetching needs --trust-unverified)"),
+        ("licence", card.licence),
+        ("input", card.input_conventions),
+        ("architecture", card.architecture or "not implemented in FMSeg yet"),
+        ("homepage", card.homepage),
+        ("cached", _state(card) if is_cached(card) else f"no (would be saved to {_tilde(cached_path(card))})"),
+    )
+    print(f"{card.name}: {card.title}")
+    for label, value in fields:
+        prose = label in ("description", "input")
+        lines = textwrap.wrap(value, width=96, break_long_words=False, break_on_hyphens=False) if prose else [value]
+        print(f"  {label + ':':<14}{lines[0]}")
+        for line in lines[1:]:
+            print(f"  {'':<14}{line}")
+    return 0
+
+
+def fetch_model(card: ModelCard, trust_unverified: bool, progress: bool) -> int:
+    """Download (or find) one model and say where it is and whether it was verified."""
+    if is_cached(card):
+        print(f"{card.name}: already available at {cached_path(card)}")
+        return 0
+    if card.verifiable or trust_unverified:
+        print(f"{card.name}: fetching {card.filename} from {card.source}", flush=True)
+    path = fetch(card, allow_unverified=trust_unverified, progress=progress)
+    if card.verifiable:
+        print(f"{card.name}: {path} (sha256 verified)")
+    else:
+        print(f"{card.name}: {path} (NOT verified: no sha256 is published; this file's sha256 is "
+              f"{file_digest(path)})")
+    return 0

@@ -1,0 +1,312 @@
+"""A promptable segmentation session: one volume, one 2D promptable model, cached embeddings, named segments.
+
+A 2D box on one slice, or include points alone, segment a structure in 3D by propagating slice to slice
+(each slice prompted with the box of its neighbour's mask) until the structure ends. A 3D ROI segments the
+slices it spans the same way, starting from its middle slice and staying inside it. Boxes on several slices
+each seed their own slice. Points refine the slice they lie on (include/exclude clicks).
+
+Image embeddings are cached per (axis, slice, window): a new prompt re-runs only the decoder unless it needs
+a slice or window not yet encoded.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+from scipy import ndimage
+
+from FMSegCore.engines.prompting.embedding_cache import EmbeddingCache
+from FMSegCore.engines.prompting.prompts import PointPrompt, SegmentPrompts
+from FMSegCore.engines.prompting.windows import SliceWindow, box_window, extract, full_window, paste
+from FMSegCore.errors import InputError
+from FMSegCore.io.volume import Volume
+from FMSegCore.models.interfaces import PromptableModel2D, PromptBatch2D
+from FMSegCore.preprocessing.intensity import normalize
+from FMSegCore.preprocessing.slicing import get_slice
+
+BoxRC = tuple[float, float, float, float]  # row0, col0, row1, col1 (inclusive pixel centres)
+ProgressCallback = Callable[[str, int, int], None]
+
+
+@dataclass
+class PropagationSettings:
+    """When propagation stops, and how each next slice's box is made."""
+
+    #: stop when the predicted mask is smaller than this many mm^2
+    min_area_mm2: float = 10.0
+    #: stop when the mask shrinks below this fraction of the previous slice's
+    min_area_ratio: float = 0.15
+    #: stop when the model's own quality estimate (predicted IoU) falls below this
+    min_quality: float = 0.5
+    #: margin added around the previous slice's mask box, in mm
+    box_margin_mm: float = 3.0
+
+
+@dataclass
+class Timings:
+    """Counters for benchmarks: encoder and decoder calls and their seconds."""
+
+    encoded: int = 0
+    encode_seconds: float = 0.0
+    decoded: int = 0
+    decode_seconds: float = 0.0
+
+
+@dataclass
+class SliceSeed:
+    """A slice where segmentation starts: a box and/or points, and the slice range it may propagate in."""
+
+    index: int
+    box: Optional[BoxRC]
+    points: list[PointPrompt] = field(default_factory=list)
+    limits: Optional[tuple[int, int]] = None  # slice range (inclusive) or None for unbounded
+    clip: Optional[BoxRC] = None  # in-plane bounds every propagated box is clipped to (a ROI)
+    propagate: bool = True
+
+
+class PromptSession:
+    """Holds a volume, a promptable 2D model and its embedding cache; segments named structures from prompts."""
+
+    def __init__(self, volume: Volume, model: PromptableModel2D, device: torch.device | str = "cpu", *,
+                 axis: int = 2, context: str = "crop", modality: str = "auto", window: str = "abdomen",
+                 cache_bytes: int = 2 << 30, autocast_dtype: Optional[torch.dtype] = None,
+                 settings: Optional[PropagationSettings] = None) -> None:
+        if context not in ("crop", "full"):
+            raise ValueError("context must be 'crop' or 'full'")
+        self.volume = volume
+        self.model = model
+        self.device = torch.device(device)
+        self.axis = axis
+        self.context = context
+        self.autocast_dtype = autocast_dtype
+        self.settings = settings or PropagationSettings()
+        self.image = normalize(volume, modality=modality, window=window)
+        self.cache = EmbeddingCache(cache_bytes)
+        self.timings = Timings()
+        self.results: dict[str, np.ndarray] = {}
+
+    # ------------------------------------------------------------------ geometry
+    def num_slices(self, axis: Optional[int] = None) -> int:
+        return self.image.shape[2 - (self.axis if axis is None else axis)]
+
+    def slice_shape(self, axis: Optional[int] = None) -> tuple[int, int]:
+        axis = self.axis if axis is None else axis
+        shape = [s for a, s in zip((2, 1, 0), self.image.shape) if a != axis]
+        return (shape[0], shape[1])
+
+    def spacing_rc(self, axis: Optional[int] = None) -> tuple[float, float]:
+        axis = self.axis if axis is None else axis
+        rows, cols = [a for a in (2, 1, 0) if a != axis]
+        return (float(self.volume.spacing[rows]), float(self.volume.spacing[cols]))
+
+    def _to_slice(self, ijk: Sequence[float], axis: int) -> tuple[float, float, float]:
+        """(i, j, k) -> (slice index, row, col) for slices perpendicular to ``axis``."""
+        rows, cols = [a for a in (2, 1, 0) if a != axis]
+        return (float(ijk[axis]), float(ijk[rows]), float(ijk[cols]))
+
+    def _window(self, box: Optional[BoxRC], axis: int) -> SliceWindow:
+        size = self.model.input_size
+        if self.context == "full" or box is None:
+            return full_window(self.slice_shape(axis), self.spacing_rc(axis), size)
+        return box_window(box, self.slice_shape(axis), self.spacing_rc(axis), size)
+
+    # ------------------------------------------------------------------ model calls
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return torch.autocast(self.device.type, enabled=False)
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def encode(self, requests: Iterable[tuple[int, int, SliceWindow]], batch_size: int = 4) -> None:
+        """Encode (axis, slice, window) triples not yet cached, in batches."""
+        missing = []
+        for key in requests:
+            if key not in self.cache and key not in missing:
+                missing.append(key)
+        for start in range(0, len(missing), batch_size):
+            chunk = missing[start:start + batch_size]
+            images = [self.model.preprocess(extract(get_slice(self.image, axis, index), window).numpy())
+                      for axis, index, window in chunk]
+            batch = torch.stack(images).to(self.device).contiguous(memory_format=torch.channels_last)
+            began = time.perf_counter()
+            with torch.inference_mode(), self._autocast():
+                embeddings = self.model.encode(batch)
+            self.timings.encode_seconds += time.perf_counter() - began
+            self.timings.encoded += len(chunk)
+            for key, embedding in zip(chunk, embeddings):
+                self.cache.put(key, embedding.float() if embedding.dtype != torch.float32 else embedding)
+
+    def decode_slice(self, axis: int, index: int, box: Optional[BoxRC], points: Sequence[PointPrompt] = (),
+                     window: Optional[SliceWindow] = None) -> tuple[np.ndarray, float, SliceWindow]:
+        """Segment one slice from a box and/or points: (mask on the slice, model quality, window used)."""
+        if window is None:
+            window = self._window(box if box is not None else _points_box(points, axis, self), axis)
+        key = (axis, index, window)
+        self.encode([key])
+        embedding = self.cache.get(key)
+        prompts = PromptBatch2D(embedding_index=torch.zeros(1, dtype=torch.long, device=self.device))
+        if box is not None:
+            prompts.boxes = torch.tensor(window.box_to_window(box), dtype=torch.float32, device=self.device)[None]
+        if points:
+            rc = np.array([self._to_slice(p.ijk, axis)[1:] for p in points])
+            prompts.points = torch.tensor(window.to_window(rc), dtype=torch.float32, device=self.device)[None]
+            prompts.point_labels = torch.tensor([[1 if p.include else 0 for p in points]], device=self.device)
+        began = time.perf_counter()
+        with torch.inference_mode(), self._autocast():
+            logits, quality = self.model.decode(embedding[None], prompts)
+        self.timings.decode_seconds += time.perf_counter() - began
+        self.timings.decoded += 1
+        mask = paste(logits[0, 0].float(), window, self.slice_shape(axis)).numpy() > 0
+        mask = _apply_clicks(mask, [self._to_slice(p.ijk, axis)[1:] + (p.include,) for p in points])
+        return mask, float(quality[0]), window
+
+    # ------------------------------------------------------------------ segmentation
+    def segment(self, prompts: SegmentPrompts, progress: Optional[ProgressCallback] = None) -> np.ndarray:
+        """A boolean KJI mask of one structure from its prompts; remembered under its name."""
+        if prompts.is_empty():
+            raise InputError(None, f"segment '{prompts.name}' has no box and no include point")
+        axis = _segment_axis(prompts, self.axis)
+        seeds = self._seeds(prompts, axis)
+        mask = np.zeros(self.image.shape, dtype=bool)
+        done: dict[int, np.ndarray] = {}
+        for number, seed in enumerate(seeds):
+            if progress:
+                progress(prompts.name, number, len(seeds))
+            self._grow(seed, axis, prompts.points, done)
+        for index, slice_mask in done.items():
+            view = get_slice(mask, axis, index)
+            view |= slice_mask
+        self.results[prompts.name] = mask
+        return mask
+
+    def run(self, segments: Sequence[SegmentPrompts],
+            progress: Optional[ProgressCallback] = None) -> tuple[np.ndarray, list[str]]:
+        """One multi-label map (values 1..N in the order given; later segments win on overlap) and the names."""
+        labels = np.zeros(self.image.shape, dtype=np.uint16)
+        for value, prompts in enumerate(segments, start=1):
+            labels[self.segment(prompts, progress)] = value
+        return labels, [s.name for s in segments]
+
+    def _seeds(self, prompts: SegmentPrompts, axis: int) -> list[SliceSeed]:
+        seeds: dict[int, SliceSeed] = {}
+        last = self.num_slices(axis) - 1
+        for box in prompts.boxes:
+            lo = self._to_slice(box.lo, axis)
+            hi = self._to_slice(box.hi, axis)
+            in_plane: BoxRC = (lo[1], lo[2], hi[1], hi[2])
+            if box.slice_axis() == axis:
+                index = int(np.clip(round((lo[0] + hi[0]) / 2), 0, last))
+                seeds[index] = SliceSeed(index, in_plane)
+            else:
+                first, stop = box.voxel_range(axis)
+                first, stop = max(first, 0), min(stop, last)
+                index = (first + stop) // 2
+                seeds[index] = SliceSeed(index, in_plane, limits=(first, stop), clip=in_plane)
+        for point in prompts.points:
+            index = int(np.clip(round(self._to_slice(point.ijk, axis)[0]), 0, last))
+            if index in seeds:
+                seeds[index].points.append(point)
+            elif point.include and not prompts.boxes:
+                seeds[index] = SliceSeed(index, None, [point])
+        # Corrective points on slices without a seed join the propagation there (see _grow).
+        return [seeds[k] for k in sorted(seeds)]
+
+    def _grow(self, seed: SliceSeed, axis: int, points: Sequence[PointPrompt], done: dict[int, np.ndarray]) -> None:
+        points_by_slice: dict[int, list[PointPrompt]] = {}
+        for point in points:
+            points_by_slice.setdefault(int(round(self._to_slice(point.ijk, axis)[0])), []).append(point)
+        box = seed.box
+        if box is None:
+            first, _, _ = self.decode_slice(axis, seed.index, None, seed.points)
+            box = _mask_box(first)
+            if box is None:
+                return
+            box = self._padded(box, axis, None)
+        mask, _, window = self.decode_slice(axis, seed.index, box, points_by_slice.get(seed.index, seed.points))
+        done[seed.index] = done.get(seed.index, np.zeros_like(mask)) | mask
+        if not seed.propagate or not mask.any():
+            return
+        low, high = seed.limits if seed.limits else (0, self.num_slices(axis) - 1)
+        pixel_area = float(np.prod(self.spacing_rc(axis)))
+        for step in (1, -1):
+            previous = mask
+            index = seed.index + step
+            while low <= index <= high:
+                box = _mask_box(previous)
+                if box is None:
+                    break
+                box = self._padded(box, axis, seed.clip)
+                current, quality, _ = self.decode_slice(axis, index, box, points_by_slice.get(index, ()))
+                area = current.sum()
+                if seed.limits is None and (
+                        area * pixel_area < self.settings.min_area_mm2
+                        or area < self.settings.min_area_ratio * previous.sum()
+                        or quality < self.settings.min_quality):
+                    break
+                if not current.any():
+                    break
+                done[index] = done.get(index, np.zeros_like(current)) | current
+                previous = current
+                index += step
+
+    def _padded(self, box: BoxRC, axis: int, clip: Optional[BoxRC]) -> BoxRC:
+        margin_r, margin_c = (self.settings.box_margin_mm / s for s in self.spacing_rc(axis))
+        rows, cols = self.slice_shape(axis)
+        r0, c0, r1, c1 = box[0] - margin_r, box[1] - margin_c, box[2] + margin_r, box[3] + margin_c
+        if clip is not None:
+            r0, c0, r1, c1 = max(r0, clip[0]), max(c0, clip[1]), min(r1, clip[2]), min(c1, clip[3])
+        return (max(r0, 0.0), max(c0, 0.0), min(r1, rows - 1.0), min(c1, cols - 1.0))
+
+
+def _segment_axis(prompts: SegmentPrompts, default: int) -> int:
+    """The slicing axis for a segment: that of its 2D boxes when they all lie on one other axis."""
+    flat_axes = {box.slice_axis() for box in prompts.boxes}
+    if len(flat_axes) == 1 and None not in flat_axes:
+        return flat_axes.pop()
+    return default
+
+
+def _mask_box(mask: np.ndarray) -> Optional[BoxRC]:
+    rows = np.flatnonzero(mask.any(axis=1))
+    if rows.size == 0:
+        return None
+    cols = np.flatnonzero(mask.any(axis=0))
+    return (float(rows[0]), float(cols[0]), float(rows[-1]), float(cols[-1]))
+
+
+def _points_box(points: Sequence[PointPrompt], axis: int, session: PromptSession) -> Optional[BoxRC]:
+    """A box around the points, at least a few centimetres wide: the window for a points-only prompt."""
+    if not points:
+        return None
+    rc = np.array([session._to_slice(p.ijk, axis)[1:] for p in points])
+    half_r, half_c = (20.0 / s for s in session.spacing_rc(axis))
+    return (rc[:, 0].min() - half_r, rc[:, 1].min() - half_c, rc[:, 0].max() + half_r, rc[:, 1].max() + half_c)
+
+
+def _apply_clicks(mask: np.ndarray, clicks: Sequence[tuple[float, float, bool]]) -> np.ndarray:
+    """Make clicks binding: an exclude click removes the connected region under it; an include click on
+    background adds its own small region (the model's answer around it is kept)."""
+    if not clicks:
+        return mask
+    labelled, _ = ndimage.label(mask)
+    height, width = mask.shape
+    for row, col, include in clicks:
+        r, c = int(round(row)), int(round(col))
+        if not (0 <= r < height and 0 <= c < width):
+            continue
+        if not include and labelled[r, c] > 0:
+            protected = {labelled[int(round(rr)), int(round(cc))] for rr, cc, inc in clicks if inc
+                         and 0 <= int(round(rr)) < height and 0 <= int(round(cc)) < width}
+            if labelled[r, c] not in protected:
+                mask = mask & (labelled != labelled[r, c])
+            else:
+                mask = mask.copy()
+                mask[r, c] = False
+        elif include and not mask[r, c]:
+            mask = mask.copy()
+            mask[r, c] = True
+    return mask

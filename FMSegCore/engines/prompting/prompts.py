@@ -42,8 +42,9 @@ class BoxPrompt:
         return max(flat)
 
     def voxel_range(self, axis: int) -> tuple[int, int]:
-        """First and last whole voxel index the box covers along ``axis``."""
-        return int(np.ceil(self.lo[axis] - 0.5)), int(np.floor(self.hi[axis] + 0.5))
+        """First and last whole voxel whose centre lies in the box along ``axis`` (a flat box: its slice)."""
+        tolerance = 1e-3
+        return int(np.ceil(self.lo[axis] - tolerance)), int(np.floor(self.hi[axis] + tolerance))
 
 
 @dataclass(frozen=True)

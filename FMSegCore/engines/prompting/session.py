@@ -26,7 +26,7 @@ from FMSegCore.engines.prompting.windows import SliceWindow, box_window, extract
 from FMSegCore.errors import InputError
 from FMSegCore.io.volume import Volume
 from FMSegCore.models.interfaces import PromptableModel2D, PromptBatch2D
-from FMSegCore.preprocessing.intensity import normalize
+from FMSegCore.preprocessing.intensity import guess_modality, normalize
 from FMSegCore.preprocessing.slicing import get_slice
 
 BoxRC = tuple[float, float, float, float]  # row0, col0, row1, col1 (inclusive pixel centres)
@@ -43,8 +43,11 @@ class PropagationSettings:
     min_area_ratio: float = 0.15
     #: stop when the model's own quality estimate (predicted IoU) falls below this
     min_quality: float = 0.5
-    #: margin added around the previous slice's mask box, in mm
+    #: margin added around the previous slice's mask box: in mm, plus a fraction of the box's size
     box_margin_mm: float = 3.0
+    box_margin_ratio: float = 0.1
+    #: stop when the mean intensity inside the mask drifts this many standard deviations from the seed's
+    max_intensity_drift: float = 2.5
 
 
 @dataclass
@@ -69,15 +72,25 @@ class SliceSeed:
     propagate: bool = True
 
 
+@dataclass
+class SliceRecord:
+    """One slice of a segment: its mask, the box that prompted it, and the propagation it came from."""
+
+    mask: np.ndarray
+    box: BoxRC
+    seed: int
+    step: int  # +1 / -1: reached by propagation in that direction; 0: a seed slice
+
+
 class PromptSession:
     """Holds a volume, a promptable 2D model and its embedding cache; segments named structures from prompts."""
 
     def __init__(self, volume: Volume, model: PromptableModel2D, device: torch.device | str = "cpu", *,
-                 axis: int = 2, context: str = "crop", modality: str = "auto", window: str = "abdomen",
+                 axis: int = 2, context: str = "auto", modality: str = "auto", window: str = "auto",
                  cache_bytes: int = 2 << 30, autocast_dtype: Optional[torch.dtype] = None,
                  settings: Optional[PropagationSettings] = None) -> None:
-        if context not in ("crop", "full"):
-            raise ValueError("context must be 'crop' or 'full'")
+        if context not in ("auto", "crop", "full"):
+            raise ValueError("context must be 'auto', 'crop' or 'full'")
         self.volume = volume
         self.model = model
         self.device = torch.device(device)
@@ -85,10 +98,32 @@ class PromptSession:
         self.context = context
         self.autocast_dtype = autocast_dtype
         self.settings = settings or PropagationSettings()
-        self.image = normalize(volume, modality=modality, window=window)
+        self.modality = guess_modality(volume) if modality == "auto" else modality.upper()
+        self.window = window
+        self._images: dict[str, np.ndarray] = {}
+        self.use_window(window if window != "auto" else "abdomen")
         self.cache = EmbeddingCache(cache_bytes)
         self.timings = Timings()
         self.results: dict[str, np.ndarray] = {}
+        self._propagations: dict[tuple, dict[int, SliceRecord]] = {}
+
+    # ------------------------------------------------------------------ intensities
+    def use_window(self, window: str) -> None:
+        """Make ``self.image`` the volume normalised with this CT window (MR: percentiles; window ignored)."""
+        name = window if self.modality == "CT" else "MR"
+        if name not in self._images:
+            self._images[name] = normalize(self.volume, modality=self.modality, window=window)
+        self.image = self._images[name]
+        self._image_key = name
+
+    def choose_window(self, prompts: SegmentPrompts, axis: int) -> str:
+        """``auto`` window per segment: the lung window when most of the prompted region is air-filled lung
+        (below -500 HU, invisible in a soft-tissue window), else the abdomen (soft-tissue) window."""
+        if self.window != "auto" or self.modality != "CT":
+            return self.window if self.window != "auto" else "abdomen"
+        region = _prompt_region(prompts, self.volume.array.shape)
+        values = self.volume.array[region]
+        return "lung" if values.size and float(np.mean(values < -500)) > 0.5 else "abdomen"
 
     # ------------------------------------------------------------------ geometry
     def num_slices(self, axis: Optional[int] = None) -> int:
@@ -109,9 +144,16 @@ class PromptSession:
         rows, cols = [a for a in (2, 1, 0) if a != axis]
         return (float(ijk[axis]), float(ijk[rows]), float(ijk[cols]))
 
+    def context_for(self, axis: int) -> str:
+        """``auto``: crops around the prompt on slices much larger than the model's input (e.g. 512x512 CT,
+        where they recover small structures), the whole slice otherwise (crops of a coarse slice lose context)."""
+        if self.context != "auto":
+            return self.context
+        return "crop" if max(self.slice_shape(axis)) > 1.5 * self.model.input_size else "full"
+
     def _window(self, box: Optional[BoxRC], axis: int) -> SliceWindow:
         size = self.model.input_size
-        if self.context == "full" or box is None:
+        if self.context_for(axis) == "full" or box is None:
             return full_window(self.slice_shape(axis), self.spacing_rc(axis), size)
         return box_window(box, self.slice_shape(axis), self.spacing_rc(axis), size)
 
@@ -121,16 +163,16 @@ class PromptSession:
             return torch.autocast(self.device.type, enabled=False)
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
-    def encode(self, requests: Iterable[tuple[int, int, SliceWindow]], batch_size: int = 4) -> None:
-        """Encode (axis, slice, window) triples not yet cached, in batches."""
+    def encode(self, requests: Iterable[tuple[str, int, int, SliceWindow]], batch_size: int = 4) -> None:
+        """Encode (intensity window, axis, slice, slice window) keys not yet cached, in batches."""
         missing = []
         for key in requests:
             if key not in self.cache and key not in missing:
                 missing.append(key)
         for start in range(0, len(missing), batch_size):
             chunk = missing[start:start + batch_size]
-            images = [self.model.preprocess(extract(get_slice(self.image, axis, index), window).numpy())
-                      for axis, index, window in chunk]
+            images = [self.model.preprocess(extract(get_slice(self._images[name], axis, index), window).numpy())
+                      for name, axis, index, window in chunk]
             batch = torch.stack(images).to(self.device).contiguous(memory_format=torch.channels_last)
             began = time.perf_counter()
             with torch.inference_mode(), self._autocast():
@@ -145,7 +187,7 @@ class PromptSession:
         """Segment one slice from a box and/or points: (mask on the slice, model quality, window used)."""
         if window is None:
             window = self._window(box if box is not None else _points_box(points, axis, self), axis)
-        key = (axis, index, window)
+        key = (self._image_key, axis, index, window)
         self.encode([key])
         embedding = self.cache.get(key)
         prompts = PromptBatch2D(embedding_index=torch.zeros(1, dtype=torch.long, device=self.device))
@@ -166,20 +208,33 @@ class PromptSession:
 
     # ------------------------------------------------------------------ segmentation
     def segment(self, prompts: SegmentPrompts, progress: Optional[ProgressCallback] = None) -> np.ndarray:
-        """A boolean KJI mask of one structure from its prompts; remembered under its name."""
+        """A boolean KJI mask of one structure from its prompts; remembered under its name.
+
+        Boxes (and points given alone) are propagated; the propagation is kept per prompt set, so corrective
+        clicks added afterwards only re-decode the slices they lie on. An exclude click that empties a slice
+        ends the propagation there; an include click on a slice nothing reached seeds it and grows outward
+        into slices not yet segmented.
+        """
         if prompts.is_empty():
             raise InputError(None, f"segment '{prompts.name}' has no box and no include point")
         axis = _segment_axis(prompts, self.axis)
-        seeds = self._seeds(prompts, axis)
+        self.use_window(self.choose_window(prompts, axis))
+        seeding_points = [] if prompts.boxes else prompts.include_points
+        corrections = [p for p in prompts.points if p not in seeding_points]
+        base_key = (self._image_key, axis, tuple(prompts.boxes), tuple(seeding_points))
+        if base_key not in self._propagations:
+            seeds = self._seeds(SegmentPrompts(prompts.name, prompts.boxes, seeding_points), axis)
+            records: dict[int, SliceRecord] = {}
+            for number, seed in enumerate(seeds):
+                if progress:
+                    progress(prompts.name, number, len(seeds))
+                self._grow(seed, axis, records)
+            self._propagations[base_key] = records
+        records = self._correct(dict(self._propagations[base_key]), corrections, axis)
         mask = np.zeros(self.image.shape, dtype=bool)
-        done: dict[int, np.ndarray] = {}
-        for number, seed in enumerate(seeds):
-            if progress:
-                progress(prompts.name, number, len(seeds))
-            self._grow(seed, axis, prompts.points, done)
-        for index, slice_mask in done.items():
+        for index, record in records.items():
             view = get_slice(mask, axis, index)
-            view |= slice_mask
+            view |= record.mask
         self.results[prompts.name] = mask
         return mask
 
@@ -206,55 +261,96 @@ class PromptSession:
                 first, stop = max(first, 0), min(stop, last)
                 index = (first + stop) // 2
                 seeds[index] = SliceSeed(index, in_plane, limits=(first, stop), clip=in_plane)
-        for point in prompts.points:
-            index = int(np.clip(round(self._to_slice(point.ijk, axis)[0]), 0, last))
+        for point in prompts.include_points:
+            index = self._slice_of(point, axis)
             if index in seeds:
                 seeds[index].points.append(point)
-            elif point.include and not prompts.boxes:
+            else:
                 seeds[index] = SliceSeed(index, None, [point])
-        # Corrective points on slices without a seed join the propagation there (see _grow).
         return [seeds[k] for k in sorted(seeds)]
 
-    def _grow(self, seed: SliceSeed, axis: int, points: Sequence[PointPrompt], done: dict[int, np.ndarray]) -> None:
-        points_by_slice: dict[int, list[PointPrompt]] = {}
-        for point in points:
-            points_by_slice.setdefault(int(round(self._to_slice(point.ijk, axis)[0])), []).append(point)
+    def _slice_of(self, point: PointPrompt, axis: int) -> int:
+        return int(np.clip(round(self._to_slice(point.ijk, axis)[0]), 0, self.num_slices(axis) - 1))
+
+    def _seed_slice(self, seed: SliceSeed, axis: int) -> Optional[SliceRecord]:
+        """Segment a seed's own slice (points alone first give a mask whose box then prompts the model)."""
         box = seed.box
         if box is None:
             first, _, _ = self.decode_slice(axis, seed.index, None, seed.points)
             box = _mask_box(first)
             if box is None:
-                return
-            box = self._padded(box, axis, None)
-        mask, _, window = self.decode_slice(axis, seed.index, box, points_by_slice.get(seed.index, seed.points))
-        done[seed.index] = done.get(seed.index, np.zeros_like(mask)) | mask
+                return None
+            box = self._padded(_union_box(box, self._points_rc(seed.points, axis)), axis, None)
+        mask, _, _ = self.decode_slice(axis, seed.index, box, seed.points)
+        return SliceRecord(mask, box, seed.index, 0)
+
+    def _grow(self, seed: SliceSeed, axis: int, records: dict[int, SliceRecord],
+              only_empty: bool = False) -> None:
+        """Segment a seed's slice, then propagate both ways while the structure goes on (or within a ROI)."""
+        record = self._seed_slice(seed, axis)
+        if record is None:
+            return
+        records[seed.index] = _merge(records.get(seed.index), record)
+        mask = record.mask
         if not seed.propagate or not mask.any():
             return
         low, high = seed.limits if seed.limits else (0, self.num_slices(axis) - 1)
         pixel_area = float(np.prod(self.spacing_rc(axis)))
+        seed_values = get_slice(self.image, axis, seed.index)[mask]
+        mean, spread = float(seed_values.mean()), max(float(seed_values.std()), 0.02)
         for step in (1, -1):
             previous = mask
             index = seed.index + step
-            while low <= index <= high:
-                box = _mask_box(previous)
-                if box is None:
-                    break
-                box = self._padded(box, axis, seed.clip)
-                current, quality, _ = self.decode_slice(axis, index, box, points_by_slice.get(index, ()))
+            while low <= index <= high and not (only_empty and index in records):
+                box = self._padded(_mask_box(previous), axis, seed.clip)
+                current, quality, _ = self.decode_slice(axis, index, box)
                 area = current.sum()
+                if not area:
+                    break
+                drift = abs(float(get_slice(self.image, axis, index)[current].mean()) - mean) / spread
                 if seed.limits is None and (
                         area * pixel_area < self.settings.min_area_mm2
                         or area < self.settings.min_area_ratio * previous.sum()
-                        or quality < self.settings.min_quality):
+                        or quality < self.settings.min_quality
+                        or drift > self.settings.max_intensity_drift):
                     break
-                if not current.any():
-                    break
-                done[index] = done.get(index, np.zeros_like(current)) | current
+                records[index] = _merge(records.get(index), SliceRecord(current, box, seed.index, step))
                 previous = current
                 index += step
 
+    def _correct(self, records: dict[int, SliceRecord], clicks: Sequence[PointPrompt],
+                 axis: int) -> dict[int, SliceRecord]:
+        """Apply corrective clicks slice by slice on top of a propagation (which is not changed in place)."""
+        by_slice: dict[int, list[PointPrompt]] = {}
+        for click in clicks:
+            by_slice.setdefault(self._slice_of(click, axis), []).append(click)
+        for index in sorted(by_slice):
+            points = by_slice[index]
+            record = records.get(index)
+            if record is None or not record.mask.any():
+                if any(p.include for p in points):
+                    self._grow(SliceSeed(index, None, points), axis, records, only_empty=True)
+                continue
+            box = _union_box(record.box, self._points_rc([p for p in points if p.include], axis))
+            proposal, _, _ = self.decode_slice(axis, index, box, points)
+            clicks = [(*self._to_slice(p.ijk, axis)[1:], p.include) for p in points]
+            mask = _refine(record.mask, proposal, clicks)
+            records[index] = SliceRecord(mask, box, record.seed, record.step)
+            if not mask.any() and record.step:
+                # The structure ended before this slice: drop what propagation added beyond it.
+                for other, rec in list(records.items()):
+                    if rec.seed == record.seed and rec.step == record.step and (other - index) * record.step > 0:
+                        del records[other]
+        return records
+
+    def _points_rc(self, points: Sequence[PointPrompt], axis: int) -> list[tuple[float, float]]:
+        return [self._to_slice(p.ijk, axis)[1:] for p in points]
+
     def _padded(self, box: BoxRC, axis: int, clip: Optional[BoxRC]) -> BoxRC:
+        ratio = self.settings.box_margin_ratio
         margin_r, margin_c = (self.settings.box_margin_mm / s for s in self.spacing_rc(axis))
+        margin_r += ratio * (box[2] - box[0] + 1)
+        margin_c += ratio * (box[3] - box[1] + 1)
         rows, cols = self.slice_shape(axis)
         r0, c0, r1, c1 = box[0] - margin_r, box[1] - margin_c, box[2] + margin_r, box[3] + margin_c
         if clip is not None:
@@ -268,6 +364,37 @@ def _segment_axis(prompts: SegmentPrompts, default: int) -> int:
     if len(flat_axes) == 1 and None not in flat_axes:
         return flat_axes.pop()
     return default
+
+
+def _prompt_region(prompts: SegmentPrompts, shape: tuple[int, int, int]) -> tuple[slice, slice, slice]:
+    """KJI slices of the region the prompts point at: their boxes' bounds, or 2 cm around the points."""
+    if prompts.boxes:
+        lo = np.min([b.lo for b in prompts.boxes], axis=0)
+        hi = np.max([b.hi for b in prompts.boxes], axis=0)
+    else:
+        ijk = np.array([p.ijk for p in prompts.include_points])
+        lo, hi = ijk.min(axis=0) - 3, ijk.max(axis=0) + 3
+    size_ijk = shape[::-1]
+    lo = [int(np.clip(np.floor(v), 0, n - 1)) for v, n in zip(lo, size_ijk)]
+    hi = [int(np.clip(np.ceil(v), 0, n - 1)) + 1 for v, n in zip(hi, size_ijk)]
+    return (slice(lo[2], hi[2]), slice(lo[1], hi[1]), slice(lo[0], hi[0]))
+
+
+def _union_box(box: BoxRC, points_rc: Sequence[tuple[float, float]], margin: float = 2.0) -> BoxRC:
+    """The box grown to contain every point (with a small margin)."""
+    r0, c0, r1, c1 = box
+    for row, col in points_rc:
+        r0, c0 = min(r0, row - margin), min(c0, col - margin)
+        r1, c1 = max(r1, row + margin), max(c1, col + margin)
+    return (r0, c0, r1, c1)
+
+
+def _merge(old: Optional[SliceRecord], new: SliceRecord) -> SliceRecord:
+    """Two results on one slice (two seeds reaching it): the union of their masks and boxes."""
+    if old is None:
+        return new
+    box = _union_box(old.box, [new.box[:2], new.box[2:]], margin=0.0)
+    return SliceRecord(old.mask | new.mask, box, old.seed, old.step)
 
 
 def _mask_box(mask: np.ndarray) -> Optional[BoxRC]:
@@ -285,6 +412,40 @@ def _points_box(points: Sequence[PointPrompt], axis: int, session: PromptSession
     rc = np.array([session._to_slice(p.ijk, axis)[1:] for p in points])
     half_r, half_c = (20.0 / s for s in session.spacing_rc(axis))
     return (rc[:, 0].min() - half_r, rc[:, 1].min() - half_c, rc[:, 0].max() + half_r, rc[:, 1].max() + half_c)
+
+
+def _refine(previous: np.ndarray, proposal: np.ndarray, clicks: Sequence[tuple[float, float, bool]]) -> np.ndarray:
+    """Combine a slice's mask with the model's answer to corrective clicks, so that each click does what it says.
+
+    An include click adds the proposal's region around it. An exclude click removes the region under it when
+    that is a stray part (under half the mask); when it lies in the main body, the proposal (which saw the
+    click) reshapes that body, unless the proposal dropped most of it: then only the largest disc around the
+    click is removed.
+    """
+    result = previous.copy()
+    height, width = result.shape
+    inside = [(int(round(r)), int(round(c)), inc) for r, c, inc in clicks
+              if 0 <= round(r) < height and 0 <= round(c) < width]
+    proposal_parts, _ = ndimage.label(proposal)
+    for r, c, include in inside:
+        if include and proposal_parts[r, c]:
+            result |= proposal_parts == proposal_parts[r, c]
+        elif include:
+            result[r, c] = True
+    for r, c, include in inside:
+        if include or not result[r, c]:
+            continue
+        parts, _ = ndimage.label(result)
+        part = parts == parts[r, c]
+        if part.sum() < 0.5 * result.sum():
+            result &= ~part
+        elif (result & proposal).sum() >= 0.5 * result.sum():
+            result = _apply_clicks(result & proposal, [(r, c, False)])
+        else:  # the model dropped most of the structure: remove only the largest disc around the click
+            radius = ndimage.distance_transform_edt(result)[r, c] + 1
+            rows, cols = np.ogrid[:height, :width]
+            result &= (rows - r) ** 2 + (cols - c) ** 2 > radius ** 2
+    return result
 
 
 def _apply_clicks(mask: np.ndarray, clicks: Sequence[tuple[float, float, bool]]) -> np.ndarray:

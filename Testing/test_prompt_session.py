@@ -31,6 +31,14 @@ def session(case):
     return PromptSession(case[0], load_model("litemedsam", "cpu"), "cpu")
 
 
+def _middle_box_prompt(mask):
+    """A tight 2D box on the middle slice of a structure."""
+    slices = np.flatnonzero(mask.any(axis=(1, 2)))
+    middle = int(slices[len(slices) // 2])
+    r0, c0, r1, c1 = _box(mask[middle])
+    return slices, BoxPrompt((c0, r0, middle), (c1, r1, middle))
+
+
 def _box(mask2d):
     rows, cols = np.flatnonzero(mask2d.any(1)), np.flatnonzero(mask2d.any(0))
     return rows[0], cols[0], rows[-1], cols[-1]
@@ -73,10 +81,8 @@ def test_rois_limit_slices_and_results_are_cached(session, case):
 def test_2d_box_propagates_through_the_structure_and_stops(session, case):
     _, labels, names = case
     spleen = labels == names["spleen"]
-    slices = np.flatnonzero(spleen.any(axis=(1, 2)))
-    middle = int(slices[len(slices) // 2])
-    r0, c0, r1, c1 = _box(spleen[middle])
-    mask = session.segment(SegmentPrompts("spleen", boxes=[BoxPrompt((c0, r0, middle), (c1, r1, middle))]))
+    slices, box = _middle_box_prompt(spleen)
+    mask = session.segment(SegmentPrompts("spleen", boxes=[box]))
     covered = np.flatnonzero(mask.any(axis=(1, 2)))
     assert len(covered) >= 0.7 * len(slices)
     assert covered.min() >= slices.min() - 3  # stopped near where the spleen ends
@@ -98,10 +104,7 @@ def test_exclude_click_removes_what_it_points_at(session, case):
 def test_corrective_clicks_do_not_lower_dice_on_a_hard_structure(session, case):
     _, labels, names = case
     pancreas = labels == names["pancreas"]
-    slices = np.flatnonzero(pancreas.any(axis=(1, 2)))
-    middle = int(slices[len(slices) // 2])
-    r0, c0, r1, c1 = _box(pancreas[middle])
-    prompts = SegmentPrompts("pancreas", boxes=[BoxPrompt((c0, r0, middle), (c1, r1, middle))])
+    prompts = SegmentPrompts("pancreas", boxes=[_middle_box_prompt(pancreas)[1]])
     scores = [dice(session.segment(prompts), pancreas)]
     for _ in range(3):
         click = corrective_click(session.results["pancreas"], pancreas)

@@ -163,8 +163,10 @@ class PromptSession:
             return torch.autocast(self.device.type, enabled=False)
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
-    def encode(self, requests: Iterable[tuple[str, int, int, SliceWindow]], batch_size: int = 4) -> None:
-        """Encode (intensity window, axis, slice, slice window) keys not yet cached, in batches."""
+    def encode(self, requests: Iterable[tuple[str, int, int, SliceWindow]], batch_size: Optional[int] = None) -> None:
+        """Encode (intensity window, axis, slice, slice window) keys not yet cached, in batches (on CPU one
+        slice at a time: larger batches only add memory traffic there)."""
+        batch_size = batch_size or (1 if self.device.type == "cpu" else 8)
         missing = []
         for key in requests:
             if key not in self.cache and key not in missing:
@@ -224,11 +226,15 @@ class PromptSession:
         base_key = (self._image_key, axis, tuple(prompts.boxes), tuple(seeding_points))
         if base_key not in self._propagations:
             seeds = self._seeds(SegmentPrompts(prompts.name, prompts.boxes, seeding_points), axis)
+            # Seed slices with boxes are known in advance: encode them together (batches on a GPU).
+            self.encode([(self._image_key, axis, seed.index, self._window(seed.box, axis))
+                         for seed in seeds if seed.box is not None])
             records: dict[int, SliceRecord] = {}
+            seed_slices = {seed.index for seed in seeds}
             for number, seed in enumerate(seeds):
                 if progress:
                     progress(prompts.name, number, len(seeds))
-                self._grow(seed, axis, records)
+                self._grow(seed, axis, records, stop_at=seed_slices)
             self._propagations[base_key] = records
         records = self._correct(dict(self._propagations[base_key]), corrections, axis)
         mask = np.zeros(self.image.shape, dtype=bool)
@@ -284,9 +290,10 @@ class PromptSession:
         mask, _, _ = self.decode_slice(axis, seed.index, box, seed.points)
         return SliceRecord(mask, box, seed.index, 0)
 
-    def _grow(self, seed: SliceSeed, axis: int, records: dict[int, SliceRecord],
-              only_empty: bool = False) -> None:
-        """Segment a seed's slice, then propagate both ways while the structure goes on (or within a ROI)."""
+    def _grow(self, seed: SliceSeed, axis: int, records: dict[int, SliceRecord], only_empty: bool = False,
+              stop_at: frozenset[int] | set[int] = frozenset()) -> None:
+        """Segment a seed's slice, then propagate both ways while the structure goes on (or within a ROI),
+        never into another seed's slice (that seed covers its side)."""
         record = self._seed_slice(seed, axis)
         if record is None:
             return
@@ -301,7 +308,7 @@ class PromptSession:
         for step in (1, -1):
             previous = mask
             index = seed.index + step
-            while low <= index <= high and not (only_empty and index in records):
+            while low <= index <= high and index not in stop_at and not (only_empty and index in records):
                 box = self._padded(_mask_box(previous), axis, seed.clip)
                 current, quality, _ = self.decode_slice(axis, index, box)
                 area = current.sum()

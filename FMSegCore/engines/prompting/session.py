@@ -18,8 +18,8 @@ from typing import Callable, Optional
 
 import numpy as np
 import torch
-from scipy import ndimage
 
+from FMSegCore.engines.prompting.clicks import apply_clicks, refine_with_clicks
 from FMSegCore.engines.prompting.embedding_cache import EmbeddingCache
 from FMSegCore.engines.prompting.prompts import PointPrompt, SegmentPrompts
 from FMSegCore.engines.prompting.windows import SliceWindow, box_window, extract, full_window, paste
@@ -205,7 +205,7 @@ class PromptSession:
         self.timings.decode_seconds += time.perf_counter() - began
         self.timings.decoded += 1
         mask = paste(logits[0, 0].float(), window, self.slice_shape(axis)).numpy() > 0
-        mask = _apply_clicks(mask, [self._to_slice(p.ijk, axis)[1:] + (p.include,) for p in points])
+        mask = apply_clicks(mask, [self._to_slice(p.ijk, axis)[1:] + (p.include,) for p in points])
         return mask, float(quality[0]), window
 
     # ------------------------------------------------------------------ segmentation
@@ -341,7 +341,7 @@ class PromptSession:
             box = _union_box(record.box, self._points_rc([p for p in points if p.include], axis))
             proposal, _, _ = self.decode_slice(axis, index, box, points)
             clicks = [(*self._to_slice(p.ijk, axis)[1:], p.include) for p in points]
-            mask = _refine(record.mask, proposal, clicks)
+            mask = refine_with_clicks(record.mask, proposal, clicks)
             records[index] = SliceRecord(mask, box, record.seed, record.step)
             if not mask.any() and record.step:
                 # The structure ended before this slice: drop what propagation added beyond it.
@@ -419,62 +419,3 @@ def _points_box(points: Sequence[PointPrompt], axis: int, session: PromptSession
     rc = np.array([session._to_slice(p.ijk, axis)[1:] for p in points])
     half_r, half_c = (20.0 / s for s in session.spacing_rc(axis))
     return (rc[:, 0].min() - half_r, rc[:, 1].min() - half_c, rc[:, 0].max() + half_r, rc[:, 1].max() + half_c)
-
-
-def _refine(previous: np.ndarray, proposal: np.ndarray, clicks: Sequence[tuple[float, float, bool]]) -> np.ndarray:
-    """Combine a slice's mask with the model's answer to corrective clicks, so that each click does what it says.
-
-    An include click adds the proposal's region around it. An exclude click removes the region under it when
-    that is a stray part (under half the mask); when it lies in the main body, the proposal (which saw the
-    click) reshapes that body, unless the proposal dropped most of it: then only the largest disc around the
-    click is removed.
-    """
-    result = previous.copy()
-    height, width = result.shape
-    inside = [(int(round(r)), int(round(c)), inc) for r, c, inc in clicks
-              if 0 <= round(r) < height and 0 <= round(c) < width]
-    proposal_parts, _ = ndimage.label(proposal)
-    for r, c, include in inside:
-        if include and proposal_parts[r, c]:
-            result |= proposal_parts == proposal_parts[r, c]
-        elif include:
-            result[r, c] = True
-    for r, c, include in inside:
-        if include or not result[r, c]:
-            continue
-        parts, _ = ndimage.label(result)
-        part = parts == parts[r, c]
-        if part.sum() < 0.5 * result.sum():
-            result &= ~part
-        elif (result & proposal).sum() >= 0.5 * result.sum():
-            result = _apply_clicks(result & proposal, [(r, c, False)])
-        else:  # the model dropped most of the structure: remove only the largest disc around the click
-            radius = ndimage.distance_transform_edt(result)[r, c] + 1
-            rows, cols = np.ogrid[:height, :width]
-            result &= (rows - r) ** 2 + (cols - c) ** 2 > radius ** 2
-    return result
-
-
-def _apply_clicks(mask: np.ndarray, clicks: Sequence[tuple[float, float, bool]]) -> np.ndarray:
-    """Make clicks binding: an exclude click removes the connected region under it; an include click on
-    background adds its own small region (the model's answer around it is kept)."""
-    if not clicks:
-        return mask
-    labelled, _ = ndimage.label(mask)
-    height, width = mask.shape
-    for row, col, include in clicks:
-        r, c = int(round(row)), int(round(col))
-        if not (0 <= r < height and 0 <= c < width):
-            continue
-        if not include and labelled[r, c] > 0:
-            protected = {labelled[int(round(rr)), int(round(cc))] for rr, cc, inc in clicks if inc
-                         and 0 <= int(round(rr)) < height and 0 <= int(round(cc)) < width}
-            if labelled[r, c] not in protected:
-                mask = mask & (labelled != labelled[r, c])
-            else:
-                mask = mask.copy()
-                mask[r, c] = False
-        elif include and not mask[r, c]:
-            mask = mask.copy()
-            mask[r, c] = True
-    return mask

@@ -18,6 +18,7 @@ from typing import Callable, Optional
 
 import numpy as np
 import torch
+from scipy import ndimage
 
 from FMSegCore.engines.prompting.clicks import apply_clicks, refine_with_clicks
 from FMSegCore.engines.prompting.embedding_cache import EmbeddingCache
@@ -48,6 +49,8 @@ class PropagationSettings:
     box_margin_ratio: float = 0.1
     #: stop when the mean intensity inside the mask drifts this many standard deviations from the seed's
     max_intensity_drift: float = 2.5
+    #: sides (mm) of the candidate boxes tried around include points given without a box
+    point_box_sizes_mm: tuple[float, ...] = (20.0, 40.0, 80.0, 160.0)
 
 
 @dataclass
@@ -265,7 +268,7 @@ class PromptSession:
             else:
                 first, stop = box.voxel_range(axis)
                 first, stop = max(first, 0), min(stop, last)
-                index = (first + stop) // 2
+                index = self._best_roi_slice(axis, first, stop, in_plane)
                 seeds[index] = SliceSeed(index, in_plane, limits=(first, stop), clip=in_plane)
         for point in prompts.include_points:
             index = self._slice_of(point, axis)
@@ -275,19 +278,38 @@ class PromptSession:
                 seeds[index] = SliceSeed(index, None, [point])
         return [seeds[k] for k in sorted(seeds)]
 
+    def _best_roi_slice(self, axis: int, first: int, last: int, box: BoxRC) -> int:
+        """The slice a ROI starts from: of a few candidates inside it, the one where the model is most confident
+        (a ROI's box is the structure's extent over all its slices, so it fits some slices far better)."""
+        candidates = sorted({int(round(first + f * (last - first))) for f in (0.3, 0.5, 0.7)})
+        if len(candidates) == 1:
+            return candidates[0]
+        scores = [self.decode_slice(axis, index, box)[1] for index in candidates]
+        return candidates[int(np.argmax(scores))]
+
     def _slice_of(self, point: PointPrompt, axis: int) -> int:
         return int(np.clip(round(self._to_slice(point.ijk, axis)[0]), 0, self.num_slices(axis) - 1))
 
     def _seed_slice(self, seed: SliceSeed, axis: int) -> Optional[SliceRecord]:
         """Segment a seed's own slice (points alone first give a mask whose box then prompts the model)."""
-        box = seed.box
-        if box is None:
-            first, _, _ = self.decode_slice(axis, seed.index, None, seed.points)
-            box = _mask_box(first)
-            if box is None:
-                return None
-            box = self._padded(_union_box(box, self._points_rc(seed.points, axis)), axis, None)
-        mask, _, _ = self.decode_slice(axis, seed.index, box, seed.points)
+        if seed.box is not None:
+            mask, _, _ = self.decode_slice(axis, seed.index, seed.box, seed.points)
+            return SliceRecord(mask, seed.box, seed.index, 0)
+        # Points alone: LiteMedSAM was trained with boxes, so try boxes of a few sizes around the points and
+        # keep the answer the model is most confident about (as SAM picks among its multi-mask outputs).
+        rc = np.array(self._points_rc(seed.points, axis))
+        centre, spread = rc.mean(axis=0), rc.max(axis=0) - rc.min(axis=0)
+        best: Optional[tuple[float, np.ndarray, BoxRC]] = None
+        for side_mm in self.settings.point_box_sizes_mm:
+            half = np.maximum(side_mm / np.array(self.spacing_rc(axis)), spread + 2) / 2
+            box = self._padded((*(centre - half), *(centre + half)), axis, None, margin=False)
+            mask, quality, _ = self.decode_slice(axis, seed.index, box, seed.points)
+            mask = _regions_at(mask, rc)  # an answer elsewhere than the clicks is not what they asked for
+            if mask.sum() >= 4 and (best is None or quality > best[0]):
+                best = (quality, mask, box)
+        if best is None:
+            return None
+        _, mask, box = best
         return SliceRecord(mask, box, seed.index, 0)
 
     def _grow(self, seed: SliceSeed, axis: int, records: dict[int, SliceRecord], only_empty: bool = False,
@@ -353,11 +375,14 @@ class PromptSession:
     def _points_rc(self, points: Sequence[PointPrompt], axis: int) -> list[tuple[float, float]]:
         return [self._to_slice(p.ijk, axis)[1:] for p in points]
 
-    def _padded(self, box: BoxRC, axis: int, clip: Optional[BoxRC]) -> BoxRC:
-        ratio = self.settings.box_margin_ratio
-        margin_r, margin_c = (self.settings.box_margin_mm / s for s in self.spacing_rc(axis))
-        margin_r += ratio * (box[2] - box[0] + 1)
-        margin_c += ratio * (box[3] - box[1] + 1)
+    def _padded(self, box: BoxRC, axis: int, clip: Optional[BoxRC], margin: bool = True) -> BoxRC:
+        """The box with the propagation margin (unless ``margin`` is False), clipped to ``clip`` and the slice."""
+        margin_r = margin_c = 0.0
+        if margin:
+            ratio = self.settings.box_margin_ratio
+            margin_r, margin_c = (self.settings.box_margin_mm / s for s in self.spacing_rc(axis))
+            margin_r += ratio * (box[2] - box[0] + 1)
+            margin_c += ratio * (box[3] - box[1] + 1)
         rows, cols = self.slice_shape(axis)
         r0, c0, r1, c1 = box[0] - margin_r, box[1] - margin_c, box[2] + margin_r, box[3] + margin_c
         if clip is not None:
@@ -385,6 +410,14 @@ def _prompt_region(prompts: SegmentPrompts, shape: tuple[int, int, int]) -> tupl
     lo = [int(np.clip(np.floor(v), 0, n - 1)) for v, n in zip(lo, size_ijk)]
     hi = [int(np.clip(np.ceil(v), 0, n - 1)) + 1 for v, n in zip(hi, size_ijk)]
     return (slice(lo[2], hi[2]), slice(lo[1], hi[1]), slice(lo[0], hi[0]))
+
+
+def _regions_at(mask: np.ndarray, points_rc: np.ndarray) -> np.ndarray:
+    """The connected regions of ``mask`` that contain at least one of the points."""
+    parts, _ = ndimage.label(mask)
+    ids = {parts[int(round(r)), int(round(c))] for r, c in points_rc
+           if 0 <= round(r) < mask.shape[0] and 0 <= round(c) < mask.shape[1]} - {0}
+    return np.isin(parts, list(ids)) if ids else np.zeros_like(mask)
 
 
 def _union_box(box: BoxRC, points_rc: Sequence[tuple[float, float]], margin: float = 2.0) -> BoxRC:

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import resource
+import subprocess
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -165,13 +167,49 @@ def time_encoders(model: torch.nn.Module, slices: int = 4, reference: bool = Tru
             figures["reference_error"] = str(error).splitlines()[0]
             return figures
         figures["reference_encoder_s_per_slice"] = seconds_per_slice(ref.image_encoder, False)
+        figures["reference_encoder_s_per_slice_own_process"] = reference_in_fresh_process(slices)
         with torch.inference_mode():
             ours = model.image_encoder(images[:2].contiguous(memory_format=torch.channels_last))
             theirs = ref.image_encoder(images[:2])
         figures["max_abs_difference"] = float((ours - theirs).abs().max())
         figures["speedup"] = figures["reference_encoder_s_per_slice"] / figures["fmseg_encoder_s_per_slice"]
+        own = figures["reference_encoder_s_per_slice_own_process"]
+        if own:
+            figures["speedup_vs_reference_as_shipped"] = own / figures["fmseg_encoder_s_per_slice"]
         figures["fmseg_encoder_s_per_slice_again"] = seconds_per_slice(model.image_encoder, True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            figures["fmseg_encoder_bf16_s_per_slice"] = seconds_per_slice(model.image_encoder, True)
+            with torch.inference_mode():
+                low = model.image_encoder(images[:2].contiguous(memory_format=torch.channels_last)).float()
+        figures["bf16_relative_error"] = float((low - ours).norm() / ours.norm())
     return figures
+
+
+_REFERENCE_TIMING = """
+import sys, time, torch
+from FMSegCore.bench.reference_litemedsam import build_reference_litemedsam
+torch.set_num_threads(int(sys.argv[2]))
+encoder = build_reference_litemedsam().image_encoder
+torch.manual_seed(0)
+images = torch.rand(int(sys.argv[1]), 3, 256, 256)
+with torch.inference_mode():
+    encoder(images[:1])
+    began = time.perf_counter()
+    for index in range(images.shape[0]):
+        encoder(images[index:index + 1])
+print((time.perf_counter() - began) / images.shape[0])
+"""
+
+
+def reference_in_fresh_process(slices: int) -> Optional[float]:
+    """Seconds per slice of the reference encoder as its package runs it: a fresh Python process, the
+    default memory allocator (none of FMSeg's CPU tuning), the same number of threads."""
+    command = [sys.executable, "-c", _REFERENCE_TIMING, str(slices), str(torch.get_num_threads())]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=600, check=True)
+        return float(done.stdout.strip().splitlines()[-1])
+    except (subprocess.SubprocessError, ValueError, IndexError):
+        return None
 
 
 def decoder_ms(session: PromptSession, calls: int = 20) -> float:

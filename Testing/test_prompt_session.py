@@ -126,3 +126,15 @@ def test_multi_label_run_and_empty_prompt_error(session, case):
     assert result.shape == labels.shape
     with pytest.raises(InputError, match="no box and no include point"):
         session.segment(SegmentPrompts("empty", points=[PointPrompt((1, 1, 1), include=False)]))
+
+
+def test_include_click_on_the_first_slice_beyond_the_structure_stays_in_the_volume(session, case):
+    _, labels, names = case
+    kidney = labels == names["kidney_left"]
+    kk, jj, ii = np.nonzero(kidney)
+    k = int(kk.min()) + 3
+    roi = BoxPrompt((ii.min(), jj.min(), k), (ii.max(), jj.max(), k + 1))
+    rows, cols = np.nonzero(kidney[0]) if kidney[0].any() else (np.array([jj.mean()]), np.array([ii.mean()]))
+    click = PointPrompt((float(cols.mean()), float(rows.mean()), 0.0), include=True)
+    mask = session.segment(SegmentPrompts("kidney_left", boxes=[roi], points=[click]))
+    assert mask[0].any() and mask[k].any()

@@ -325,7 +325,8 @@ class PromptSession:
         mask = record.mask
         if not seed.propagate or not mask.any():
             return
-        low, high = seed.limits if seed.limits else (0, self.num_slices(axis) - 1)
+        last = self.num_slices(axis) - 1
+        low, high = (max(seed.limits[0], 0), min(seed.limits[1], last)) if seed.limits else (0, last)
         pixel_area = float(np.prod(self.spacing_rc(axis)))
         seed_values = get_slice(self.image, axis, seed.index)[mask]
         mean, spread = float(seed_values.mean()), max(float(seed_values.std()), 0.02)

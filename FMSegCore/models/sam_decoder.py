@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from FMSegCore.models.tiny_vit import LayerNorm2d
+from FMSegCore.models.tiny_vit import LayerNorm2d, gelu
 
 
 class PositionEmbeddingRandom(nn.Module):
@@ -227,17 +227,18 @@ class MLP(nn.Module):
 
 
 def upscale_2x(conv: nn.ConvTranspose2d, x: torch.Tensor) -> torch.Tensor:
-    """A 2x2, stride-2 transposed convolution as one matrix product and a pixel shuffle (faster on CPU).
+    """A 2x2, stride-2 transposed convolution on a channels-last map (B, H, W, C) -> (B, 2H, 2W, C').
 
-    Each input pixel writes its own 2x2 output block, so the layer is a per-pixel linear map to 4 x C' values.
+    Each input pixel writes its own 2x2 output block, so the layer is one matrix product (to 2 x 2 x C' values
+    per pixel) and a pixel shuffle: much faster on CPU than the convolution kernel.
     """
-    batch, channels, height, width = x.shape
+    batch, height, width, channels = x.shape
     out_channels = conv.out_channels
-    weight = conv.weight.reshape(channels, out_channels * 4)  # (C, C' * 2 * 2)
-    blocks = x.permute(0, 2, 3, 1).reshape(-1, channels) @ weight
-    blocks = blocks.view(batch, height, width, out_channels, 2, 2).permute(0, 3, 1, 4, 2, 5)
-    out = blocks.reshape(batch, out_channels, 2 * height, 2 * width)
-    return out + conv.bias.view(1, -1, 1, 1) if conv.bias is not None else out
+    weight = conv.weight.permute(0, 2, 3, 1).reshape(channels, 4 * out_channels)  # rows c; columns (a, b, c')
+    bias = conv.bias.repeat(4) if conv.bias is not None else torch.zeros(4 * out_channels, device=x.device)
+    blocks = torch.addmm(bias.to(x.dtype), x.reshape(-1, channels), weight.to(x.dtype))
+    blocks = blocks.view(batch, height, width, 2, 2, out_channels).permute(0, 1, 3, 2, 4, 5)
+    return blocks.reshape(batch, 2 * height, 2 * width, out_channels)
 
 
 class MaskDecoder(nn.Module):
@@ -277,14 +278,16 @@ class MaskDecoder(nn.Module):
         hs, src = self.transformer(src, pos, tokens)
         iou_token_out = hs[:, 0, :]
         mask_tokens_out = hs[:, 1:1 + self.num_mask_tokens, :]
-        up1, norm, act1, up2, act2 = self.output_upscaling
-        upscaled = src.transpose(1, 2).reshape(batch, channels, height, width)
-        upscaled = act2(upscale_2x(up2, act1(norm(upscale_2x(up1, upscaled)))))
-        hyper_in = torch.stack(
-            [mlp(mask_tokens_out[:, i, :]) for i, mlp in enumerate(self.output_hypernetworks_mlps)], dim=1
-        )
-        b, c, h, w = upscaled.shape
-        masks = (hyper_in @ upscaled.view(b, c, h * w)).view(b, -1, h, w)
+        # Upscaling in channels-last layout: the transformer's image tokens (B, H*W, C) are already that.
+        up1, norm, _, up2, _ = self.output_upscaling
+        upscaled = upscale_2x(up1, src.reshape(batch, height, width, channels))
+        upscaled = gelu(F.layer_norm(upscaled, (upscaled.shape[-1],), norm.weight, norm.bias, norm.eps))
+        upscaled = gelu(upscale_2x(up2, upscaled))
+        needed = range(self.num_mask_tokens) if multimask_output else range(1)  # single mask: token 0 only
+        hyper_in = torch.stack([self.output_hypernetworks_mlps[i](mask_tokens_out[:, i, :]) for i in needed], dim=2)
+        b, h, w, c = upscaled.shape
+        masks = (upscaled.view(b, h * w, c) @ hyper_in).transpose(1, 2).reshape(b, -1, h, w)
         iou = self.iou_prediction_head(iou_token_out)
-        selection = slice(1, None) if multimask_output else slice(0, 1)
-        return masks[:, selection], iou[:, selection]
+        if multimask_output:
+            return masks[:, 1:], iou[:, 1:]
+        return masks, iou[:, :1]

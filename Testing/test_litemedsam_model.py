@@ -77,3 +77,21 @@ def test_fused_encoder_equals_unfused(checkpoint):
         b = fused.encode(images.contiguous(memory_format=torch.channels_last))
     assert torch.allclose(a, b, atol=1e-3, rtol=1e-3)
     assert not np.allclose(a.numpy(), 0)
+
+
+def test_bf16_decoder_agrees_with_fp32_and_leaves_the_state_dict_alone(checkpoint, ct_slice):
+    from FMSegCore.models.interfaces import PromptBatch2D
+
+    model = load_litemedsam(checkpoint, fuse=True)
+    keys = set(model.state_dict())
+    prompts = PromptBatch2D(embedding_index=torch.zeros(1, dtype=torch.long),
+                            boxes=torch.tensor([[90.0, 80.0, 170.0, 160.0]]))
+    with torch.inference_mode():
+        embedding = model.encode(ct_slice.contiguous(memory_format=torch.channels_last))
+        full, _ = model.decode(embedding, prompts)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low, quality = model.decode(embedding, prompts)
+    assert low.dtype == torch.float32 and quality.dtype == torch.float32
+    assert ((low > 0) == (full > 0)).float().mean() > 0.99
+    assert not torch.equal(low, full)  # the bf16 copy really ran
+    assert set(model.state_dict()) == keys

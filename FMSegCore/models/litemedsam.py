@@ -7,6 +7,7 @@ state_dict with ``image_encoder.*``, ``prompt_encoder.*`` and ``mask_decoder.*``
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Union
 
@@ -36,6 +37,7 @@ class LiteMedSAM(nn.Module):
             transformer=TwoWayTransformer(depth=2, embedding_dim=256, mlp_dim=2048, num_heads=8),
             num_multimask_outputs=3, iou_head_depth=3, iou_head_hidden_dim=256,
         )
+        self._variants: dict[str, nn.Module] = {}  # inference copies in other dtypes (not in the state_dict)
 
     def preprocess(self, image: np.ndarray) -> torch.Tensor:
         """(S, S) slice -> (3, S, S) float tensor, min-max scaled to [0, 1] as MedSAM does."""
@@ -58,18 +60,30 @@ class LiteMedSAM(nn.Module):
         if masks is not None and masks.shape[-1] != self.prompt_encoder.mask_input_size[-1]:
             masks = nn.functional.interpolate(masks, size=self.prompt_encoder.mask_input_size, mode="bilinear",
                                               align_corners=False)
-        sparse, dense = self.prompt_encoder(points=points, boxes=boxes, masks=masks)
-        low_res, iou = self.mask_decoder(
-            image_embeddings=embeddings[prompts.embedding_index],
-            image_pe=self.prompt_encoder.get_dense_pe(),
-            sparse_prompt_embeddings=sparse,
-            dense_prompt_embeddings=dense,
-            multimask_output=False,
-        )
+        decoder, dtype = self._mask_decoder_for(embeddings.device.type)
+        with torch.autocast(embeddings.device.type, enabled=False):
+            sparse, dense = self.prompt_encoder(points=points, boxes=boxes, masks=masks)
+            low_res, iou = decoder(
+                image_embeddings=embeddings[prompts.embedding_index].to(dtype),
+                image_pe=self.prompt_encoder.get_dense_pe().to(dtype),
+                sparse_prompt_embeddings=sparse.to(dtype),
+                dense_prompt_embeddings=dense.to(dtype),
+                multimask_output=False,
+            )
+        low_res, iou = low_res.float(), iou.float()
         if low_res.shape[-1] != self.mask_size:
             low_res = nn.functional.interpolate(low_res, size=(self.mask_size, self.mask_size), mode="bilinear",
                                                 align_corners=False)
         return low_res, iou[:, 0]
+
+    def _mask_decoder_for(self, device_type: str) -> tuple[nn.Module, torch.dtype]:
+        """The mask decoder to run, and its dtype: under CPU bf16 autocast, a bf16 copy of it (casting its
+        weights once instead of every call: about 18 instead of 27 ms a call on a CPU with AMX)."""
+        if device_type == "cpu" and torch.is_autocast_enabled("cpu") and _cpu_autocast_dtype() == torch.bfloat16:
+            if "bf16" not in self._variants:
+                self._variants["bf16"] = copy.deepcopy(self.mask_decoder).to(torch.bfloat16).eval()
+            return self._variants["bf16"], torch.bfloat16
+        return self.mask_decoder, self.mask_decoder.iou_token.weight.dtype
 
     def forward(self, image: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
         """Reference-style forward: images (B, 3, 256, 256) and one box each (B, 4) -> low-res logits."""
@@ -78,6 +92,11 @@ class LiteMedSAM(nn.Module):
         sparse, dense = self.prompt_encoder(points=None, boxes=prompts.boxes[:, None, :], masks=None)
         low_res, _ = self.mask_decoder(embeddings, self.prompt_encoder.get_dense_pe(), sparse, dense, False)
         return low_res
+
+
+def _cpu_autocast_dtype() -> torch.dtype:
+    getter = getattr(torch, "get_autocast_dtype", None)
+    return getter("cpu") if getter is not None else torch.get_autocast_cpu_dtype()
 
 
 def load_litemedsam(checkpoint: Union[str, Path], device: Union[str, torch.device] = "cpu",

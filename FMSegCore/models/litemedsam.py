@@ -64,7 +64,7 @@ class LiteMedSAM(nn.Module):
         with torch.autocast(embeddings.device.type, enabled=False):
             sparse, dense = self.prompt_encoder(points=points, boxes=boxes, masks=masks)
             low_res, iou = decoder(
-                image_embeddings=embeddings[prompts.embedding_index].to(dtype),
+                image_embeddings=_select(embeddings, prompts.embedding_index).to(dtype),
                 image_pe=self.prompt_encoder.get_dense_pe().to(dtype),
                 sparse_prompt_embeddings=sparse.to(dtype),
                 dense_prompt_embeddings=dense.to(dtype),
@@ -92,6 +92,13 @@ class LiteMedSAM(nn.Module):
         sparse, dense = self.prompt_encoder(points=None, boxes=prompts.boxes[:, None, :], masks=None)
         low_res, _ = self.mask_decoder(embeddings, self.prompt_encoder.get_dense_pe(), sparse, dense, False)
         return low_res
+
+
+def _select(embeddings: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``embeddings[index]``, without a copy when the index takes each embedding once, in order."""
+    if index.numel() == embeddings.shape[0] and bool((index == torch.arange(index.numel(), device=index.device)).all()):
+        return embeddings
+    return embeddings[index]
 
 
 def _cpu_autocast_dtype() -> torch.dtype:

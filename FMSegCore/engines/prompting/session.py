@@ -188,7 +188,7 @@ class PromptSession:
             self.timings.encode_seconds += time.perf_counter() - began
             self.timings.encoded += len(chunk)
             for key, embedding in zip(chunk, embeddings):
-                self.cache.put(key, embedding.float() if embedding.dtype != torch.float32 else embedding)
+                self.cache.put(key, embedding)  # kept in the encoder's dtype (bf16 halves the cache)
 
     def decode_slice(self, axis: int, index: int, box: Optional[BoxRC], points: Sequence[PointPrompt] = (),
                      window: Optional[SliceWindow] = None) -> tuple[np.ndarray, float, SliceWindow]:

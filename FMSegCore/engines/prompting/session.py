@@ -74,7 +74,6 @@ class SliceSeed:
     points: list[PointPrompt] = field(default_factory=list)
     limits: Optional[tuple[int, int]] = None  # slice range (inclusive) or None for unbounded
     clip: Optional[BoxRC] = None  # in-plane bounds every propagated box is clipped to (a ROI)
-    propagate: bool = True
     stops: bool = True  # whether propagation stops where the structure seems to end (else: fills the limits)
 
 
@@ -194,7 +193,7 @@ class PromptSession:
                      window: Optional[SliceWindow] = None) -> tuple[np.ndarray, float, SliceWindow]:
         """Segment one slice from a box and/or points: (mask on the slice, model quality, window used)."""
         if window is None:
-            window = self._window(box if box is not None else _points_box(points, axis, self), axis)
+            window = self._window(box if box is not None else self._points_box(points, axis), axis)
         key = (self._image_key, axis, index, window)
         self.encode([key])
         embedding = self.cache.get(key)
@@ -326,7 +325,7 @@ class PromptSession:
             return
         records[seed.index] = _merge(records.get(seed.index), record)
         mask = record.mask
-        if not seed.propagate or not mask.any():
+        if not mask.any():
             return
         last = self.num_slices(axis) - 1
         low, high = (max(seed.limits[0], 0), min(seed.limits[1], last)) if seed.limits else (0, last)
@@ -396,6 +395,14 @@ class PromptSession:
         nearest = records[min(near, key=lambda i: abs(i - index))]
         include = self._points_rc([p for p in points if p.include], axis)
         return self._padded(_union_box(_mask_box(nearest.mask), include), axis, None)
+
+    def _points_box(self, points: Sequence[PointPrompt], axis: int) -> Optional[BoxRC]:
+        """A box around the points, at least 4 cm wide: the window for a points-only prompt."""
+        if not points:
+            return None
+        rc = np.array(self._points_rc(points, axis))
+        half_r, half_c = (20.0 / s for s in self.spacing_rc(axis))
+        return (rc[:, 0].min() - half_r, rc[:, 1].min() - half_c, rc[:, 0].max() + half_r, rc[:, 1].max() + half_c)
 
     def _points_rc(self, points: Sequence[PointPrompt], axis: int) -> list[tuple[float, float]]:
         return [self._to_slice(p.ijk, axis)[1:] for p in points]
@@ -468,12 +475,3 @@ def _mask_box(mask: np.ndarray) -> Optional[BoxRC]:
         return None
     cols = np.flatnonzero(mask.any(axis=0))
     return (float(rows[0]), float(cols[0]), float(rows[-1]), float(cols[-1]))
-
-
-def _points_box(points: Sequence[PointPrompt], axis: int, session: PromptSession) -> Optional[BoxRC]:
-    """A box around the points, at least a few centimetres wide: the window for a points-only prompt."""
-    if not points:
-        return None
-    rc = np.array([session._to_slice(p.ijk, axis)[1:] for p in points])
-    half_r, half_c = (20.0 / s for s in session.spacing_rc(axis))
-    return (rc[:, 0].min() - half_r, rc[:, 1].min() - half_c, rc[:, 0].max() + half_r, rc[:, 1].max() + half_c)

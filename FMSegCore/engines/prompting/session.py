@@ -90,7 +90,7 @@ class SliceRecord:
 class PromptSession:
     """Holds a volume, a promptable 2D model and its embedding cache; segments named structures from prompts."""
 
-    def __init__(self, volume: Volume, model: PromptableModel2D, device: torch.device | str = "cpu", *,
+    def __init__(self, volume: Volume, model: PromptableModel2D, device: torch.device | str | None = None, *,
                  axis: int = 2, context: str = "auto", modality: str = "auto", window: str = "auto",
                  cache_bytes: int = 2 << 30, autocast_dtype: Optional[torch.dtype] = None,
                  settings: Optional[PropagationSettings] = None) -> None:
@@ -98,7 +98,7 @@ class PromptSession:
             raise ValueError("context must be 'auto', 'crop' or 'full'")
         self.volume = volume
         self.model = model
-        self.device = torch.device(device)
+        self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.axis = axis
         self.context = context
         self.autocast_dtype = autocast_dtype

@@ -1,0 +1,173 @@
+"""UniverSeg v1: official key layout, split-weight cross conv vs a plain pairwise reference, caching, loading."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from FMSegCore.errors import ModelError
+from FMSegCore.models.universeg import UniverSeg, build_universeg, load_universeg
+
+SIZE = 32  # divisible by 8: three poolings
+
+
+def official_shapes() -> dict[str, tuple[int, ...]]:
+    """The key list and shapes of universeg_v1_nf64_ss64_STA.pt, written from the specification."""
+    shapes: dict[str, tuple[int, ...]] = {}
+
+    def block(prefix: str, cross_in: int) -> None:
+        shapes[f"{prefix}.cross.cross_conv.weight"] = (64, cross_in, 3, 3)
+        shapes[f"{prefix}.cross.cross_conv.bias"] = (64,)
+        for branch in ("target", "support"):
+            shapes[f"{prefix}.{branch}.vmapped.conv.weight"] = (64, 64, 3, 3)
+            shapes[f"{prefix}.{branch}.vmapped.conv.bias"] = (64,)
+
+    for i in range(4):
+        block(f"enc_blocks.{i}", 3 if i == 0 else 128)
+    for j in range(3):
+        block(f"dec_blocks.{j}", 256)
+    shapes["out_conv.conv.weight"] = (1, 64, 1, 1)
+    shapes["out_conv.conv.bias"] = (1,)
+    return shapes
+
+
+def random_state(seed: int = 0) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    state = {}
+    for key, shape in official_shapes().items():
+        fan_in = shape[1] * shape[2] * shape[3] if len(shape) == 4 else 64
+        state[key] = torch.randn(shape, generator=generator) * (2.0 / fan_in) ** 0.5
+    return state
+
+
+@pytest.fixture(scope="module")
+def model() -> UniverSeg:
+    net = build_universeg()
+    net.load_state_dict(random_state(), strict=True)
+    return net.eval()
+
+
+def reference_forward(state: dict[str, torch.Tensor], target: torch.Tensor, images: torch.Tensor,
+                      labels: torch.Tensor) -> torch.Tensor:
+    """Straightforward UniverSeg: full Conv2d on every concatenated (target, support) pair, mean over supports."""
+    batch, count = images.shape[:2]
+    target = target.unsqueeze(1)  # (B, 1, C, H, W)
+    support = torch.cat([images, labels], dim=2)  # (B, S, 2, H, W)
+
+    def per_item(fn, x):
+        out = [torch.stack([fn(x[b, s:s + 1])[0] for s in range(x.shape[1])]) for b in range(x.shape[0])]
+        return torch.stack(out)
+
+    def conv_relu(prefix, x):
+        return per_item(lambda y: F.leaky_relu(F.conv2d(y, state[f"{prefix}.weight"], state[f"{prefix}.bias"],
+                                                        padding=1), 0.01), x)
+
+    def block(prefix, target, support):
+        weight, bias = state[f"{prefix}.cross.cross_conv.weight"], state[f"{prefix}.cross.cross_conv.bias"]
+        pairs = []
+        for b in range(batch):
+            row = [F.conv2d(torch.cat([target[b], support[b, s:s + 1]], dim=1), weight, bias, padding=1)[0]
+                   for s in range(count)]
+            pairs.append(torch.stack(row))
+        interaction = torch.stack(pairs)  # (B, S, 64, H, W)
+        target = interaction.mean(dim=1, keepdim=True)
+        return conv_relu(f"{prefix}.target.vmapped.conv", target), \
+            conv_relu(f"{prefix}.support.vmapped.conv", interaction)
+
+    skips = []
+    for i in range(4):
+        target, support = block(f"enc_blocks.{i}", target, support)
+        if i < 3:
+            skips.append((target, support))
+            target = per_item(lambda y: F.max_pool2d(y, 2), target)
+            support = per_item(lambda y: F.max_pool2d(y, 2), support)
+    for j in range(3):
+        target_skip, support_skip = skips.pop()
+
+        def up(y):
+            return F.interpolate(y, scale_factor=2, mode="bilinear", align_corners=True)
+
+        target = torch.cat([per_item(up, target), target_skip], dim=2)
+        support = torch.cat([per_item(up, support), support_skip], dim=2)
+        target, support = block(f"dec_blocks.{j}", target, support)
+    return F.conv2d(target[:, 0], state["out_conv.conv.weight"], state["out_conv.conv.bias"])
+
+
+def inputs(batch: int, count: int, seed: int = 1, size: int = SIZE):
+    generator = torch.Generator().manual_seed(seed)
+    target = torch.rand(batch, 1, size, size, generator=generator)
+    images = torch.rand(batch, count, 1, size, size, generator=generator)
+    labels = (torch.rand(batch, count, 1, size, size, generator=generator) > 0.5).float()
+    return target, images, labels
+
+
+def test_official_keys_and_parameter_count():
+    net = build_universeg()
+    state = random_state()
+    net.load_state_dict(state, strict=True)
+    assert {k: tuple(v.shape) for k, v in net.state_dict().items()} == official_shapes()
+    assert len(state) == 44
+    assert sum(p.numel() for p in net.parameters()) == 1_182_785
+
+
+@torch.no_grad()
+def test_split_weights_match_pairwise_reference(model):
+    target, images, labels = inputs(batch=2, count=3)
+    logits = model(target, images, labels)
+    assert logits.shape == (2, 1, SIZE, SIZE)
+    expected = reference_forward(random_state(), target, images, labels)
+    torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_shared_support_set_matches_one_by_one(model):
+    target, images, labels = inputs(batch=3, count=2, seed=2)
+    images, labels = images[:1], labels[:1]
+    batched = model(target, images, labels)
+    one_by_one = torch.cat([model(target[b:b + 1], images, labels) for b in range(3)])
+    torch.testing.assert_close(batched, one_by_one, atol=1e-5, rtol=1e-5)
+    repeated = model(target, images.expand(3, -1, -1, -1, -1), labels.expand(3, -1, -1, -1, -1))
+    torch.testing.assert_close(batched, repeated, atol=1e-5, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_cached_first_layer_support(model):
+    target, images, labels = inputs(batch=2, count=2, seed=3)
+    cache = model.encode_support_first_layer(images[:1], labels[:1])
+    assert cache.shape == (1, 2, 64, SIZE, SIZE)
+    direct = model(target, images[:1], labels[:1])
+    cached = model(target, first_layer_support=cache)
+    assert torch.equal(direct, cached)
+
+
+def test_load_round_trip_and_errors(tmp_path, model):
+    path = tmp_path / "universeg_v1_nf64_ss64_STA.pt"
+    torch.save(model.state_dict(), path)
+    loaded = load_universeg(path)
+    assert not loaded.training
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value)
+
+    wrapped = tmp_path / "wrapped.pt"
+    torch.save({"model": model.state_dict()}, wrapped)
+    assert torch.equal(load_universeg(wrapped).out_conv.conv.weight, model.out_conv.conv.weight)
+
+    broken = model.state_dict()
+    del broken["dec_blocks.1.cross.cross_conv.bias"]
+    bad = tmp_path / "missing.pt"
+    torch.save(broken, bad)
+    with pytest.raises(ModelError, match="missing") as info:
+        load_universeg(bad)
+    assert "\n" not in str(info.value)
+
+    reshaped = model.state_dict()
+    reshaped["out_conv.conv.weight"] = torch.zeros(2, 64, 1, 1)
+    torch.save(reshaped, tmp_path / "shape.pt")
+    with pytest.raises(ModelError) as info:
+        load_universeg(tmp_path / "shape.pt")
+    assert "\n" not in str(info.value)
+
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ModelError):
+        load_universeg(tmp_path / "junk.pt")

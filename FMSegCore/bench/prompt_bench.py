@@ -27,6 +27,7 @@ from scipy import ndimage
 from FMSegCore.engines.prompting.prompts import BoxPrompt, PointPrompt, SegmentPrompts
 from FMSegCore.engines.prompting.session import PromptSession
 from FMSegCore.io.volume import Volume, read_volume
+from FMSegCore.preprocessing.slicing import bounding_box_2d
 
 PROTOCOLS = ("box_per_slice", "roi_3d", "box_2d_propagated", "point_propagated", "box_2d_plus_5_clicks")
 
@@ -57,9 +58,9 @@ def dice(prediction: np.ndarray, reference: np.ndarray) -> float:
 
 
 def _box_2d(mask2d: np.ndarray) -> tuple[int, int, int, int]:
-    rows = np.flatnonzero(mask2d.any(axis=1))
-    cols = np.flatnonzero(mask2d.any(axis=0))
-    return rows[0], cols[0], rows[-1], cols[-1]
+    """(row0, col0, row1, col1) of a non-empty slice mask."""
+    (r0, c0), (r1, c1) = bounding_box_2d(mask2d)
+    return r0, c0, r1, c1
 
 
 def interior_voxel(mask: np.ndarray) -> tuple[int, ...]:

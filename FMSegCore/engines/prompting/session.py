@@ -28,7 +28,7 @@ from FMSegCore.errors import InputError
 from FMSegCore.io.volume import Volume
 from FMSegCore.models.interfaces import PromptableModel2D, PromptBatch2D
 from FMSegCore.preprocessing.intensity import guess_modality, normalize
-from FMSegCore.preprocessing.slicing import get_slice
+from FMSegCore.preprocessing.slicing import bounding_box_2d, get_slice, in_plane_axes
 
 BoxRC = tuple[float, float, float, float]  # row0, col0, row1, col1 (inclusive pixel centres)
 ProgressCallback = Callable[[str, int, int], None]
@@ -135,18 +135,17 @@ class PromptSession:
         return self.image.shape[2 - (self.axis if axis is None else axis)]
 
     def slice_shape(self, axis: Optional[int] = None) -> tuple[int, int]:
-        axis = self.axis if axis is None else axis
-        shape = [s for a, s in zip((2, 1, 0), self.image.shape) if a != axis]
-        return (shape[0], shape[1])
+        rows, cols = in_plane_axes(self.axis if axis is None else axis)
+        size_ijk = self.image.shape[::-1]
+        return (size_ijk[rows], size_ijk[cols])
 
     def spacing_rc(self, axis: Optional[int] = None) -> tuple[float, float]:
-        axis = self.axis if axis is None else axis
-        rows, cols = [a for a in (2, 1, 0) if a != axis]
+        rows, cols = in_plane_axes(self.axis if axis is None else axis)
         return (float(self.volume.spacing[rows]), float(self.volume.spacing[cols]))
 
     def _to_slice(self, ijk: Sequence[float], axis: int) -> tuple[float, float, float]:
         """(i, j, k) -> (slice index, row, col) for slices perpendicular to ``axis``."""
-        rows, cols = [a for a in (2, 1, 0) if a != axis]
+        rows, cols = in_plane_axes(axis)
         return (float(ijk[axis]), float(ijk[rows]), float(ijk[cols]))
 
     def context_for(self, axis: int) -> str:
@@ -470,8 +469,6 @@ def _merge(old: Optional[SliceRecord], new: SliceRecord) -> SliceRecord:
 
 
 def _mask_box(mask: np.ndarray) -> Optional[BoxRC]:
-    rows = np.flatnonzero(mask.any(axis=1))
-    if rows.size == 0:
-        return None
-    cols = np.flatnonzero(mask.any(axis=0))
-    return (float(rows[0]), float(cols[0]), float(rows[-1]), float(cols[-1]))
+    """(row0, col0, row1, col1) of a slice mask, or None when it is empty."""
+    box = bounding_box_2d(mask)
+    return None if box is None else (float(box[0][0]), float(box[0][1]), float(box[1][0]), float(box[1][1]))

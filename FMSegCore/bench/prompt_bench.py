@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
+from FMSegCore.bench.metrics import dice
 from FMSegCore.engines.prompting.prompts import BoxPrompt, PointPrompt, SegmentPrompts
 from FMSegCore.engines.prompting.session import PromptSession
 from FMSegCore.io.volume import Volume, read_volume
@@ -49,12 +50,6 @@ class StructureResult:
     voxels: int
     dice: dict[str, float] = field(default_factory=dict)
     clicks_curve: list[float] = field(default_factory=list)
-
-
-def dice(prediction: np.ndarray, reference: np.ndarray) -> float:
-    """Dice coefficient of two boolean masks (1.0 when both are empty)."""
-    total = prediction.sum() + reference.sum()
-    return 1.0 if total == 0 else float(2 * (prediction & reference).sum() / total)
 
 
 def _box_2d(mask2d: np.ndarray) -> tuple[int, int, int, int]:

@@ -7,8 +7,7 @@ import argparse
 import shlex
 from pathlib import Path
 
-import numpy as np
-
+from FMSegCore.bench.metrics import dice
 from FMSegCore.cli.prompt_cmd import (
     PromptResult,
     add_segment_options,
@@ -45,12 +44,6 @@ def demo_case() -> Path:
     if not (folder / "image.nii.gz").is_file():
         raise InputError(folder, "the bundled demo case is missing from this installation")
     return folder
-
-
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    """Dice overlap of two boolean masks (1.0 when both are empty)."""
-    total = int(a.sum()) + int(b.sum())
-    return 1.0 if total == 0 else 2.0 * int(np.logical_and(a, b).sum()) / total
 
 
 def reference_dice(result: PromptResult, case: Path) -> dict[str, float]:

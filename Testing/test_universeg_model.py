@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
+from FMSegCore.bench.reference_universeg import reference_forward
 from FMSegCore.errors import ModelError
 from FMSegCore.models.universeg import UniverSeg, build_universeg, load_universeg
 
@@ -46,52 +46,6 @@ def model() -> UniverSeg:
     net = build_universeg()
     net.load_state_dict(random_state(), strict=True)
     return net.eval()
-
-
-def reference_forward(state: dict[str, torch.Tensor], target: torch.Tensor, images: torch.Tensor,
-                      labels: torch.Tensor) -> torch.Tensor:
-    """Straightforward UniverSeg: full Conv2d on every concatenated (target, support) pair, mean over supports."""
-    batch, count = images.shape[:2]
-    target = target.unsqueeze(1)  # (B, 1, C, H, W)
-    support = torch.cat([images, labels], dim=2)  # (B, S, 2, H, W)
-
-    def per_item(fn, x):
-        out = [torch.stack([fn(x[b, s:s + 1])[0] for s in range(x.shape[1])]) for b in range(x.shape[0])]
-        return torch.stack(out)
-
-    def conv_relu(prefix, x):
-        return per_item(lambda y: F.leaky_relu(F.conv2d(y, state[f"{prefix}.weight"], state[f"{prefix}.bias"],
-                                                        padding=1), 0.01), x)
-
-    def block(prefix, target, support):
-        weight, bias = state[f"{prefix}.cross.cross_conv.weight"], state[f"{prefix}.cross.cross_conv.bias"]
-        pairs = []
-        for b in range(batch):
-            row = [F.conv2d(torch.cat([target[b], support[b, s:s + 1]], dim=1), weight, bias, padding=1)[0]
-                   for s in range(count)]
-            pairs.append(torch.stack(row))
-        interaction = torch.stack(pairs)  # (B, S, 64, H, W)
-        target = interaction.mean(dim=1, keepdim=True)
-        return conv_relu(f"{prefix}.target.vmapped.conv", target), \
-            conv_relu(f"{prefix}.support.vmapped.conv", interaction)
-
-    skips = []
-    for i in range(4):
-        target, support = block(f"enc_blocks.{i}", target, support)
-        if i < 3:
-            skips.append((target, support))
-            target = per_item(lambda y: F.max_pool2d(y, 2), target)
-            support = per_item(lambda y: F.max_pool2d(y, 2), support)
-    for j in range(3):
-        target_skip, support_skip = skips.pop()
-
-        def up(y):
-            return F.interpolate(y, scale_factor=2, mode="bilinear", align_corners=True)
-
-        target = torch.cat([per_item(up, target), target_skip], dim=2)
-        support = torch.cat([per_item(up, support), support_skip], dim=2)
-        target, support = block(f"dec_blocks.{j}", target, support)
-    return F.conv2d(target[:, 0], state["out_conv.conv.weight"], state["out_conv.conv.bias"])
 
 
 def inputs(batch: int, count: int, seed: int = 1, size: int = SIZE):

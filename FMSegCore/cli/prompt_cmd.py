@@ -143,7 +143,7 @@ def check_output(path: PathLike, overwrite: bool, suffixes: Sequence[str] = LABE
     return path
 
 
-def _check_not_input(output: Path, inputs: Sequence[PathLike]) -> None:
+def check_not_input(output: Path, inputs: Sequence[PathLike]) -> None:
     """Refuse to write over an input file, even with --overwrite."""
     for source in inputs:
         source = Path(source)
@@ -263,7 +263,7 @@ def prompt_to_file(image_path: PathLike, prompt_paths: Sequence[PathLike], outpu
     began = time.perf_counter()
     options = options or SegmentOptions()
     output = check_output(output, overwrite)
-    _check_not_input(output, [image_path, *prompt_paths])
+    check_not_input(output, [image_path, *prompt_paths])
     device = check_options(options)
     image = read_volume(image_path)
     segments = load_prompts(prompt_paths, image)

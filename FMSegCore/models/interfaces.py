@@ -43,3 +43,17 @@ class PromptableModel2D(Protocol):
     def decode(self, embeddings: torch.Tensor, prompts: PromptBatch2D) -> tuple[torch.Tensor, torch.Tensor]:
         """Mask logits (B, 1, mask_size, mask_size) for each prompt of the batch, and a quality score (B,)
         (the model's predicted IoU where it has one)."""
+
+
+@runtime_checkable
+class InContextModel2D(Protocol):
+    """A 2D in-context model: a support set of labelled slices defines a binary task for query slices."""
+
+    #: Side of the square input slices, in pixels; inputs are in [0, 1].
+    input_size: int
+
+    def encode_support(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """What the model can precompute from one support set: images and labels (S, 1, N, N)."""
+
+    def predict(self, queries: torch.Tensor, support: torch.Tensor) -> torch.Tensor:
+        """Logits (B, 1, N, N) for query slices (B, 1, N, N) given an :meth:`encode_support` result."""

@@ -94,6 +94,12 @@ class CrossOp(nn.Module):
     def forward(self, target: torch.Tensor, support: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.combine(self.target_term(target), self.support_term(support))
 
+    def target_only(self, target: torch.Tensor, support: torch.Tensor) -> torch.Tensor:
+        """The new target alone: by linearity the mean over supports of their terms is the support half of the
+        weight applied once to the mean support, so no per-pair convolution is needed."""
+        weight = self.cross_conv.weight[:, self.target_channels:]
+        return self.target_term(target) + F.conv2d(support.mean(dim=1), weight, None, padding=1)
+
 
 class CrossBlock(nn.Module):
     """CrossOp, then a Conv3x3 + LeakyReLU on the target and (per item) on the support."""
@@ -112,6 +118,10 @@ class CrossBlock(nn.Module):
     def forward(self, target: torch.Tensor, support: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.branches(*self.cross(target, support))
 
+    def target_only(self, target: torch.Tensor, support: torch.Tensor) -> torch.Tensor:
+        """The target output alone (the last block: its support output is never used)."""
+        return self.target.vmapped(self.cross.target_only(target, support))
+
 
 class UniverSeg(nn.Module):
     """UniverSeg v1: binary segmentation of a target image given a support set of (image, label) pairs.
@@ -120,6 +130,9 @@ class UniverSeg(nn.Module):
     logits ``(B,1,H,W)``; inputs in [0, 1]; ``Bs`` is ``B`` or 1 (one support set shared by all targets);
     ``H`` and ``W`` divisible by 8 (the official model is trained at 128x128).
     """
+
+    #: Side of the square slices the model is trained on (it is fully convolutional: any multiple of 8 runs).
+    input_size = 128
 
     def __init__(self, encoder_features: tuple[int, ...] = (64, 64, 64, 64),
                  decoder_features: tuple[int, ...] = (64, 64, 64)) -> None:
@@ -159,6 +172,14 @@ class UniverSeg(nn.Module):
         support = torch.cat([support_images, support_labels], dim=2)
         return self.enc_blocks[0].cross.support_term(support)
 
+    def encode_support(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """:class:`~FMSegCore.models.interfaces.InContextModel2D`: one support set ``(S, 1, H, W)`` -> cache."""
+        return self.encode_support_first_layer(images.unsqueeze(0), labels.unsqueeze(0))
+
+    def predict(self, queries: torch.Tensor, support: torch.Tensor) -> torch.Tensor:
+        """:class:`~FMSegCore.models.interfaces.InContextModel2D`: logits of queries against a cached support."""
+        return self.forward(queries, first_layer_support=support)
+
     def forward(self, target_image: torch.Tensor, support_images: Optional[torch.Tensor] = None,
                 support_labels: Optional[torch.Tensor] = None, *,
                 first_layer_support: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -189,11 +210,14 @@ class UniverSeg(nn.Module):
             target = self.downsample(target)
             support = _vmap(self.downsample, support)
 
-        for block in self.dec_blocks:
+        for index, block in enumerate(self.dec_blocks):
             target_skip, support_skip = skips.pop()
             target = torch.cat([self._upsample(target), target_skip], dim=1)
             support = torch.cat([_vmap(self._upsample, support), support_skip], dim=2)
-            target, support = block(target, support)
+            if index == len(self.dec_blocks) - 1:
+                target = block.target_only(target, support)
+            else:
+                target, support = block(target, support)
 
         return self.out_conv(target)
 

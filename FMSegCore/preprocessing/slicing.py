@@ -77,17 +77,19 @@ def resize_2d(image: np.ndarray, size: tuple[int, int], mode: str = "bilinear") 
     """Resize a (H, W) or (C, H, W) array to ``size`` = (rows, cols) with ``F.interpolate``.
 
     ``mode="bilinear"`` for images (float32 result), ``"nearest"`` for masks (dtype kept; PyTorch's
-    ``nearest-exact``, which samples pixel centres, so enlarging then shrinking back restores a mask exactly).
+    ``nearest-exact``, which samples pixel centres, so enlarging then shrinking back restores a mask exactly),
+    ``"antialias"``: bilinear that averages when shrinking (images and soft masks, float32 result).
     """
-    if mode not in ("bilinear", "nearest"):
-        raise ValueError(f"mode must be 'bilinear' or 'nearest', got {mode!r}")
+    if mode not in ("bilinear", "nearest", "antialias"):
+        raise ValueError(f"mode must be 'bilinear', 'nearest' or 'antialias', got {mode!r}")
     array = np.asarray(image)
     if array.ndim not in (2, 3):
         raise ValueError(f"expected a (H, W) or (C, H, W) array, got shape {array.shape}")
     tensor = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
     batch = tensor.reshape((1, -1) + tensor.shape[-2:])
-    if mode == "bilinear":
-        out = F.interpolate(batch, size=tuple(size), mode="bilinear", align_corners=False)
+    if mode in ("bilinear", "antialias"):
+        out = F.interpolate(batch, size=tuple(size), mode="bilinear", align_corners=False,
+                            antialias=mode == "antialias")
         return out.reshape(array.shape[:-2] + tuple(size)).numpy()
     out = F.interpolate(batch, size=tuple(size), mode="nearest-exact")
     return out.reshape(array.shape[:-2] + tuple(size)).numpy().astype(array.dtype)

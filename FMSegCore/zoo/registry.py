@@ -23,6 +23,8 @@ FAMILIES = ("promptable-2d", "promptable-3d", "in-context-2d", "segmentation-3d"
 
 #: The zoo id of the default promptable model.
 DEFAULT_PROMPTABLE = "litemedsam"
+#: The zoo id of the default in-context model.
+DEFAULT_INCONTEXT = "universeg-fmseg"
 
 
 class Source(NamedTuple):
@@ -80,6 +82,10 @@ class ModelCard:
         return self.sha256 is not None
 
 
+#: Size and digest of the shipped in-context weights (Resources/Models/universeg_fmseg_v1.pt).
+UNIVERSEG_FMSEG_SIZE = 4_745_767
+UNIVERSEG_FMSEG_SHA256 = "cac76ab5d6de67f087db28a20af044bbd318d313509090e4a82f92765c67a3d5"
+
 _NO_HASH = "No sha256 is published for this file: downloading it needs --trust-unverified."
 
 _CARDS = (
@@ -117,6 +123,23 @@ _CARDS = (
         homepage="https://github.com/bowang-lab/MedSAM",
     ),
     ModelCard(
+        name="universeg-fmseg",
+        family="in-context-2d",
+        title="UniverSeg v1 architecture, FMSeg weights",
+        description="The UniverSeg v1 network (1.18 M parameters) meta-trained by FMSeg on brain atlas, body and "
+                    "synthetic tasks (model card: Resources/Models/universeg_fmseg_v1.md); the default in-context "
+                    "model, shipped with FMSeg.",
+        source="bundled:Models/universeg_fmseg_v1.pt",
+        filename="universeg_fmseg_v1.pt",
+        size_bytes=UNIVERSEG_FMSEG_SIZE,
+        sha256=UNIVERSEG_FMSEG_SHA256,
+        licence="Apache-2.0",
+        input_conventions="Query and support slices (N,1,128,128) in [0, 1] (CT window or MR percentiles); "
+                          "binary support labels; output logits.",
+        architecture="universeg",
+        homepage="https://github.com/JJGO/UniverSeg",
+    ),
+    ModelCard(
         name="universeg-v1",
         family="in-context-2d",
         title="UniverSeg v1",
@@ -130,7 +153,7 @@ _CARDS = (
         licence="OpenRAIL++-M (research only)",
         input_conventions="Target (B,1,128,128) and support images/labels (B,S,1,128,128) in [0, 1]; binary "
                           "labels; output logits.",
-        architecture=None,
+        architecture="universeg",
         homepage="https://github.com/JJGO/UniverSeg",
     ),
     ModelCard(

@@ -1,0 +1,217 @@
+"""In-context segmentation of volumes with a 2-D in-context model: one support set, many queries.
+
+An :class:`InContextSession` prepares a support set once (support slices normalised and fitted to the model's
+input size) and segments any number of query volumes or slices with it. Per class, every query slice gets
+supports matched by relative position (:mod:`.slice_matching`); blocks of consecutive slices share a support set
+and run as one batch. ``ensemble`` members use different support subsets and, for odd members, a mirrored
+query and support (test-time augmentation); their probabilities are averaged and their spread is the
+uncertainty. Classes are predicted one by one (binary) and combined into one label map, overlaps going to the
+most probable class.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Union
+
+import numpy as np
+import torch
+
+from FMSegCore.engines.incontext.slice_matching import (
+    QueryBlock,
+    SupportSlice,
+    choose_supports,
+    query_blocks,
+)
+from FMSegCore.engines.incontext.support import SupportSet
+from FMSegCore.errors import InputError
+from FMSegCore.io.labelmap import SegmentInfo
+from FMSegCore.models.interfaces import InContextModel2D
+from FMSegCore.preprocessing.intensity import DEFAULT_CT_WINDOW, Window, normalize
+from FMSegCore.preprocessing.slicing import Axis, axis_index, fit_square, get_slice, put_slice, unfit_square
+
+ProgressCallback = Callable[[str, int, int], None]
+
+
+@dataclass
+class InContextSettings:
+    """How supports are matched and how many model passes are made."""
+
+    #: support slices per query slice
+    support_size: int = 16
+    #: ensemble members (support subsets / mirrored copies) averaged per query slice
+    ensemble: int = 1
+    #: largest difference of relative position (0..1 along the axis) between a query and its supports
+    match_tolerance: float = 0.05
+    #: consecutive query slices sharing one support set (one batch)
+    block_slices: int = 8
+    #: upper bound on queries x supports in one forward pass (memory)
+    max_pairs_per_pass: int = 128
+    #: probability above which a voxel belongs to a class
+    threshold: float = 0.5
+    seed: int = 0
+
+
+@dataclass
+class InContextResult:
+    """A multi-label map on the query grid, its classes, and optionally the uncertainty and probabilities."""
+
+    labels: np.ndarray
+    segments: list[SegmentInfo]
+    uncertainty: Optional[np.ndarray] = None
+    probabilities: dict[int, np.ndarray] = field(default_factory=dict)
+    seconds: float = 0.0
+    model_passes: int = 0
+
+
+class InContextSession:
+    """A prepared support set and model; :meth:`segment_volume` and :meth:`segment_slice` apply it."""
+
+    def __init__(self, model: InContextModel2D, support: SupportSet, classes: Optional[Sequence[Union[str, int]]] = None,
+                 axis: Axis = 2, settings: Optional[InContextSettings] = None,
+                 device: Optional[torch.device] = None, autocast_dtype: Optional[torch.dtype] = None,
+                 modality: str = "auto", window: Window = DEFAULT_CT_WINDOW) -> None:
+        self.model, self.support = model, support
+        self.settings = settings or InContextSettings()
+        if self.settings.support_size < 1 or self.settings.ensemble < 1:
+            raise InputError(None, "support size and ensemble must be at least 1")
+        self.classes = support.resolve(classes)
+        self.axis = axis_index(axis)
+        self.device = device or next(model.parameters()).device  # type: ignore[attr-defined]
+        self.autocast_dtype = autocast_dtype
+        self.modality, self.window = modality, window
+        self._fitted: dict[tuple[int, int], np.ndarray] = {}
+        self._slices = {segment.value: self._support_slices(segment.value) for segment in self.classes}
+
+    # -------------------------------------------------------------------------------------------- supports
+
+    def _support_slices(self, value: int) -> list[SupportSlice]:
+        slices = []
+        for number, example in enumerate(self.support.examples):
+            mask = example.labels == value
+            if not example.is_volume:
+                if mask.any():
+                    slices.append(SupportSlice(number, -1, None, float(mask.sum())))
+                continue
+            count = example.labels.shape[2 - self.axis]
+            areas = mask.sum(axis=tuple(a for a in range(3) if a != 2 - self.axis))
+            for index in np.flatnonzero(areas):
+                slices.append(SupportSlice(number, int(index), int(index) / max(1, count - 1), float(areas[index])))
+        return slices
+
+    def _support_arrays(self, chosen: list[SupportSlice], value: int, mirror: bool) -> tuple[torch.Tensor, ...]:
+        size = self.model.input_size
+        images, masks = [], []
+        for item in chosen:
+            example = self.support.examples[item.example]
+            key = (item.example, item.index)
+            if key not in self._fitted:
+                image = example.image if item.index < 0 else get_slice(example.image, self.axis, item.index)
+                self._fitted[key] = fit_square(image, size, "antialias")[0]
+            labels = example.labels if item.index < 0 else get_slice(example.labels, self.axis, item.index)
+            images.append(self._fitted[key])
+            masks.append(fit_square((labels == value).astype(np.float32), size, "antialias")[0])
+        image_tensor = torch.from_numpy(np.stack(images))[:, None]
+        mask_tensor = torch.from_numpy(np.clip(np.stack(masks), 0, 1))[:, None]
+        if mirror:
+            image_tensor, mask_tensor = image_tensor.flip(-1), mask_tensor.flip(-1)
+        return image_tensor.to(self.device), mask_tensor.to(self.device)
+
+    # ------------------------------------------------------------------------------------------ prediction
+
+    @torch.no_grad()
+    def _predict(self, queries: torch.Tensor, images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        """Probabilities (B, H, W) of query slices (B, 1, H, W) against one support set, in memory-bound chunks."""
+        chunk = max(1, self.settings.max_pairs_per_pass // images.shape[0])
+        enabled = self.autocast_dtype is not None
+        out = []
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32, enabled=enabled):
+            encoded = self.model.encode_support(images, masks)
+            for start in range(0, queries.shape[0], chunk):
+                logits = self.model.predict(queries[start:start + chunk], encoded)
+                out.append(torch.sigmoid(logits.float())[:, 0])
+                self._passes += 1
+        return torch.cat(out)
+
+    def _block_probabilities(self, block: QueryBlock, fitted_queries: np.ndarray, value: int,
+                             rng: np.random.Generator) -> np.ndarray:
+        """(members, B, size, size) probabilities of one block's query slices."""
+        members = []
+        queries = torch.from_numpy(fitted_queries)[:, None].to(self.device)
+        for member in range(self.settings.ensemble):
+            chosen = choose_supports(block.pool, block.centre, self.settings.support_size, member, rng,
+                                     self.settings.match_tolerance)
+            mirror = member % 2 == 1
+            images, masks = self._support_arrays(chosen, value, mirror)
+            probability = self._predict(queries.flip(-1) if mirror else queries, images, masks)
+            members.append((probability.flip(-1) if mirror else probability).cpu().numpy())
+        return np.stack(members)
+
+    def segment_volume(self, volume: np.ndarray, uncertainty: bool = False, keep_probabilities: bool = False,
+                       progress: Optional[ProgressCallback] = None) -> InContextResult:
+        """Segment every class in a query volume (KJI array of raw intensities)."""
+        return self._segment(volume, self.axis, self._slices, uncertainty, keep_probabilities, progress)
+
+    def segment_slice(self, image: np.ndarray, uncertainty: bool = False) -> InContextResult:
+        """Segment one 2-D query slice (raw intensities); supports from anywhere in the support examples."""
+        image = np.asarray(image)
+        if image.ndim != 2:
+            raise InputError(None, f"the query slice must be 2-D, got {image.ndim} dimensions")
+        position_free = {value: [SupportSlice(s.example, s.index, None, s.area) for s in slices]
+                         for value, slices in self._slices.items()}
+        result = self._segment(image[None], 2, position_free, uncertainty, False, None)
+        result.labels = result.labels[0]
+        if result.uncertainty is not None:
+            result.uncertainty = result.uncertainty[0]
+        return result
+
+    def _segment(self, volume: np.ndarray, query_axis: int, support_slices: dict[int, list[SupportSlice]],
+                 uncertainty: bool, keep_probabilities: bool,
+                 progress: Optional[ProgressCallback]) -> InContextResult:
+        started = time.perf_counter()
+        self._passes = 0
+        volume = np.asarray(volume)
+        if volume.ndim != 3:
+            raise InputError(None, f"the query must be a 3-D volume, got {volume.ndim} dimensions")
+        if uncertainty and self.settings.ensemble < 2:
+            raise InputError(None, "an uncertainty map needs an ensemble of at least 2 members (--ensemble 2)")
+        image = normalize(volume, self.modality, self.window)
+        count = volume.shape[2 - query_axis]
+        size = self.model.input_size
+        fits, fitted = [], np.zeros((count, size, size), dtype=np.float32)
+        for index in range(count):
+            fitted[index], fit = fit_square(get_slice(image, query_axis, index), size, "antialias")
+            fits.append(fit)
+        labels = np.zeros(volume.shape, dtype=np.int32)
+        best = np.zeros(volume.shape, dtype=np.float32)
+        spread = np.zeros(volume.shape, dtype=np.float32) if uncertainty else None
+        result = InContextResult(labels, list(self.classes), spread)
+        plans = [(segment, query_blocks(support_slices[segment.value], count, self.settings.match_tolerance,
+                                        self.settings.block_slices)) for segment in self.classes]
+        total, done = sum(len(blocks) for _, blocks in plans), 0
+        for segment, blocks in plans:
+            rng = np.random.default_rng([self.settings.seed, segment.value])
+            probability = np.zeros(volume.shape, dtype=np.float32)
+            deviation = np.zeros(volume.shape, dtype=np.float32) if uncertainty else None
+            for block in blocks:
+                members = self._block_probabilities(block, fitted[block.slices], segment.value, rng)
+                mean = members.mean(axis=0)
+                for row, index in enumerate(block.slices):
+                    put_slice(probability, query_axis, index, unfit_square(mean[row], fits[index], "bilinear"))
+                    if deviation is not None:
+                        std = members[:, row].std(axis=0)
+                        put_slice(deviation, query_axis, index, unfit_square(std, fits[index], "bilinear"))
+                done += 1
+                if progress is not None:
+                    progress(segment.name, done, total)
+            wins = (probability >= self.settings.threshold) & (probability > best)
+            labels[wins] = segment.value
+            best = np.where(wins, probability, best)
+            if spread is not None and deviation is not None:
+                np.maximum(spread, deviation, out=spread)
+            if keep_probabilities:
+                result.probabilities[segment.value] = probability
+        result.seconds, result.model_passes = time.perf_counter() - started, self._passes
+        return result

@@ -1,0 +1,91 @@
+"""Which support slices serve which query slices, for 2-D in-context models applied to volumes.
+
+Slices are matched by relative position along the chosen axis (0 at the first slice, 1 at the last): a query
+slice at position ``r`` draws its supports from slices of the support volumes where the structure is present
+within ``tolerance`` of ``r``. Support examples given as single 2-D slices have no position and match every
+query slice. Consecutive query slices are grouped into blocks that share one support set, so the model runs them
+in one batch and computes the support part of its first layer once per block.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class SupportSlice:
+    """One labelled slice: which example, which slice (-1 for a 2-D example), where along the axis (or None)."""
+
+    example: int
+    index: int
+    position: Optional[float]
+    area: float
+
+
+@dataclass
+class QueryBlock:
+    """Consecutive query slices and the support slices they may use."""
+
+    slices: list[int]
+    pool: list[SupportSlice]
+    centre: float
+
+
+def relative_position(index: int, count: int) -> float:
+    return index / max(1, count - 1)
+
+
+def candidates_near(slices: list[SupportSlice], position: float, tolerance: float) -> list[SupportSlice]:
+    return [s for s in slices if s.position is None or abs(s.position - position) <= tolerance + 1e-9]
+
+
+def query_blocks(slices: list[SupportSlice], query_count: int, tolerance: float, block_size: int) -> list[QueryBlock]:
+    """Group the query slices that have candidates into blocks of up to ``block_size`` consecutive slices."""
+    blocks: list[QueryBlock] = []
+    current: list[int] = []
+
+    def close() -> None:
+        if current:
+            centre = float(np.mean([relative_position(q, query_count) for q in current]))
+            pool = {s: None for q in current
+                    for s in candidates_near(slices, relative_position(q, query_count), tolerance)}
+            blocks.append(QueryBlock(list(current), list(pool), centre))
+            current.clear()
+
+    for query in range(query_count):
+        if candidates_near(slices, relative_position(query, query_count), tolerance):
+            if current and (query != current[-1] + 1 or len(current) >= block_size):
+                close()
+            current.append(query)
+        else:
+            close()
+    close()
+    return blocks
+
+
+def choose_supports(pool: list[SupportSlice], centre: Optional[float], size: int, member: int,
+                    rng: np.random.Generator, tolerance: float) -> list[SupportSlice]:
+    """Member 0: the ``size`` slices nearest ``centre`` (largest first when positions tie or are unknown).
+
+    Other members: a random subset weighted towards ``centre``; a pool no larger than ``size`` is resampled with
+    replacement, so ensemble members still differ.
+    """
+    if not pool:
+        return []
+
+    def distance(s: SupportSlice) -> float:
+        return 0.0 if s.position is None or centre is None else abs(s.position - centre)
+
+    if member == 0:
+        ranked = sorted(pool, key=lambda s: (distance(s), -s.area, s.example, s.index))
+        return ranked[:size]
+    weights = np.array([np.exp(-distance(s) / max(tolerance, 1e-3)) for s in pool])
+    weights /= weights.sum()
+    if len(pool) <= size:
+        picks = rng.choice(len(pool), size=len(pool), replace=True, p=weights)
+    else:
+        picks = rng.choice(len(pool), size=size, replace=False, p=weights)
+    return [pool[int(p)] for p in picks]

@@ -1,0 +1,120 @@
+"""Support sets: labelled example images (slices or volumes) that define an in-context task.
+
+Each example is an image and a label map on the same grid, read from NIfTI/NRRD/MetaImage (label names from a
+``labels.json`` beside the file) or a Slicer ``.seg.nrrd`` (segment names). Images are normalised to [0, 1] the
+same way as the query (CT window or MR percentiles). Label values keep their meaning across examples; a class is
+requested by value or by name (names are matched case-insensitively across all examples).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Union
+
+import numpy as np
+
+from FMSegCore.errors import InputError
+from FMSegCore.io.labelmap import SegmentInfo, default_segment, read_labelmap
+from FMSegCore.io.volume import Volume, read_volume
+from FMSegCore.preprocessing.intensity import DEFAULT_CT_WINDOW, Window, normalize
+
+PathLike = Union[str, Path]
+
+
+@dataclass
+class SupportExample:
+    """One labelled example: a normalised image (3-D KJI or 2-D) and its integer label map."""
+
+    image: np.ndarray
+    labels: np.ndarray
+    segments: list[SegmentInfo]
+    source: str
+
+    @property
+    def is_volume(self) -> bool:
+        return self.image.ndim == 3
+
+
+@dataclass
+class SupportSet:
+    """The examples of a task and the classes they define (union of their segments, by label value)."""
+
+    examples: list[SupportExample]
+
+    @property
+    def segments(self) -> list[SegmentInfo]:
+        found: dict[int, SegmentInfo] = {}
+        for example in self.examples:
+            for segment in example.segments:
+                found.setdefault(segment.value, segment)
+        return [found[value] for value in sorted(found)]
+
+    def resolve(self, requested: Optional[Sequence[Union[str, int]]] = None) -> list[SegmentInfo]:
+        """The classes to segment: all present labels, or the requested names/values (in that order)."""
+        if not self.examples:
+            raise InputError(None, "no support examples: give at least one --support IMAGE LABELS pair")
+        present = sorted({int(v) for example in self.examples for v in np.unique(example.labels) if v != 0})
+        segments = {segment.value: segment for segment in self.segments}
+        if not requested:
+            return [segments.get(value, default_segment(value)) for value in present]
+        chosen: list[SegmentInfo] = []
+        for item in requested:
+            segment = _match(item, segments, present)
+            if segment.value not in present:
+                raise InputError(self.examples[0].source, f"label {item!r} is absent from every support label map")
+            if segment.value not in {c.value for c in chosen}:
+                chosen.append(segment)
+        return chosen
+
+
+def _match(item: Union[str, int], segments: dict[int, SegmentInfo], present: list[int]) -> SegmentInfo:
+    text = str(item).strip()
+    if text.lstrip("-").isdigit():
+        value = int(text)
+        return segments.get(value, default_segment(value))
+    by_name = {segment.name.lower(): segment for segment in segments.values()}
+    if text.lower() in by_name:
+        return by_name[text.lower()]
+    known = ", ".join(sorted(segment.name for segment in segments.values() if segment.value in present)[:12])
+    raise InputError(None, f"unknown label {text!r}; the supports name: {known or 'no structures'}")
+
+
+def load_support_example(image_path: PathLike, labels_path: PathLike, modality: str = "auto",
+                         window: Window = DEFAULT_CT_WINDOW) -> SupportExample:
+    """Read one (image, label map) pair, check they share a grid and that the labels are not empty."""
+    image = read_volume(image_path)
+    labels, segments = _read_labels(labels_path, image)
+    if not np.any(labels.array):
+        raise InputError(labels_path, "the label map is empty (no labelled voxel)")
+    return example_from_arrays(image.array, labels.array, segments, str(labels_path), modality, window)
+
+
+def _read_labels(labels_path: PathLike, image: Volume) -> tuple[Volume, list[SegmentInfo]]:
+    return read_labelmap(labels_path, reference=image)
+
+
+def example_from_arrays(image: np.ndarray, labels: np.ndarray, segments: Optional[list[SegmentInfo]] = None,
+                        source: str = "support", modality: str = "auto",
+                        window: Window = DEFAULT_CT_WINDOW) -> SupportExample:
+    """A support example from arrays (a 2-D slice or a 3-D volume) in raw intensities."""
+    image, labels = np.asarray(image), np.asarray(labels)
+    if image.shape != labels.shape:
+        raise InputError(source, f"image shape {image.shape} and label shape {labels.shape} differ")
+    if image.ndim not in (2, 3):
+        raise InputError(source, f"expected a 2-D slice or a 3-D volume, got {image.ndim} dimensions")
+    if not np.all(np.isfinite(image)):
+        raise InputError(source, "the support image holds NaN or infinite values")
+    labels = labels.astype(np.int32)
+    if segments is None:
+        segments = [default_segment(int(v)) for v in np.unique(labels) if v != 0]
+    return SupportExample(normalize(image, modality, window), labels, segments, source)
+
+
+def load_support_set(pairs: Sequence[tuple[PathLike, PathLike]], modality: str = "auto",
+                     window: Window = DEFAULT_CT_WINDOW) -> SupportSet:
+    """A support set from (image path, label map path) pairs."""
+    if not pairs:
+        raise InputError(None, "no support examples: give at least one --support IMAGE LABELS pair")
+    return SupportSet([load_support_example(image, labels, modality, window) for image, labels in pairs])

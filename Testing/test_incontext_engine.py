@@ -54,9 +54,9 @@ def test_position_free_supports_match_every_slice_and_subsets_differ():
     blocks = query_blocks(pool, 20, tolerance=0.01, block_size=32)
     assert [b.slices for b in blocks] == [list(range(20))]
     rng = np.random.default_rng(0)
-    first = choose_supports(pool, None, 3, 0, rng, 0.05)
+    first = choose_supports(pool, None, 3, 0, rng)
     assert [s.example for s in first] == [5, 4, 3]  # largest first when positions are unknown
-    others = {tuple(s.example for s in choose_supports(pool, None, 3, m, rng, 0.05)) for m in range(1, 6)}
+    others = {tuple(s.example for s in choose_supports(pool, None, 3, m, rng)) for m in range(1, 6)}
     assert len(others) > 1
 
 

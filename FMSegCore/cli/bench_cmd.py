@@ -34,6 +34,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="also resample the CT to 512x512x300 and measure a ROI prompt's time and peak memory")
     prompt.add_argument("--json", type=Path, default=None, help="write all figures to this JSON file")
     prompt.set_defaults(func=run_prompt_bench)
+    from FMSegCore.cli import bench_incontext
+
+    bench_incontext.add_parser(kinds)
     bench.set_defaults(func=lambda args: bench.print_help() or 1)
 
 

@@ -84,7 +84,7 @@ class ModelCard:
 
 #: Size and digest of the shipped in-context weights (Resources/Models/universeg_fmseg_v1.pt).
 UNIVERSEG_FMSEG_SIZE = 4_745_767
-UNIVERSEG_FMSEG_SHA256 = "cac76ab5d6de67f087db28a20af044bbd318d313509090e4a82f92765c67a3d5"
+UNIVERSEG_FMSEG_SHA256 = "a51877bb4692993691fb60624e88500750acc2d93e82db74a81a0557115b313f"
 
 _NO_HASH = "No sha256 is published for this file: downloading it needs --trust-unverified."
 

@@ -66,6 +66,24 @@ class InContextResult:
     model_passes: int = 0
 
 
+@torch.no_grad()
+def predict_probabilities(model: InContextModel2D, queries: torch.Tensor, images: torch.Tensor, masks: torch.Tensor,
+                          autocast_dtype: Optional[torch.dtype] = None,
+                          max_pairs_per_pass: int = 128) -> tuple[torch.Tensor, int]:
+    """Probabilities (B, H, W) of query slices (B, 1, H, W) against one support set (S, 1, H, W), and the number
+    of forward passes: the support is encoded once, queries run in chunks of at most ``max_pairs_per_pass``
+    query-support pairs."""
+    chunk = max(1, max_pairs_per_pass // images.shape[0])
+    out = []
+    with torch.autocast(queries.device.type, dtype=autocast_dtype or torch.float32,
+                        enabled=autocast_dtype is not None):
+        encoded = model.encode_support(images, masks)
+        for start in range(0, queries.shape[0], chunk):
+            logits = model.predict(queries[start:start + chunk], encoded)
+            out.append(torch.sigmoid(logits.float())[:, 0])
+    return torch.cat(out), len(out)
+
+
 class InContextSession:
     """A prepared support set and model; :meth:`segment_volume` and :meth:`segment_slice` apply it."""
 
@@ -98,7 +116,9 @@ class InContextSession:
             count = example.labels.shape[2 - self.axis]
             areas = mask.sum(axis=tuple(a for a in range(3) if a != 2 - self.axis))
             for index in np.flatnonzero(areas):
-                slices.append(SupportSlice(number, int(index), int(index) / max(1, count - 1), float(areas[index])))
+                # a single-slice example has no position along the axis: it matches every query slice
+                position = int(index) / (count - 1) if count > 1 else None
+                slices.append(SupportSlice(number, int(index), position, float(areas[index])))
         return slices
 
     def _support_arrays(self, chosen: list[SupportSlice], value: int, mirror: bool) -> tuple[torch.Tensor, ...]:
@@ -121,19 +141,11 @@ class InContextSession:
 
     # ------------------------------------------------------------------------------------------ prediction
 
-    @torch.no_grad()
     def _predict(self, queries: torch.Tensor, images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-        """Probabilities (B, H, W) of query slices (B, 1, H, W) against one support set, in memory-bound chunks."""
-        chunk = max(1, self.settings.max_pairs_per_pass // images.shape[0])
-        enabled = self.autocast_dtype is not None
-        out = []
-        with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32, enabled=enabled):
-            encoded = self.model.encode_support(images, masks)
-            for start in range(0, queries.shape[0], chunk):
-                logits = self.model.predict(queries[start:start + chunk], encoded)
-                out.append(torch.sigmoid(logits.float())[:, 0])
-                self._passes += 1
-        return torch.cat(out)
+        probabilities, passes = predict_probabilities(self.model, queries, images, masks, self.autocast_dtype,
+                                                      self.settings.max_pairs_per_pass)
+        self._passes += passes
+        return probabilities
 
     def _block_probabilities(self, block: QueryBlock, fitted_queries: np.ndarray, value: int,
                              rng: np.random.Generator) -> np.ndarray:
@@ -141,8 +153,7 @@ class InContextSession:
         members = []
         queries = torch.from_numpy(fitted_queries)[:, None].to(self.device)
         for member in range(self.settings.ensemble):
-            chosen = choose_supports(block.pool, block.centre, self.settings.support_size, member, rng,
-                                     self.settings.match_tolerance)
+            chosen = choose_supports(block.pool, block.centre, self.settings.support_size, member, rng)
             mirror = member % 2 == 1
             images, masks = self._support_arrays(chosen, value, mirror)
             probability = self._predict(queries.flip(-1) if mirror else queries, images, masks)
@@ -151,17 +162,24 @@ class InContextSession:
 
     def segment_volume(self, volume: np.ndarray, uncertainty: bool = False, keep_probabilities: bool = False,
                        progress: Optional[ProgressCallback] = None) -> InContextResult:
-        """Segment every class in a query volume (KJI array of raw intensities)."""
+        """Segment every class in a query volume (KJI array of raw intensities); a query one slice thick along
+        the axis is a lone slice and takes supports from anywhere."""
+        volume = np.asarray(volume)
+        if volume.ndim == 3 and volume.shape[2 - self.axis] == 1:
+            return self._segment(volume, self.axis, self._position_free(), uncertainty, keep_probabilities,
+                                 progress)
         return self._segment(volume, self.axis, self._slices, uncertainty, keep_probabilities, progress)
+
+    def _position_free(self) -> dict[int, list[SupportSlice]]:
+        return {value: [SupportSlice(s.example, s.index, None, s.area) for s in slices]
+                for value, slices in self._slices.items()}
 
     def segment_slice(self, image: np.ndarray, uncertainty: bool = False) -> InContextResult:
         """Segment one 2-D query slice (raw intensities); supports from anywhere in the support examples."""
         image = np.asarray(image)
         if image.ndim != 2:
             raise InputError(None, f"the query slice must be 2-D, got {image.ndim} dimensions")
-        position_free = {value: [SupportSlice(s.example, s.index, None, s.area) for s in slices]
-                         for value, slices in self._slices.items()}
-        result = self._segment(image[None], 2, position_free, uncertainty, False, None)
+        result = self._segment(image[None], 2, self._position_free(), uncertainty, False, None)
         result.labels = result.labels[0]
         if result.uncertainty is not None:
             result.uncertainty = result.uncertainty[0]

@@ -67,11 +67,11 @@ def query_blocks(slices: list[SupportSlice], query_count: int, tolerance: float,
 
 
 def choose_supports(pool: list[SupportSlice], centre: Optional[float], size: int, member: int,
-                    rng: np.random.Generator, tolerance: float) -> list[SupportSlice]:
+                    rng: np.random.Generator) -> list[SupportSlice]:
     """Member 0: the ``size`` slices nearest ``centre`` (largest first when positions tie or are unknown).
 
-    Other members: a random subset weighted towards ``centre``; a pool no larger than ``size`` is resampled with
-    replacement, so ensemble members still differ.
+    Other members: a random subset of the ``max(2 * size, size + 2)`` nearest, so ensemble members differ but
+    stay close to the query; a pool no larger than ``size`` is resampled with replacement.
     """
     if not pool:
         return []
@@ -79,13 +79,12 @@ def choose_supports(pool: list[SupportSlice], centre: Optional[float], size: int
     def distance(s: SupportSlice) -> float:
         return 0.0 if s.position is None or centre is None else abs(s.position - centre)
 
+    ranked = sorted(pool, key=lambda s: (distance(s), -s.area, s.example, s.index))
     if member == 0:
-        ranked = sorted(pool, key=lambda s: (distance(s), -s.area, s.example, s.index))
         return ranked[:size]
-    weights = np.array([np.exp(-distance(s) / max(tolerance, 1e-3)) for s in pool])
-    weights /= weights.sum()
-    if len(pool) <= size:
-        picks = rng.choice(len(pool), size=len(pool), replace=True, p=weights)
+    nearest = ranked[:max(2 * size, size + 2)]
+    if len(nearest) <= size:
+        picks = rng.choice(len(nearest), size=len(nearest), replace=True)
     else:
-        picks = rng.choice(len(pool), size=size, replace=False, p=weights)
-    return [pool[int(p)] for p in picks]
+        picks = rng.choice(len(nearest), size=size, replace=False)
+    return [nearest[int(p)] for p in sorted(picks)]

@@ -46,7 +46,15 @@ def test_query_blocks_group_consecutive_slices_near_supports():
     assert all(len(block.slices) <= 8 for block in blocks)
     assert all(b - a == 1 for block in blocks for a, b in zip(block.slices, block.slices[1:]))
     first = blocks[0]
-    assert {s.index for s in first.pool} <= set(range(40, 48))
+    nearest = choose_supports(first.pool, first.centre, 4, 0, np.random.default_rng(0))
+    assert sorted(s.index for s in nearest) == [40, 41, 42, 43]
+
+
+def test_sparsely_labelled_examples_serve_the_slices_between():
+    supports = [SupportSlice(0, k, k / 99, 10.0) for k in (20, 30, 40)] + [SupportSlice(1, 80, 80 / 99, 5.0)]
+    covered = {q for block in query_blocks(supports, 100, tolerance=0.02, block_size=8) for q in block.slices}
+    assert set(range(19, 42)) <= covered and set(range(79, 82)) <= covered
+    assert not covered & (set(range(0, 18)) | set(range(43, 78)) | set(range(83, 100)))
 
 
 def test_position_free_supports_match_every_slice_and_subsets_differ():

@@ -1,8 +1,8 @@
 """Which support slices serve which query slices, for 2-D in-context models applied to volumes.
 
 Slices are matched by relative position along the chosen axis (0 at the first slice, 1 at the last): a query
-slice at position ``r`` draws its supports from slices of the support volumes where the structure is present
-within ``tolerance`` of ``r``. Support examples given as single 2-D slices have no position and match every
+slice at position ``r`` draws its supports from the support volumes whose labelled extent of the structure
+(widened by ``tolerance``) covers ``r``, nearest slices first; elsewhere it stays background. Support examples given as single 2-D slices have no position and match every
 query slice. Consecutive query slices are grouped into blocks that share one support set, so the model runs them
 in one batch and computes the support part of its first layer once per block.
 """
@@ -39,7 +39,17 @@ def relative_position(index: int, count: int) -> float:
 
 
 def candidates_near(slices: list[SupportSlice], position: float, tolerance: float) -> list[SupportSlice]:
-    return [s for s in slices if s.position is None or abs(s.position - position) <= tolerance + 1e-9]
+    """The support slices a query slice at ``position`` may use: every position-free slice, and all slices of
+    each example whose labelled extent (first to last labelled slice, widened by ``tolerance``) covers it. An
+    example labelled only on every few slices therefore still serves the unlabelled slices in between."""
+    extents: dict[int, tuple[float, float]] = {}
+    for s in slices:
+        if s.position is not None:
+            low, high = extents.get(s.example, (s.position, s.position))
+            extents[s.example] = (min(low, s.position), max(high, s.position))
+    covering = {example for example, (low, high) in extents.items()
+                if low - tolerance - 1e-9 <= position <= high + tolerance + 1e-9}
+    return [s for s in slices if s.position is None or s.example in covering]
 
 
 def query_blocks(slices: list[SupportSlice], query_count: int, tolerance: float, block_size: int) -> list[QueryBlock]:

@@ -31,7 +31,7 @@ class InContextOptions:
     model: str = DEFAULT_INCONTEXT
     device: str = "auto"
     axis: str = "axial"
-    support_size: int = 16
+    support_size: int = 8
     ensemble: int = 1
     tolerance: float = 0.05
     modality: str = "auto"
@@ -56,7 +56,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--labels", nargs="+", default=None, metavar="NAME|VALUE",
                         help="structures to segment, by name or label value (default: every support label)")
     parser.add_argument("--model", default=DEFAULT_INCONTEXT, help=f"zoo model (default: {DEFAULT_INCONTEXT})")
-    parser.add_argument("--support-size", type=int, default=16, help="support slices per query slice (default 16)")
+    parser.add_argument("--support-size", type=int, default=8, help="support slices per query slice (default 8)")
     parser.add_argument("--ensemble", type=int, default=1,
                         help="average this many predictions from different support subsets (default 1)")
     parser.add_argument("--uncertainty", default=None, metavar="VOLUME",

@@ -83,8 +83,8 @@ class ModelCard:
 
 
 #: Size and digest of the shipped in-context weights (Resources/Models/universeg_fmseg_v1.pt).
-UNIVERSEG_FMSEG_SIZE = 4_745_767
-UNIVERSEG_FMSEG_SHA256 = "a51877bb4692993691fb60624e88500750acc2d93e82db74a81a0557115b313f"
+UNIVERSEG_FMSEG_SIZE = 4_746_117
+UNIVERSEG_FMSEG_SHA256 = "873b7d82957007b1b9baa96baaf25e03cc1d6304e6fa52cd98a1dc6f0da78f5e"
 
 _NO_HASH = "No sha256 is published for this file: downloading it needs --trust-unverified."
 

@@ -40,7 +40,7 @@ class InContextSettings:
     """How supports are matched and how many model passes are made."""
 
     #: support slices per query slice
-    support_size: int = 16
+    support_size: int = 8
     #: ensemble members (support subsets / mirrored copies) averaged per query slice
     ensemble: int = 1
     #: largest difference of relative position (0..1 along the axis) between a query and its supports

@@ -77,3 +77,14 @@ def test_brain_atlases_lie_on_their_templates():
     left = np.argwhere(labels == names["Left-Hippocampus"])[:, 0].mean()
     right = np.argwhere(labels == names["Right-Hippocampus"])[:, 0].mean()
     assert left < GRID_SHAPE[0] / 2 < right  # first axis runs from left to right (RAS grid)
+
+
+def test_train_command_refuses_a_bad_configuration(tmp_path, capsys):
+    from FMSegCore.cli.main import main
+
+    config = tmp_path / "config.json"
+    config.write_text('{"stages": [{"until": 10}], "learning_rat": 1}')
+    assert main(["train", "incontext", "--config", str(config), "--output", str(tmp_path / "run")]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and str(config) in error[0] and "not a valid training configuration" in error[0]
+    assert not (tmp_path / "run").exists()

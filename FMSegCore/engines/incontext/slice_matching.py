@@ -38,15 +38,23 @@ def relative_position(index: int, count: int) -> float:
     return index / max(1, count - 1)
 
 
-def candidates_near(slices: list[SupportSlice], position: float, tolerance: float) -> list[SupportSlice]:
-    """The support slices a query slice at ``position`` may use: every position-free slice, and all slices of
-    each example whose labelled extent (first to last labelled slice, widened by ``tolerance``) covers it. An
-    example labelled only on every few slices therefore still serves the unlabelled slices in between."""
+def labelled_extents(slices: list[SupportSlice]) -> dict[int, tuple[float, float]]:
+    """Per example, the positions of its first and last labelled slice (position-free slices are left out)."""
     extents: dict[int, tuple[float, float]] = {}
     for s in slices:
         if s.position is not None:
             low, high = extents.get(s.example, (s.position, s.position))
             extents[s.example] = (min(low, s.position), max(high, s.position))
+    return extents
+
+
+def candidates_near(slices: list[SupportSlice], position: float, tolerance: float,
+                    extents: Optional[dict[int, tuple[float, float]]] = None) -> list[SupportSlice]:
+    """The support slices a query slice at ``position`` may use: every position-free slice, and all slices of
+    each example whose labelled extent (first to last labelled slice, widened by ``tolerance``) covers it. An
+    example labelled only on every few slices therefore still serves the unlabelled slices in between.
+    ``extents``: :func:`labelled_extents` of ``slices``, when the caller has it already."""
+    extents = labelled_extents(slices) if extents is None else extents
     covering = {example for example, (low, high) in extents.items()
                 if low - tolerance - 1e-9 <= position <= high + tolerance + 1e-9}
     return [s for s in slices if s.position is None or s.example in covering]
@@ -54,19 +62,21 @@ def candidates_near(slices: list[SupportSlice], position: float, tolerance: floa
 
 def query_blocks(slices: list[SupportSlice], query_count: int, tolerance: float, block_size: int) -> list[QueryBlock]:
     """Group the query slices that have candidates into blocks of up to ``block_size`` consecutive slices."""
+    extents = labelled_extents(slices)
+    candidates = [candidates_near(slices, relative_position(q, query_count), tolerance, extents)
+                  for q in range(query_count)]
     blocks: list[QueryBlock] = []
     current: list[int] = []
 
     def close() -> None:
         if current:
             centre = float(np.mean([relative_position(q, query_count) for q in current]))
-            pool = {s: None for q in current
-                    for s in candidates_near(slices, relative_position(q, query_count), tolerance)}
+            pool = {s: None for q in current for s in candidates[q]}
             blocks.append(QueryBlock(list(current), list(pool), centre))
             current.clear()
 
     for query in range(query_count):
-        if candidates_near(slices, relative_position(query, query_count), tolerance):
+        if candidates[query]:
             if current and (query != current[-1] + 1 or len(current) >= block_size):
                 close()
             current.append(query)

@@ -17,7 +17,7 @@ import numpy as np
 
 from FMSegCore.errors import InputError
 from FMSegCore.io.labelmap import SegmentInfo, default_segment, read_labelmap
-from FMSegCore.io.volume import Volume, read_volume
+from FMSegCore.io.volume import read_volume
 from FMSegCore.preprocessing.intensity import DEFAULT_CT_WINDOW, Window, normalize
 
 PathLike = Union[str, Path]
@@ -85,14 +85,10 @@ def load_support_example(image_path: PathLike, labels_path: PathLike, modality: 
                          window: Window = DEFAULT_CT_WINDOW) -> SupportExample:
     """Read one (image, label map) pair, check they share a grid and that the labels are not empty."""
     image = read_volume(image_path)
-    labels, segments = _read_labels(labels_path, image)
+    labels, segments = read_labelmap(labels_path, reference=image)
     if not np.any(labels.array):
         raise InputError(labels_path, "the label map is empty (no labelled voxel)")
     return example_from_arrays(image.array, labels.array, segments, str(labels_path), modality, window)
-
-
-def _read_labels(labels_path: PathLike, image: Volume) -> tuple[Volume, list[SegmentInfo]]:
-    return read_labelmap(labels_path, reference=image)
 
 
 def example_from_arrays(image: np.ndarray, labels: np.ndarray, segments: Optional[list[SegmentInfo]] = None,

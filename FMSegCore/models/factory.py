@@ -10,6 +10,7 @@ from torch import nn
 from FMSegCore.device import resolve_device
 from FMSegCore.errors import ModelError
 from FMSegCore.models.litemedsam import load_litemedsam
+from FMSegCore.models.swinunetr import load_swinunetr_model
 from FMSegCore.models.universeg import load_universeg
 from FMSegCore.zoo.cache import fetch
 from FMSegCore.zoo.registry import DEFAULT_PROMPTABLE, get_card
@@ -17,6 +18,7 @@ from FMSegCore.zoo.registry import DEFAULT_PROMPTABLE, get_card
 #: architecture id (as on a model card) -> loader(checkpoint path, device)
 LOADERS: dict[str, Callable[..., nn.Module]] = {
     "litemedsam": load_litemedsam,
+    "swinunetr": load_swinunetr_model,
     "universeg": load_universeg,
 }
 

@@ -240,7 +240,7 @@ _CARDS = (
         licence="CC-BY-NC-ND-4.0",
         input_conventions="CT, HU clipped to [-175, 250] and scaled to [0, 1], RAS, 1.5x1.5x1.5 mm, "
                           "96^3 sliding windows; sigmoid per class.",
-        architecture=None,
+        architecture="swinunetr",
         homepage="https://github.com/MrGiovanni/SuPreM",
     ),
     ModelCard(
@@ -259,7 +259,7 @@ _CARDS = (
         licence="unspecified",
         input_conventions="CT, HU clipped to [-175, 250] and scaled to [0, 1], 1.5x1.5x1.5 mm, 96^3 "
                           "sliding windows; sigmoid per class.",
-        architecture=None,
+        architecture="swinunetr",
         homepage="https://github.com/jusiro/fewshot-finetuning",
     ),
 )

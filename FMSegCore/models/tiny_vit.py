@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -261,6 +262,8 @@ class TinyViT(nn.Module):
                 self.layers.append(AttentionStage(dim, resolution, depths[index], num_heads[index],
                                                   window_sizes[index], mlp_ratio, out_dim))
         self.embedding_size = img_size // 4
+        self.stem_channels = embed_dims[1]  # channels of the stem's output tokens
+        self.out_channels = out_chans
         self.neck = nn.Sequential(
             nn.Conv2d(embed_dims[-1], out_chans, kernel_size=1, bias=False),
             LayerNorm2d(out_chans),
@@ -279,10 +282,38 @@ class TinyViT(nn.Module):
             nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)
 
+    #: The encoder's stages, run in order (then the neck). Stages before the first one with trainable
+    #: parameters can be computed once per image when adapting (the first two hold about 60 % of the compute).
+    stages = ("patch_embed", "layers.0", "layers.1", "layers.2", "layers.3")
+    #: The stage whose output is the stem feature map (128 channels at half resolution), for decoders' skips.
+    stem_stage = 1
+    #: Regular expressions for what parameter-efficient methods adapt: attention projections and MLPs.
+    attention_patterns = (r"layers\.\d+\.blocks\.\d+\.attn\.qkv$",)
+    mlp_patterns = (r"layers\.\d+\.blocks\.\d+\.mlp$",)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.patch_embed(x)
-        for layer in self.layers:
-            x = layer(x)
+        return self.forward_trunk(self.forward_stem(x))
+
+    def run_stages(self, x: torch.Tensor, start: int = 0, stop: Optional[int] = None) -> torch.Tensor:
+        """Run stages ``start`` .. ``stop - 1`` (indices into :attr:`stages`) on their input."""
+        modules = [self.patch_embed, *self.layers]
+        for module in modules[start:stop]:
+            x = module(x)
+        return x
+
+    def forward_stem(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) images -> stem tokens (B, (S/2)^2, 128): patch embedding and the convolutional stage."""
+        return self.run_stages(x, 0, self.stem_stage + 1)
+
+    def stem_map(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Stem tokens as an NCHW feature map (B, 128, S/2, S/2), for decoders that want fine detail."""
+        batch, count, channels = tokens.shape
+        side = int(round(count ** 0.5))
+        return tokens.transpose(1, 2).reshape(batch, channels, side, side)
+
+    def forward_trunk(self, x: torch.Tensor, start: Optional[int] = None) -> torch.Tensor:
+        """Tokens entering stage ``start`` (default: after the stem) -> (B, 256, S/4, S/4) embeddings."""
+        x = self.run_stages(x, self.stem_stage + 1 if start is None else start)
         batch, _, channels = x.shape
         side = self.embedding_size
         x = x.view(batch, side, side, channels).permute(0, 3, 1, 2)

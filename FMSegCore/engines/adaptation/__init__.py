@@ -1,0 +1,1 @@
+"""Few-shot adaptation: PEFT methods over foundation models, trained on a handful of labelled cases."""

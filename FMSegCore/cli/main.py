@@ -12,7 +12,8 @@ from FMSegCore import __version__
 from FMSegCore.errors import FMSegError
 
 #: Sub-command modules (FMSegCore.cli.<name>); each defines ``register(subparsers)`` which sets ``func``.
-COMMAND_MODULES = ("prompt_cmd", "incontext_cmd", "models_cmd", "demo_cmd", "bench_cmd", "train_cmd")
+COMMAND_MODULES = ("prompt_cmd", "incontext_cmd", "adapt_cmd", "segment_cmd", "models_cmd", "demo_cmd", "bench_cmd",
+                   "train_cmd")
 
 
 def build_parser() -> argparse.ArgumentParser:

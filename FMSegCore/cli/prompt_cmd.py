@@ -53,6 +53,7 @@ class SegmentOptions:
     window: Optional[str] = None  # CT window preset; None: the session's default (auto per segment)
     precision: str = "auto"  # auto: bf16/fp16 on CUDA, fp32 elsewhere; bf16: also on CPUs with bf16 units
     progress: Optional[bool] = None  # None: a progress bar when stderr is a terminal
+    adapter: Optional[str] = None  # an adapter file from `fmseg adapt --mode prompt`
 
 
 @dataclass
@@ -97,6 +98,8 @@ def add_segment_options(parser: argparse.ArgumentParser, full: bool = True) -> N
                                  "CPU; bf16 on a CPU with bf16 units (AMX) encodes about twice as fast")
         parser.add_argument("--modality", choices=("auto", "CT", "MR"), default="auto", type=_modality,
                             help="intensity normalisation (default: guessed from the image)")
+        parser.add_argument("--adapter", default=None, metavar="ADAPTER",
+                            help="an adapter file from 'fmseg adapt --mode prompt' for this model")
         parser.add_argument("--window", default=None, metavar="WINDOW",
                             help="CT intensity window: auto (the default: lung for air-filled prompts, else abdomen), abdomen, lung or bone")
     parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
@@ -110,7 +113,7 @@ def _modality(text: str) -> str:
 def options_from_args(args: argparse.Namespace) -> SegmentOptions:
     """The :class:`SegmentOptions` of parsed arguments (defaults for options the command lacks)."""
     defaults = SegmentOptions()
-    names = ("model", "device", "axis", "context", "modality", "window", "precision")
+    names = ("model", "device", "axis", "context", "modality", "window", "precision", "adapter")
     values = {name: getattr(args, name, getattr(defaults, name)) for name in names}
     return SegmentOptions(**values, progress=False if args.no_progress else None)
 
@@ -206,6 +209,16 @@ def check_options(options: SegmentOptions) -> torch.device:
     return resolve_device(options.device)
 
 
+def load_prompt_adapter(path: str):
+    """An adapter file for prompting, read and checked (its mode) before anything heavy runs."""
+    from FMSegCore.engines.adaptation.adapter_file import load_adapter
+
+    adapter = load_adapter(path)
+    if adapter.mode != "prompt":
+        raise InputError(path, "this adapter is an automatic segmenter: use it with 'fmseg segment --adapter'")
+    return adapter
+
+
 def segment_volume(image: Volume, segments: Sequence[SegmentPrompts], options: SegmentOptions,
                    device: Optional[torch.device] = None) -> np.ndarray:
     """Run the promptable model on the image: a KJI uint16 label map with values 1..N in segment order."""
@@ -221,7 +234,12 @@ def segment_volume(image: Volume, segments: Sequence[SegmentPrompts], options: S
     if device.type == "cpu":
         tune_cpu_runtime()
     _status(f"Loading {options.model} on {device}...", show)
-    model = load_model(options.model, device)
+    if options.adapter:
+        from FMSegCore.engines.adaptation.engine import build_adapted
+
+        model = build_adapted(load_prompt_adapter(options.adapter), device, model_name=options.model)
+    else:
+        model = load_model(options.model, device)
     window = {} if options.window is None else {"window": options.window}
     session = PromptSession(image, model, device, axis=axis, context=options.context, modality=options.modality,
                             autocast_dtype=inference_dtype(device, options.precision), **window)
@@ -265,6 +283,9 @@ def prompt_to_file(image_path: PathLike, prompt_paths: Sequence[PathLike], outpu
     output = check_output(output, overwrite)
     check_not_input(output, [image_path, *prompt_paths])
     device = check_options(options)
+    if options.adapter:
+        check_not_input(output, [options.adapter])
+        load_prompt_adapter(options.adapter)
     image = read_volume(image_path)
     segments = load_prompts(prompt_paths, image)
     labels = segment_volume(image, segments, options, device)

@@ -177,6 +177,12 @@ def bounding_box_2d(mask: np.ndarray) -> Optional[Box2D]:
     return _bounding_box(mask, 2)  # type: ignore[return-value]
 
 
+def mask_box_rc(mask: np.ndarray) -> Optional[tuple[float, float, float, float]]:
+    """(row0, col0, row1, col1) of a slice mask's nonzero pixels, inclusive; None for an empty mask."""
+    box = bounding_box_2d(mask)
+    return None if box is None else (float(box[0][0]), float(box[0][1]), float(box[1][0]), float(box[1][1]))
+
+
 def bounding_box_3d(mask: np.ndarray) -> Optional[tuple[tuple[int, int, int], tuple[int, int, int]]]:
     """((k_min, j_min, i_min), (k_max, j_max, i_max)) of the nonzero voxels of a KJI mask, inclusive
     (array axis order); None for an empty mask."""

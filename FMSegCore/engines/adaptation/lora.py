@@ -70,6 +70,16 @@ class LoRALayer(nn.Module):
             b = b * self.diagonal[None, :]
         return (self.scale * b @ a).reshape(self.base.weight.shape)
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The effective weight ``W + Delta W``, for models that read a layer's weight directly (UniverSeg's
+        split cross convolution does)."""
+        return self.base.weight + self.delta_weight().to(self.base.weight.dtype)
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base.bias
+
     def kept_rank(self) -> int:
         """The rank still in use: non-zero entries of ``v`` for ARENA, the full rank for LoRA."""
         if self.diagonal is None:

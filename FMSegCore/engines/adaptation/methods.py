@@ -63,7 +63,7 @@ class AdaptableParts:
     attention_patterns: Sequence[str]
     mlp_patterns: Sequence[str]
     stages: Sequence[str] = ()  # the encoder's stages in order (names relative to the encoder)
-    decoder: Optional[str] = None
+    decoders: Sequence[str] = ()  # pre-trained decoder modules (tuned by the decoder and full methods)
     new_modules: Sequence[str] = ()
 
     def module(self, name: str) -> nn.Module:
@@ -143,9 +143,10 @@ def apply_method(parts: AdaptableParts, settings: MethodSettings) -> MethodRepor
                 if name and any(re.search(p, name) for p in parts.mlp_patterns) and not frozen_stage(name)]
         names = inject_adaptformer(encoder, [f"^{re.escape(name)}$" for name in mlps], settings.bottleneck)
         wrapped = [f"{parts.encoder}.{name}" for name in names]
-    if method in ("full", "decoder") and parts.decoder:
-        for parameter in parts.module(parts.decoder).parameters():
-            parameter.requires_grad_(True)
+    if method in ("full", "decoder"):
+        for name in parts.decoders:
+            for parameter in parts.module(name).parameters():
+                parameter.requires_grad_(True)
     for name in parts.new_modules:
         for parameter in parts.module(name).parameters():
             parameter.requires_grad_(True)

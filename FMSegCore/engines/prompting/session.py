@@ -28,7 +28,7 @@ from FMSegCore.errors import InputError
 from FMSegCore.io.volume import Volume
 from FMSegCore.models.interfaces import PromptableModel2D, PromptBatch2D
 from FMSegCore.preprocessing.intensity import guess_modality, normalize
-from FMSegCore.preprocessing.slicing import bounding_box_2d, get_slice, in_plane_axes
+from FMSegCore.preprocessing.slicing import get_slice, in_plane_axes, mask_box_rc
 
 BoxRC = tuple[float, float, float, float]  # row0, col0, row1, col1 (inclusive pixel centres)
 ProgressCallback = Callable[[str, int, int], None]
@@ -335,7 +335,7 @@ class PromptSession:
             previous = mask
             index = seed.index + step
             while low <= index <= high and index not in stop_at and not (only_empty and index in records):
-                box = self._padded(_mask_box(previous), axis, seed.clip)
+                box = self._padded(mask_box_rc(previous), axis, seed.clip)
                 current, quality, _ = self.decode_slice(axis, index, box)
                 area = current.sum()
                 if not area:
@@ -393,7 +393,7 @@ class PromptSession:
             return None
         nearest = records[min(near, key=lambda i: abs(i - index))]
         include = self._points_rc([p for p in points if p.include], axis)
-        return self._padded(_union_box(_mask_box(nearest.mask), include), axis, None)
+        return self._padded(_union_box(mask_box_rc(nearest.mask), include), axis, None)
 
     def _points_box(self, points: Sequence[PointPrompt], axis: int) -> Optional[BoxRC]:
         """A box around the points, at least 4 cm wide: the window for a points-only prompt."""
@@ -466,9 +466,3 @@ def _merge(old: Optional[SliceRecord], new: SliceRecord) -> SliceRecord:
         return new
     box = _union_box(old.box, [new.box[:2], new.box[2:]], margin=0.0)
     return SliceRecord(old.mask | new.mask, box, old.seed, old.step)
-
-
-def _mask_box(mask: np.ndarray) -> Optional[BoxRC]:
-    """(row0, col0, row1, col1) of a slice mask, or None when it is empty."""
-    box = bounding_box_2d(mask)
-    return None if box is None else (float(box[0][0]), float(box[0][1]), float(box[1][0]), float(box[1][1]))

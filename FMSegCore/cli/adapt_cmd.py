@@ -1,0 +1,143 @@
+"""``fmseg adapt``: teach a foundation model structures from a few labelled cases; writes a small adapter file.
+
+Everything is read and checked before the model loads; the adapter is written atomically at the end, so a
+cancelled (Ctrl-C) or failed run leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from FMSegCore.cli.prompt_cmd import check_not_input
+from FMSegCore.errors import InputError
+from FMSegCore.zoo.registry import DEFAULT_PROMPTABLE
+
+METHOD_CHOICES = ("lora", "arena", "bitfit", "affine", "adaptformer", "linear-probe", "spatial-adapter", "decoder",
+                  "full")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``adapt`` to the ``fmseg`` parser."""
+    parser = subparsers.add_parser(
+        "adapt", help="adapt a foundation model to a few labelled cases (LoRA, ARENA, adapters, heads)",
+        description="Fine-tune a foundation model parameter-efficiently on labelled cases (slices or volumes; "
+                    "partial labels allowed) and save only what was trained, as an adapter file. Mode 'auto' "
+                    "trains an automatic segmenter (use it with 'fmseg segment'); mode 'prompt' adapts the "
+                    "promptable model (use it with 'fmseg prompt --adapter').")
+    parser.add_argument("--model", default=DEFAULT_PROMPTABLE, help=f"base zoo model (default: {DEFAULT_PROMPTABLE})")
+    parser.add_argument("--method", choices=METHOD_CHOICES, default="decoder",
+                        help="adaptation method (default: decoder: a light decoder on the frozen encoder in auto "
+                             "mode, the mask decoder in prompt mode; fastest on CPU and best measured here)")
+    parser.add_argument("--mode", choices=("auto", "prompt"), default="auto",
+                        help="auto: segment with no prompt (default); prompt: a better promptable model")
+    parser.add_argument("--train", required=True, nargs=2, action="append", metavar=("IMAGE", "LABELS"),
+                        help="a labelled case: image and label map (.nii.gz/.nrrd with labels.json, or .seg.nrrd); repeat")
+    parser.add_argument("--labels", nargs="+", default=None, metavar="NAME|VALUE",
+                        help="structures to learn (default: every labelled structure)")
+    parser.add_argument("--val", nargs=2, action="append", default=[], metavar=("IMAGE", "LABELS"),
+                        help="a validation case (repeat); its Dice is stored in the adapter")
+    parser.add_argument("--holdout", type=int, default=0, metavar="N",
+                        help="hold out the last N training cases for validation (default 0)")
+    parser.add_argument("--steps", type=int, default=150, help="training steps (default 150)")
+    parser.add_argument("--batch-size", type=int, default=4, help="slices per step (default 4)")
+    parser.add_argument("--rank", type=int, default=4, help="LoRA/ARENA rank (default 4)")
+    parser.add_argument("--lr", type=float, default=None, help="learning rate (default: the method's)")
+    parser.add_argument("--targets", nargs="+", default=None, metavar="REGEX",
+                        help="LoRA/ARENA target layers by name pattern (default: attention qkv projections)")
+    parser.add_argument("--arena-lambda", type=float, default=1e-3, help="ARENA's L1 weight (default 1e-3)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument("--axis", choices=("axial", "coronal", "sagittal"), default="axial",
+                        help="slicing direction (default: axial)")
+    parser.add_argument("--modality", choices=("auto", "CT", "MR"), default="auto", type=lambda t: t if t == "auto" else t.upper())
+    parser.add_argument("--window", default="abdomen", help="CT window: abdomen (default), lung or bone")
+    parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda or mps")
+    parser.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
+                        help="auto (default): mixed precision on CUDA and on CPUs with bf16 units")
+    parser.add_argument("--output", required=True, metavar="ADAPTER", help="the adapter file to write (.pt)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing adapter file")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.set_defaults(func=run)
+
+
+def check_adapter_output(path: Path, overwrite: bool) -> Path:
+    """An adapter path that may be written: ends in .pt, folder exists, no file in the way unless overwrite."""
+    if not path.name.endswith(".pt"):
+        raise InputError(path, "adapter files end in .pt (e.g. liver.fmseg-adapter.pt)")
+    if path.is_dir():
+        raise InputError(path, "output is a folder (give a file name)")
+    if not path.parent.is_dir():
+        raise InputError(path, f"output folder {path.parent} does not exist")
+    if path.exists() and not overwrite:
+        raise InputError(path, "exists already (pass --overwrite to replace it, or choose another name)")
+    return path
+
+
+def run(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from FMSegCore.device import resolve_device, tune_cpu_runtime
+    from FMSegCore.engines.adaptation.adapter_file import save_adapter
+    from FMSegCore.engines.adaptation.cases import load_case, resolve_structures
+    from FMSegCore.engines.adaptation.engine import adapt, split_validation
+    from FMSegCore.engines.adaptation.methods import MethodSettings
+    from FMSegCore.engines.adaptation.trainer import TrainSettings
+    from FMSegCore.preprocessing.intensity import ct_window
+    from FMSegCore.zoo.registry import get_card
+
+    began = time.perf_counter()
+    output = check_adapter_output(Path(args.output), args.overwrite)
+    inputs = [path for pair in args.train + args.val for path in pair]
+    check_not_input(output, inputs)
+    get_card(args.model)
+    ct_window(args.window)
+    if args.steps < 1 or args.batch_size < 1:
+        raise InputError(None, "--steps and --batch-size must be at least 1")
+    try:
+        method = MethodSettings(args.method, rank=args.rank, targets=args.targets, arena_lambda=args.arena_lambda)
+    except ValueError as error:
+        raise InputError(None, str(error)) from None
+    if args.mode == "prompt" and args.method == "linear-probe":
+        raise InputError(None, "a linear probe trains a head for automatic segmentation: use --mode auto")
+    device = resolve_device(args.device)
+    cases = [load_case(image, labels, args.modality, args.window, args.axis) for image, labels in args.train]
+    cases, held_out = split_validation(cases, args.holdout)
+    val_cases = held_out + [load_case(i, lab, args.modality, args.window, args.axis) for i, lab in args.val]
+    structures = resolve_structures(cases, args.labels)
+    training = TrainSettings(steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr, seed=args.seed,
+                             precision=args.precision)
+    if device.type == "cpu":
+        tune_cpu_runtime()
+    show = sys.stderr.isatty() and not args.no_progress
+    bar = tqdm(total=args.steps, unit="step", desc=f"Adapting ({args.method})", disable=not show, file=sys.stderr)
+
+    def progress(update) -> None:
+        bar.n = update.step
+        bar.set_postfix(loss=f"{update.loss:.3f}")
+
+    try:
+        result = adapt(args.model, args.mode, cases, structures, method, training, device, val_cases,
+                       modality=cases[0].modality, window=args.window, axis=args.axis, progress=progress)
+    finally:
+        bar.close()
+    save_adapter(output, result.metadata, result.state, overwrite=args.overwrite)
+    _report(result, output, time.perf_counter() - began)
+    return 0
+
+
+def _report(result, output: Path, seconds: float) -> None:
+    meta = result.metadata
+    names = ", ".join(s["name"] for s in meta["structures"])
+    print(f"Adapted {meta['base_model']} with {meta['method']['method']} ({meta['mode']} mode) on {meta['cases']} "
+          f"case(s) for: {names}")
+    print(f"Trainable parameters: {result.report.trainable:,} of {result.report.total:,}; "
+          f"{result.fit.steps} steps in {result.fit.seconds:.0f} s"
+          f"{' (stopped early: loss plateau)' if result.fit.stopped_early else ''}; final loss {result.fit.final_loss:.3f}")
+    if meta["kept_ranks"] and meta["method"]["method"] == "arena":
+        ranks = list(meta["kept_ranks"].values())
+        print(f"ARENA kept ranks: {ranks} (of {meta['method']['rank']})")
+    if result.validation:
+        print("Validation Dice: " + ", ".join(f"{k} {v:.3f}" for k, v in result.validation.items()))
+    print(f"Wrote {output} ({output.stat().st_size / 1e6:.2f} MB) in {seconds:.0f} s")

@@ -1,0 +1,86 @@
+"""``fmseg segment``: segment a scan automatically with an adapter trained by ``fmseg adapt --mode auto``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from FMSegCore.cli.prompt_cmd import AXES, PromptResult, check_not_input, check_output, report
+from FMSegCore.errors import InputError
+from FMSegCore.io.labelmap import SEGMENTATION_SUFFIX, SegmentInfo, write_labelmap
+from FMSegCore.io.volume import read_volume
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``segment`` to the ``fmseg`` parser."""
+    parser = subparsers.add_parser(
+        "segment", help="segment a scan automatically with an adapter (no prompt)",
+        description="Segment the structures an automatic adapter ('fmseg adapt --mode auto') learned, slice by "
+                    f"slice. The output's ending picks the format: {SEGMENTATION_SUFFIX} (names and colours), "
+                    ".nii.gz, .nii or .nrrd (label map plus <name>.labels.json).")
+    parser.add_argument("--image", required=True, help="the volume (NIfTI, NRRD, MetaImage or DICOM folder)")
+    parser.add_argument("--adapter", required=True, help="an adapter file from 'fmseg adapt --mode auto'")
+    parser.add_argument("--output", required=True, help=f"the result ({SEGMENTATION_SUFFIX}, .nii.gz, .nii or .nrrd)")
+    parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda or mps")
+    parser.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
+                        help="auto (default): bf16/fp16 on CUDA, fp32 on CPU")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    segment_to_file(args.image, args.adapter, args.output, args.device, args.precision, args.overwrite,
+                    progress=not args.no_progress)
+    return 0
+
+
+def segment_to_file(image_path: str, adapter_path: str, output: str, device: str = "auto", precision: str = "auto",
+                    overwrite: bool = False, progress: bool = True) -> PromptResult:
+    """What ``fmseg segment`` does: check, load the adapted model, segment, write atomically, report."""
+    from tqdm import tqdm
+
+    from FMSegCore.device import inference_dtype, resolve_device, tune_cpu_runtime
+    from FMSegCore.engines.adaptation.adapter_file import load_adapter
+    from FMSegCore.engines.adaptation.auto_segment import segment_volume_auto
+    from FMSegCore.engines.adaptation.engine import build_adapted
+    from FMSegCore.io.overlay import anatomical_axes
+    from FMSegCore.preprocessing.intensity import normalize
+
+    began = time.perf_counter()
+    output_path = check_output(output, overwrite)
+    check_not_input(output_path, [image_path, adapter_path])
+    adapter = load_adapter(adapter_path)
+    if adapter.mode != "auto":
+        raise InputError(adapter_path, "this adapter adapts a promptable model: use it with "
+                                       "'fmseg prompt --adapter', or train one with --mode auto")
+    torch_device = resolve_device(device)
+    image = read_volume(image_path)
+    meta = adapter.metadata
+    window = meta.get("window", "abdomen")
+    normalised = normalize(image, modality=meta.get("modality", "auto"),
+                           window=tuple(window) if isinstance(window, list) else window)
+    if torch_device.type == "cpu":
+        tune_cpu_runtime()
+    model = build_adapted(adapter, torch_device)
+    axis = anatomical_axes(image.direction)[AXES[meta.get("axis", "axial")]]
+    structures = meta["structures"]
+    show = progress and sys.stderr.isatty()
+    bar = tqdm(total=image.shape_ijk[axis], unit="slice", desc="Segmenting", disable=not show, file=sys.stderr)
+
+    def advance(done: int, _total: int) -> None:
+        bar.n = done
+        bar.refresh()
+
+    try:
+        labels = segment_volume_auto(model, normalised, axis, image.spacing, [s["value"] for s in structures],
+                                     torch_device, inference_dtype(torch_device, precision), progress=advance)
+    finally:
+        bar.close()
+    infos = [SegmentInfo(int(s["value"]), str(s["name"]), tuple(float(c) for c in s["color"])) for s in structures]
+    write_labelmap(labels, image, output_path, infos, overwrite=overwrite)
+    result = PromptResult(image, labels, infos, Path(output_path), time.perf_counter() - began)
+    report(result)
+    return result

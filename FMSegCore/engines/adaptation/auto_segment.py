@@ -1,0 +1,57 @@
+"""Segment new slices or volumes with an adapted automatic segmenter: no prompt, one output per structure."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+from FMSegCore.engines.adaptation.auto_learner import AutoSegmenter2D
+from FMSegCore.engines.prompting.windows import extract, full_window, paste
+from FMSegCore.preprocessing.slicing import get_slice, in_plane_axes, put_slice
+
+
+@torch.no_grad()
+def slice_probabilities(segmenter: AutoSegmenter2D, images: Sequence[np.ndarray], spacing_rc: tuple[float, float],
+                        device: torch.device, autocast: Optional[torch.dtype] = None) -> np.ndarray:
+    """Per-structure probabilities (B, K, rows, cols) of normalised 2D slices (all the same shape)."""
+    shape = images[0].shape
+    window = full_window(shape, spacing_rc, segmenter.input_size)
+    batch = torch.stack([segmenter.preprocess(extract(image, window).numpy()) for image in images]).to(device)
+    with torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
+        logits = segmenter(batch).float().cpu()
+    return np.stack([[torch.sigmoid(paste(channel, window, shape)).numpy() for channel in item] for item in logits])
+
+
+def labels_from_probabilities(probabilities: np.ndarray, values: Sequence[int], threshold: float = 0.5) -> np.ndarray:
+    """One label map from per-structure probabilities (K, ...): the most probable structure above threshold."""
+    best = probabilities.argmax(axis=0)
+    labels = np.asarray(values, dtype=np.uint16)[best]
+    labels[probabilities.max(axis=0) < threshold] = 0
+    return labels
+
+
+def segment_volume_auto(segmenter: AutoSegmenter2D, image: np.ndarray, axis: int, spacing: Sequence[float],
+                        values: Sequence[int], device: torch.device, autocast: Optional[torch.dtype] = None,
+                        batch_size: int = 4, progress: Optional[Callable[[int, int], None]] = None) -> np.ndarray:
+    """Label map (KJI, uint16) of a normalised volume (or a 2D slice), slice by slice across ``axis``."""
+    segmenter.eval()
+    if image.ndim == 2:
+        spacing_rc = (float(spacing[1]), float(spacing[0]))
+        return labels_from_probabilities(slice_probabilities(segmenter, [image], spacing_rc, device, autocast)[0],
+                                         values)
+    rows, cols = in_plane_axes(axis)
+    spacing_rc = (float(spacing[rows]), float(spacing[cols]))
+    count = image.shape[2 - axis]
+    labels = np.zeros(image.shape, dtype=np.uint16)
+    for start in range(0, count, batch_size):
+        indices = list(range(start, min(count, start + batch_size)))
+        probabilities = slice_probabilities(segmenter, [get_slice(image, axis, i) for i in indices], spacing_rc,
+                                            device, autocast)
+        for index, item in zip(indices, probabilities):
+            put_slice(labels, axis, index, labels_from_probabilities(item, values))
+        if progress is not None:
+            progress(indices[-1] + 1, count)
+    return labels

@@ -1,0 +1,167 @@
+"""Labelled training cases for adaptation: (image, label map) pairs, their structures and their slices.
+
+A case is a 2D slice or a 3D volume. Structures are matched across cases by name (``labels.json`` or ``.seg.nrrd``
+segment names; label values may differ between cases). A case whose label set lacks a structure leaves it
+unknown there (masked out of the loss), so partially labelled cases mix freely. A volume trains on its annotated
+slices (those with any labelled voxel), so a few painted slices of a scan make a valid case.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Union
+
+import numpy as np
+
+from FMSegCore.errors import InputError
+from FMSegCore.io.labelmap import SegmentInfo, default_segment, read_labelmap
+from FMSegCore.io.overlay import anatomical_axes
+from FMSegCore.io.volume import read_volume
+from FMSegCore.preprocessing.intensity import DEFAULT_CT_WINDOW, Window, guess_modality, normalize
+from FMSegCore.preprocessing.slicing import get_slice, in_plane_axes
+
+PathLike = Union[str, Path]
+#: Slicing directions, as indices into :func:`anatomical_axes`.
+AXES = {"sagittal": 0, "coronal": 1, "axial": 2}
+
+
+@dataclass
+class TrainingCase:
+    """One labelled case: normalised image in [0, 1] and labels (KJI arrays, or 2-D), with their names."""
+
+    image: np.ndarray
+    labels: np.ndarray
+    segments: list[SegmentInfo]
+    source: str
+    spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)  # i, j, k (mm)
+    axis: int = 2  # the ijk axis slices are taken across
+    digest: str = ""
+    modality: str = "CT"  # how the image was normalised (CT window or MR percentiles)
+
+    def value_of(self, name: str) -> Optional[int]:
+        """The label value this case gives the structure ``name`` (None: not in its label set)."""
+        for segment in self.segments:
+            if segment.name.lower() == name.lower():
+                return segment.value
+        return None
+
+    def annotated_slices(self) -> list[int]:
+        """Indices of slices with at least one labelled pixel (a 2-D case: [0])."""
+        if self.labels.ndim == 2:
+            return [0]
+        return [index for index in range(self.labels.shape[2 - self.axis])
+                if np.any(get_slice(self.labels, self.axis, index))]
+
+    def slice(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """(image, labels) of one slice."""
+        if self.image.ndim == 2:
+            return self.image, self.labels
+        return get_slice(self.image, self.axis, index), get_slice(self.labels, self.axis, index)
+
+    def spacing_rc(self) -> tuple[float, float]:
+        """In-plane pixel spacing (rows, cols) of the slices."""
+        if self.image.ndim == 2:
+            return (float(self.spacing[1]), float(self.spacing[0]))
+        rows, cols = in_plane_axes(self.axis)
+        return (float(self.spacing[rows]), float(self.spacing[cols]))
+
+
+def _digest(image: np.ndarray, labels: np.ndarray) -> str:
+    hasher = hashlib.sha256()
+    for array in (image, labels):
+        array = np.ascontiguousarray(array)
+        hasher.update(str((array.shape, array.dtype.str)).encode())
+        hasher.update(array.tobytes())
+    return hasher.hexdigest()
+
+
+def case_from_arrays(image: np.ndarray, labels: np.ndarray, segments: Optional[list[SegmentInfo]] = None,
+                     source: str = "case", spacing: Sequence[float] = (1.0, 1.0, 1.0), axis: int = 2,
+                     modality: str = "auto", window: Window = DEFAULT_CT_WINDOW) -> TrainingCase:
+    """A case from arrays in raw intensities: a 2-D slice (rows, cols) or a 3-D KJI volume."""
+    image, labels = np.asarray(image), np.asarray(labels)
+    if image.shape != labels.shape:
+        raise InputError(source, f"image shape {image.shape} and label shape {labels.shape} differ")
+    if image.ndim not in (2, 3):
+        raise InputError(source, f"expected a 2-D slice or a 3-D volume, got {image.ndim} dimensions")
+    if not np.all(np.isfinite(image)):
+        raise InputError(source, "the image holds NaN or infinite values")
+    if not np.any(labels):
+        raise InputError(source, "the label map is empty (no labelled voxel)")
+    labels = labels.astype(np.int32)
+    modality = guess_modality(image) if modality.lower() == "auto" else modality.upper()
+    present = [int(v) for v in np.unique(labels) if v != 0]
+    named = {segment.value: segment for segment in segments or []}  # the label set: named + present values
+    segments = list(named.values()) + [default_segment(value) for value in present if value not in named]
+    return TrainingCase(normalize(image, modality, window), labels, segments, source,
+                        tuple(float(s) for s in spacing), axis, _digest(image, labels), modality)
+
+
+def load_case(image_path: PathLike, labels_path: PathLike, modality: str = "auto",
+              window: Window = DEFAULT_CT_WINDOW, axis: str = "axial") -> TrainingCase:
+    """Read one (image, label map) pair; the grids must match and the labels must not be empty."""
+    image = read_volume(image_path)
+    labels, segments = read_labelmap(labels_path, reference=image)
+    ijk_axis = anatomical_axes(image.direction)[AXES[axis]]
+    return case_from_arrays(image.array, labels.array, segments, str(labels_path), image.spacing, ijk_axis,
+                            modality, window)
+
+
+@dataclass
+class Structure:
+    """A structure the adaptation learns: its name, colour and output label value."""
+
+    name: str
+    color: tuple[float, float, float]
+    value: int
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "color": list(self.color), "value": self.value}
+
+
+def resolve_structures(cases: Sequence[TrainingCase], requested: Optional[Sequence[str]] = None) -> list[Structure]:
+    """The structures to learn: every named structure of the cases, or the requested names/values.
+
+    Every requested structure must be labelled in some case, and every case must label at least one of them.
+    Output values are the cases' own values when they are unambiguous, else 1..N.
+    """
+    if not cases:
+        raise InputError(None, "no training cases: give at least one --train IMAGE LABELS pair")
+    by_name: dict[str, SegmentInfo] = {}
+    for case in cases:
+        for segment in case.segments:
+            by_name.setdefault(segment.name.lower(), segment)
+    chosen: list[SegmentInfo] = []
+    for item in requested or [segment.name for segment in by_name.values()]:
+        text = str(item).strip()
+        segment = by_name.get(text.lower())
+        if segment is None and text.isdigit():
+            segment = next((s for case in cases for s in case.segments if s.value == int(text)), None)
+        if segment is None:
+            known = ", ".join(sorted(s.name for s in by_name.values())[:12])
+            raise InputError(cases[0].source, f"structure {text!r} is labelled in no training case "
+                                              f"(they label: {known})")
+        if segment.name.lower() not in {c.name.lower() for c in chosen}:
+            chosen.append(segment)
+    names = [segment.name for segment in chosen]
+    for case in cases:
+        if all(case.value_of(name) is None for name in names):
+            raise InputError(case.source, f"labels none of the structures to learn ({', '.join(names)})")
+    values = [segment.value for segment in chosen]
+    if len(set(values)) != len(values):
+        values = list(range(1, len(chosen) + 1))
+    return [Structure(segment.name, tuple(segment.color), value) for segment, value in zip(chosen, values)]
+
+
+def case_targets(case: TrainingCase, labels_slice: np.ndarray,
+                 structures: Sequence[Structure]) -> tuple[np.ndarray, np.ndarray]:
+    """Binary masks (C, rows, cols) of one slice and which structures this case labels (C,)."""
+    masks, known = [], []
+    for structure in structures:
+        value = case.value_of(structure.name)
+        known.append(value is not None)
+        masks.append(labels_slice == value if value is not None else np.zeros(labels_slice.shape, dtype=bool))
+    return np.stack(masks), np.array(known, dtype=bool)

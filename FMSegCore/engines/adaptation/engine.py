@@ -1,0 +1,250 @@
+"""Few-shot adaptation end to end: train a method on labelled cases, validate, describe the result, and rebuild
+an adapted model from an adapter file (checked against its base model).
+
+Modes: ``prompt`` adapts the promptable model itself (it stays promptable); ``auto`` trains an automatic
+segmenter (foundation encoder + head) for the labelled structures.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Union
+
+import numpy as np
+import torch
+from torch import nn
+
+from FMSegCore import __version__
+from FMSegCore.engines.adaptation.adapter_file import Adapter
+from FMSegCore.engines.adaptation.auto_learner import (
+    AutoLearner2D,
+    AutoSegmenter2D,
+    auto_parts,
+    build_auto_segmenter,
+)
+from FMSegCore.engines.adaptation.auto_segment import segment_volume_auto
+from FMSegCore.engines.adaptation.cases import Structure, TrainingCase
+from FMSegCore.engines.adaptation.lora import kept_ranks, merge_lora
+from FMSegCore.engines.adaptation.methods import (
+    LEARNING_RATES,
+    MethodReport,
+    MethodSettings,
+    apply_method,
+    trainable_state,
+)
+from FMSegCore.engines.adaptation.prompt_learner import (
+    PromptAdaptedModel,
+    PromptLearner2D,
+    build_prompt_model,
+    prompt_parts,
+)
+from FMSegCore.engines.adaptation.trainer import FitResult, Progress, TrainSettings, autocast_dtype, fit
+from FMSegCore.errors import InputError, ModelError
+from FMSegCore.zoo.registry import get_card
+
+MODES = ("prompt", "auto")
+#: Zoo architectures whose encoders the 2D adaptation engine knows how to adapt.
+ADAPTABLE_ARCHITECTURES = ("litemedsam",)
+
+
+@dataclass
+class AdaptationResult:
+    """A trained adaptation: the model, what trained, how training went, and the adapter's content."""
+
+    model: nn.Module
+    report: MethodReport
+    fit: FitResult
+    validation: Optional[dict[str, float]]
+    metadata: dict[str, Any]
+    state: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def _base_checkpoint(model_name: str, allow_download: bool = True) -> tuple[Any, str]:
+    from FMSegCore.zoo.cache import fetch, file_digest
+
+    card = get_card(model_name)
+    if card.architecture not in ADAPTABLE_ARCHITECTURES:
+        raise ModelError(f"model '{model_name}' cannot be adapted yet (adaptable: "
+                         f"{', '.join(c for c in ADAPTABLE_ARCHITECTURES)})")
+    path = fetch(card, allow_download=allow_download)
+    return path, card.sha256 or file_digest(path)
+
+
+def load_base(model_name: str, device: torch.device, allow_download: bool = True) -> tuple[nn.Module, str]:
+    """A fresh, trainable (unfused) copy of a zoo model, and its checkpoint's sha256."""
+    from FMSegCore.models.litemedsam import load_litemedsam
+
+    path, digest = _base_checkpoint(model_name, allow_download)
+    return load_litemedsam(path, device=device, fuse=False), digest
+
+
+def cases_digest(cases: Sequence[TrainingCase]) -> str:
+    """A hash of the training cases' pixels and labels (order-independent)."""
+    return hashlib.sha256("".join(sorted(case.digest for case in cases)).encode()).hexdigest()
+
+
+def split_validation(cases: Sequence[TrainingCase], holdout: int) -> tuple[list[TrainingCase], list[TrainingCase]]:
+    """Hold out the last ``holdout`` cases for validation; at least one case must remain to train on."""
+    if holdout <= 0:
+        return list(cases), []
+    if holdout >= len(cases):
+        raise InputError(cases[-1].source if cases else None,
+                         f"too few cases for a validation split: {len(cases)} case(s), {holdout} held out; "
+                         f"give at least {holdout + 1} cases or pass --val IMAGE LABELS")
+    return list(cases[:-holdout]), list(cases[-holdout:])
+
+
+def _versions() -> dict[str, str]:
+    import monai
+
+    return {"fmseg": __version__, "torch": torch.__version__, "monai": monai.__version__, "numpy": np.__version__}
+
+
+def adapt(model_name: str, mode: str, cases: Sequence[TrainingCase], structures: Sequence[Structure],
+          method: MethodSettings, training: TrainSettings, device: torch.device,
+          val_cases: Sequence[TrainingCase] = (), modality: str = "auto", window: Union[str, Sequence[float]] = "abdomen",
+          axis: str = "axial", progress: Optional[Callable[[Progress], None]] = None,
+          cancel: Optional[Callable[[], bool]] = None, base: Optional[tuple[nn.Module, str]] = None) -> AdaptationResult:
+    """Adapt ``model_name`` to the cases with one method; the trained model and the adapter's content."""
+    if mode not in MODES:
+        raise InputError(None, f"unknown mode {mode!r} (use {' or '.join(MODES)})")
+    if not cases:
+        raise InputError(None, "no training cases: give at least one --train IMAGE LABELS pair")
+    torch.manual_seed(training.seed)
+    model, digest = base or load_base(model_name, device)
+    cache_dtype = autocast_dtype(device, training.precision) or torch.float32
+    try:
+        if mode == "auto":
+            learner: Any = AutoLearner2D(model, cases, structures, method, device, cache_dtype)
+        else:
+            learner = PromptLearner2D(model, cases, structures, method, device, cache_dtype=cache_dtype)
+    except ValueError as error:
+        raise InputError(None, str(error)) from None
+    learning_rate = training.learning_rate or LEARNING_RATES[method.method]
+    result = fit(learner, training, learning_rate, device,
+                 arena_lambda=method.arena_lambda if method.method == "arena" else 0.0,
+                 progress=progress, cancel=cancel)
+    root = learner.root
+    validation = validate(root, mode, val_cases, structures, device, training.precision) if val_cases else None
+    metadata = {
+        "base_model": model_name, "base_sha256": digest, "mode": mode, "method": method.to_json(),
+        "training": training.to_json(), "structures": [s.to_json() for s in structures],
+        "cases": len(cases), "cases_sha256": cases_digest(cases), "validation_cases": len(val_cases),
+        "validation_dice": validation, "modality": modality,
+        "window": window if isinstance(window, str) else list(window), "axis": axis,
+        "trainable_parameters": learner.report.trainable, "kept_ranks": kept_ranks(root),
+        "fit": {"steps": result.steps, "seconds": round(result.seconds, 1), "final_loss": result.final_loss,
+                "stopped_early": result.stopped_early},
+        "versions": _versions(), "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    return AdaptationResult(root, learner.report, result, validation, metadata, trainable_state(root))
+
+
+# ------------------------------------------------------------------------------------------------ validation
+
+
+def _pooled_dice(pairs: dict[str, list[float]]) -> dict[str, float]:
+    return {name: (2 * v[0] / v[1] if v[1] > 0 else float("nan")) for name, v in pairs.items()}
+
+
+@torch.no_grad()
+def validate(model: nn.Module, mode: str, cases: Sequence[TrainingCase], structures: Sequence[Structure],
+             device: torch.device, precision: str = "auto") -> dict[str, float]:
+    """Dice per structure on validation cases (pooled over their annotated slices).
+
+    ``auto``: the automatic segmentation. ``prompt``: each structure prompted with its tight box on each slice.
+    """
+    model.eval()
+    dtype = autocast_dtype(device, precision)
+    totals: dict[str, list[float]] = {s.name: [0.0, 0.0] for s in structures}
+    for case in cases:
+        indices = case.annotated_slices()
+        for index in indices:
+            image, labels = case.slice(index)
+            if mode == "auto":
+                predicted = segment_volume_auto(model, image, 2, _spacing_2d(case), [s.value for s in structures],
+                                                device, dtype)
+            for structure in structures:
+                value = case.value_of(structure.name)
+                if value is None:
+                    continue
+                truth = labels == value
+                if mode == "auto":
+                    guess = predicted == structure.value
+                else:
+                    guess = prompt_mask(model, case, index, truth, device, dtype)
+                totals[structure.name][0] += float(np.logical_and(guess, truth).sum())
+                totals[structure.name][1] += float(guess.sum() + truth.sum())
+    return _pooled_dice(totals)
+
+
+def _spacing_2d(case: TrainingCase) -> tuple[float, float, float]:
+    rows, cols = case.spacing_rc()
+    return (cols, rows, 1.0)
+
+
+def prompt_mask(model: PromptAdaptedModel, case: TrainingCase, index: int, truth: np.ndarray,
+                device: torch.device, dtype: Optional[torch.dtype]) -> np.ndarray:
+    """The mask a tight box around ``truth`` prompts on one slice (empty truth: empty mask)."""
+    from FMSegCore.engines.adaptation.prompt_learner import prompt_window
+    from FMSegCore.engines.prompting.windows import extract, paste
+    from FMSegCore.models.interfaces import PromptBatch2D
+    from FMSegCore.preprocessing.slicing import mask_box_rc
+
+    box = mask_box_rc(truth)
+    if box is None:
+        return np.zeros(truth.shape, dtype=bool)
+    window = prompt_window(case, index, box, model.input_size)
+    image = model.preprocess(extract(case.slice(index)[0], window).numpy())[None].to(device)
+    prompts = PromptBatch2D(torch.zeros(1, dtype=torch.long, device=device),
+                            boxes=torch.tensor(window.box_to_window(box), dtype=torch.float32, device=device)[None])
+    with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        logits, _ = model.decode(model.encode(image), prompts)
+    return paste(logits[0, 0].float(), window, truth.shape).numpy() > 0
+
+
+# ------------------------------------------------------------------------------------------------ loading
+
+
+def check_adapter_base(adapter: Adapter, digest: str) -> None:
+    """Refuse an adapter trained on another checkpoint of its base model (by sha256)."""
+    if adapter.metadata["base_sha256"] != digest:
+        raise InputError(adapter.path, f"this adapter was trained on a different '{adapter.base_model}' checkpoint "
+                                       f"(sha256 {str(adapter.metadata['base_sha256'])[:12]}..., installed "
+                                       f"{digest[:12]}...)")
+
+
+def build_adapted(adapter: Adapter, device: torch.device, model_name: Optional[str] = None,
+                  allow_download: bool = True) -> nn.Module:
+    """The adapted model of an adapter file, ready for inference (LoRA merged, BatchNorm folded)."""
+    if model_name is not None and adapter.base_model != model_name:
+        raise InputError(adapter.path, f"this adapter was trained on '{adapter.base_model}', not '{model_name}' "
+                                       f"(use --model {adapter.base_model})")
+    base, digest = load_base(adapter.base_model, device, allow_download)
+    check_adapter_base(adapter, digest)
+    try:
+        settings = MethodSettings(**adapter.metadata["method"])
+    except (TypeError, ValueError) as error:
+        raise InputError(adapter.path, f"damaged adapter metadata ({error})") from None
+    classes = len(adapter.metadata["structures"])
+    if adapter.mode == "auto":
+        root: nn.Module = build_auto_segmenter(base, classes, settings.method).to(device)
+        parts = auto_parts(root)
+    else:
+        root = build_prompt_model(base, settings.method)
+        parts = prompt_parts(root)
+    apply_method(parts, settings)
+    expected = {name: p.shape for name, p in root.named_parameters() if p.requires_grad}
+    if set(expected) != set(adapter.state) or any(tuple(adapter.state[n].shape) != tuple(s) for n, s in expected.items()):
+        raise InputError(adapter.path, "the adapter's weights do not fit its method and base model (damaged file?)")
+    root.load_state_dict(adapter.state, strict=False)
+    merge_lora(root)
+    encoder = root.encoder if isinstance(root, AutoSegmenter2D) else root.base.image_encoder
+    encoder.fuse_for_inference()
+    root.eval()
+    for parameter in root.parameters():
+        parameter.requires_grad_(False)
+    return root

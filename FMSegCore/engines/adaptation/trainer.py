@@ -1,0 +1,171 @@
+"""The training loop every adaptation shares: AdamW with linear warm-up and cosine decay, early stop on a
+plateau of the training loss, ARENA's proximal step, progress callbacks and cooperative cancel.
+
+What a batch is and how its loss is computed belong to a :class:`Learner` (prompted 2D, automatic 2D, 3D), so
+new model families plug in without touching this loop.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Optional, Protocol
+
+import torch
+from torch import nn
+
+from FMSegCore.engines.adaptation.lora import arena_penalty, arena_soft_threshold
+from FMSegCore.errors import FMSegError
+
+
+class Cancelled(FMSegError):
+    """The user cancelled an adaptation; nothing was saved."""
+
+
+@dataclass
+class TrainSettings:
+    """How long and how fast to train (defaults: fit a 5-case adaptation in minutes on 2 CPU cores)."""
+
+    steps: int = 150
+    batch_size: int = 4
+    #: None: the method's default (see ``methods.LEARNING_RATES``)
+    learning_rate: Optional[float] = None
+    #: learning rate of the new modules (heads, adapters) that start from scratch
+    head_learning_rate: float = 1e-2
+    warmup_steps: Optional[int] = None  # None: 10 % of the steps
+    weight_decay: float = 1e-4
+    #: stop when the smoothed training loss has not improved by ``min_delta`` for this many steps
+    patience: int = 40
+    min_delta: float = 1e-3
+    seed: int = 0
+    #: bf16: autocast in bfloat16 (CUDA, and CPUs with bf16 units); fp16: CUDA mixed precision; fp32: none
+    precision: str = "auto"
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Progress:
+    """One training step, for a progress bar: step (1-based), total steps, loss, seconds so far and to go."""
+
+    step: int
+    steps: int
+    loss: float
+    elapsed: float
+    remaining: float
+
+
+@dataclass
+class FitResult:
+    """How training went."""
+
+    steps: int
+    seconds: float
+    final_loss: float
+    stopped_early: bool
+    losses: list[float] = field(default_factory=list)
+
+
+class Learner(Protocol):
+    """What the loop needs from a model family: the module that trains, batches and their loss."""
+
+    root: nn.Module
+
+    def parameter_groups(self, learning_rate: float, head_learning_rate: float) -> list[dict[str, Any]]:
+        """AdamW parameter groups of the trainable parameters."""
+
+    def sample(self, generator: torch.Generator, batch_size: int) -> Any:
+        """A random training batch."""
+
+    def loss(self, batch: Any) -> torch.Tensor:
+        """The training loss of a batch (a scalar tensor with gradient)."""
+
+
+def autocast_dtype(device: torch.device, precision: str) -> Optional[torch.dtype]:
+    """The autocast dtype for training: ``auto`` is bf16/fp16 on CUDA, bf16 on CPUs with AMX, else fp32."""
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision == "fp16":
+        return torch.float16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cpu" and _cpu_has_amx():
+        return torch.bfloat16
+    return None
+
+
+def _cpu_has_amx() -> bool:
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="ignore") as handle:
+            return "amx_bf16" in handle.read(1 << 16)
+    except OSError:
+        return False
+
+
+def learning_rate_at(step: int, steps: int, warmup: int) -> float:
+    """Multiplier of the base learning rate: linear warm-up, then cosine decay to zero."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def fit(learner: Learner, settings: TrainSettings, learning_rate: float, device: torch.device,
+        arena_lambda: float = 0.0, progress: Optional[Callable[[Progress], None]] = None,
+        cancel: Optional[Callable[[], bool]] = None) -> FitResult:
+    """Train ``learner.root``'s trainable parameters; raises :class:`Cancelled` when ``cancel()`` turns true."""
+    generator = torch.Generator().manual_seed(settings.seed)
+    groups = learner.parameter_groups(learning_rate, settings.head_learning_rate)
+    if not any(group["params"] for group in groups):
+        raise ValueError("nothing to train: the method left no trainable parameter")
+    for group in groups:
+        group["initial_lr"] = group["lr"]
+    optimiser = torch.optim.AdamW(groups, weight_decay=settings.weight_decay)
+    warmup = settings.warmup_steps if settings.warmup_steps is not None else max(1, settings.steps // 10)
+    dtype = autocast_dtype(device, settings.precision)
+    scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 and device.type == "cuda" else None
+    learner.root.eval()  # frozen statistics (BatchNorm) and no dropout: few cases cannot re-estimate them
+    began = time.perf_counter()
+    losses: list[float] = []
+    smoothed, best, best_step, stopped_early = None, math.inf, 0, False
+    step = 0
+    for step in range(settings.steps):
+        if cancel is not None and cancel():
+            raise Cancelled("adaptation cancelled")
+        scale = learning_rate_at(step, settings.steps, warmup)
+        for group in optimiser.param_groups:
+            group["lr"] = group["initial_lr"] * scale
+        batch = learner.sample(generator, settings.batch_size)
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            loss = learner.loss(batch)
+        optimiser.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimiser)
+            scaler.update()
+        else:
+            loss.backward()
+            optimiser.step()
+        if arena_lambda > 0:
+            arena_soft_threshold(learner.root, learning_rate * scale * arena_lambda)
+        value = float(loss.detach())
+        penalty = arena_penalty(learner.root) if arena_lambda > 0 else None
+        if penalty is not None:
+            value += arena_lambda * float(penalty.detach())
+        losses.append(value)
+        smoothed = value if smoothed is None else 0.9 * smoothed + 0.1 * value
+        if smoothed < best - settings.min_delta:
+            best, best_step = smoothed, step
+        elapsed = time.perf_counter() - began
+        if progress is not None:
+            per_step = elapsed / (step + 1)
+            progress(Progress(step + 1, settings.steps, value, elapsed, per_step * (settings.steps - step - 1)))
+        if step >= warmup and step - best_step >= settings.patience:
+            stopped_early = True
+            break
+    return FitResult(step + 1, time.perf_counter() - began, losses[-1] if losses else math.nan, stopped_early,
+                     losses)

@@ -1,0 +1,178 @@
+"""The adaptation engine on real models and scans: determinism, progress and cancel, adapter files that rebuild
+the trained model exactly (LoRA merged), refusal of foreign adapters, partial labels, and the same methods on
+the in-context model (UniverSeg) and a 3D backbone (Swin UNETR)."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from FMSegCore.engines.adaptation.adapter_file import load_adapter, save_adapter
+from FMSegCore.engines.adaptation.cases import case_from_arrays, load_case, resolve_structures
+from FMSegCore.engines.adaptation.engine import adapt, build_adapted, load_base, split_validation
+from FMSegCore.engines.adaptation.lora import LoRALayer, merge_lora
+from FMSegCore.engines.adaptation.methods import AdaptableParts, MethodSettings, apply_method
+from FMSegCore.engines.adaptation.trainer import Cancelled, TrainSettings, fit
+from FMSegCore.errors import InputError
+from FMSegCore.io.labelmap import SegmentInfo
+from FMSegCore.zoo.cache import resources_dir
+
+DATA = resources_dir() / "SampleData"
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def base():
+    model, digest = load_base("litemedsam", CPU)
+    return model, digest
+
+
+@pytest.fixture(scope="module")
+def abdomen():
+    return load_case(DATA / "ct_abdomen_pelvis" / "image.nii.gz", DATA / "ct_abdomen_pelvis" / "label.nii.gz")
+
+
+@pytest.fixture(scope="module")
+def index(abdomen) -> int:
+    """An axial slice through both the liver and the spleen."""
+    liver, spleen = abdomen.value_of("liver"), abdomen.value_of("spleen")
+    both = [i for i in abdomen.annotated_slices()
+            if (abdomen.slice(i)[1] == liver).any() and (abdomen.slice(i)[1] == spleen).any()]
+    return both[len(both) // 2]
+
+
+def slice_case(volume, index: int):
+    image, labels = volume.slice(index)
+    raw = image * 400.0 - 160.0  # back to HU through the abdomen window the case was normalised with
+    return case_from_arrays(raw, labels, volume.segments, f"slice{index}", (3.0, 3.0, 3.0), modality="CT")
+
+
+def _adapt(base, cases, method="linear-probe", steps=3, mode="auto", **kwargs):
+    structures = resolve_structures(cases, ["liver", "spleen"])
+    model, digest = base
+    return adapt("litemedsam", mode, cases, structures, MethodSettings(method),
+                 TrainSettings(steps=steps, batch_size=2, precision="fp32"), CPU,
+                 base=(copy.deepcopy(model), digest), **kwargs)
+
+
+def test_training_is_seeded_and_deterministic(base, abdomen, index):
+    cases = [slice_case(abdomen, index)]
+    first, second = _adapt(base, cases), _adapt(base, cases)
+    assert first.state.keys() == second.state.keys()
+    assert all(torch.equal(first.state[k], second.state[k]) for k in first.state)
+    assert first.fit.losses == second.fit.losses
+
+
+def test_progress_reports_every_step_and_cancel_stops(base, abdomen, index):
+    cases = [slice_case(abdomen, index)]
+    seen = []
+    _adapt(base, cases, steps=4, progress=seen.append)
+    assert [p.step for p in seen] == [1, 2, 3, 4] and seen[-1].remaining == 0
+    assert all(p.elapsed > 0 and np.isfinite(p.loss) for p in seen)
+    calls = []
+    with pytest.raises(Cancelled):
+        _adapt(base, cases, steps=50, cancel=lambda: calls.append(1) or len(calls) > 2)
+    assert len(calls) == 3
+
+
+def test_adapter_rebuilds_the_trained_model_with_lora_merged(base, abdomen, index, tmp_path):
+    cases = [slice_case(abdomen, index)]
+    result = _adapt(base, cases, method="lora", steps=2)
+    assert any("lora_B" in name for name in result.state)
+    assert any(float(t.abs().max()) > 0 for n, t in result.state.items() if "lora_B" in n)
+    path = save_adapter(tmp_path / "liver.fmseg-adapter.pt", result.metadata, result.state)
+    assert path.stat().st_size < 5e6
+    adapter = load_adapter(path)
+    assert adapter.metadata["method"]["method"] == "lora" and adapter.metadata["cases"] == 1
+    assert [s["name"] for s in adapter.metadata["structures"]] == ["liver", "spleen"]
+    rebuilt = build_adapted(adapter, CPU)
+    assert not any(isinstance(m, LoRALayer) for m in rebuilt.modules())  # merged: no extra cost at inference
+    image = result.model.preprocess(np.random.default_rng(0).random((256, 256)).astype(np.float32))[None]
+    with torch.no_grad():
+        expected = result.model.eval()(image)
+        got = rebuilt(image.contiguous(memory_format=torch.channels_last))
+    assert torch.allclose(got, expected, atol=2e-3 * float(expected.abs().max()))
+    with pytest.raises(InputError, match="exists already|output exists"):
+        save_adapter(path, result.metadata, result.state)
+
+
+def test_foreign_and_damaged_adapters_are_refused(base, abdomen, index, tmp_path):
+    result = _adapt(base, [slice_case(abdomen, index)], steps=1)
+    metadata = dict(result.metadata, base_sha256="0" * 64)
+    path = save_adapter(tmp_path / "other.pt", metadata, result.state)
+    with pytest.raises(InputError, match="different 'litemedsam' checkpoint"):
+        build_adapted(load_adapter(path), CPU)
+    good = save_adapter(tmp_path / "good.pt", result.metadata, result.state)
+    with pytest.raises(InputError, match="trained on 'litemedsam', not 'universeg-fmseg'"):
+        build_adapted(load_adapter(good), CPU, model_name="universeg-fmseg")
+    pickled = tmp_path / "evil.pt"
+    pickled.write_bytes(pickle.dumps({"format": "fmseg-adapter", "payload": SegmentInfo(1, "x", (1, 0, 0))}))
+    with pytest.raises(InputError, match="not an FMSeg adapter"):
+        load_adapter(pickled)
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(good.read_bytes()[:1000])
+    with pytest.raises(InputError, match="truncated.pt"):
+        load_adapter(truncated)
+
+
+def test_partial_labels_and_structure_resolution(abdomen, index):
+    with_spleen = slice_case(abdomen, index)
+    image, labels = abdomen.slice(index)
+    liver_value = abdomen.value_of("liver")
+    only_liver = case_from_arrays(image * 400 - 160, np.where(labels == liver_value, liver_value, 0),
+                                  [SegmentInfo(liver_value, "liver", (1, 0, 0))], "liver-only", modality="CT")
+    structures = resolve_structures([with_spleen, only_liver], ["Liver", "spleen"])
+    assert [s.name for s in structures] == ["liver", "spleen"]
+    assert only_liver.value_of("spleen") is None and with_spleen.value_of("spleen") is not None
+    with pytest.raises(InputError, match="labelled in no training case"):
+        resolve_structures([only_liver], ["heart"])
+    with pytest.raises(InputError, match="liver-only: labels none of the structures"):
+        resolve_structures([with_spleen, only_liver], ["spleen"])
+    with pytest.raises(InputError, match="too few cases for a validation split"):
+        split_validation([only_liver], 1)
+    train, val = split_validation([with_spleen, only_liver], 1)
+    assert train == [with_spleen] and val == [only_liver]
+
+
+def test_same_methods_adapt_the_in_context_model():
+    from FMSegCore.models.universeg import UniverSeg
+
+    torch.manual_seed(0)
+    model = UniverSeg().eval()
+    query, images = torch.rand(1, 1, 128, 128), torch.rand(4, 1, 128, 128)
+    labels = (images > 0.5).float()
+    with torch.no_grad():
+        expected = model.predict(query, model.encode_support(images, labels))
+    parts = AdaptableParts(model, "enc_blocks", (r"cross\.cross_conv$",), ())
+    report = apply_method(parts, MethodSettings("lora", rank=2))
+    assert len(report.wrapped) == 4 and 0 < report.trainable < 0.05 * report.total
+    with torch.no_grad():
+        assert torch.allclose(model.predict(query, model.encode_support(images, labels)), expected, atol=1e-6)
+        for layer in model.modules():
+            if isinstance(layer, LoRALayer):
+                layer.lora_B.weight.normal_(0, 0.05)
+        adapted = model.predict(query, model.encode_support(images, labels))
+    merge_lora(model)
+    with torch.no_grad():
+        assert torch.allclose(model.predict(query, model.encode_support(images, labels)), adapted, atol=1e-4)
+
+
+def test_same_engine_adapts_a_3d_backbone_on_a_real_volume(abdomen):
+    from FMSegCore.engines.adaptation.volume_learner import VolumeLearner3D
+    from FMSegCore.models.swinunetr import build_swinunetr
+
+    torch.manual_seed(0)
+    volume = abdomen
+    structures = resolve_structures([volume], ["liver", "spleen"])
+    learner = VolumeLearner3D(build_swinunetr(14, feature_size=12), [volume], structures,
+                              MethodSettings("lora"), CPU, crop=64)
+    frozen = {n: p.detach().clone() for n, p in learner.root.named_parameters() if not p.requires_grad}
+    assert learner.report.wrapped and all("attn.qkv" in n for n in learner.report.wrapped)
+    result = fit(learner, TrainSettings(steps=2, batch_size=1, precision="fp32"), 1e-3, CPU)
+    assert result.steps == 2 and np.isfinite(result.final_loss)
+    assert all(torch.equal(p, frozen[n]) for n, p in learner.root.named_parameters() if n in frozen)
+    assert learner.root.head.weight.shape[0] == 2

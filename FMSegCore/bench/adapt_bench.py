@@ -40,6 +40,8 @@ DATASETS = {
 FROZEN_METHODS = ("linear-probe", "spatial-adapter", "decoder")
 ENCODER_METHODS = ("lora", "arena", "bitfit", "affine", "adaptformer", "full")
 PROMPT_METHODS = ("decoder", "spatial-adapter")
+#: Prompt-mode methods the benchmark runs unless asked for others.
+DEFAULT_PROMPT_METHODS = ("decoder",)
 
 
 @dataclass
@@ -213,8 +215,9 @@ def _train(learner, method: str, steps: int, device: torch.device) -> tuple[floa
 
 
 def run_benchmark(base: torch.nn.Module, datasets: Sequence[str], shots: Sequence[int], device: torch.device,
-                  steps: int = 150, encoder_steps: int = 60, encoder_shots: Sequence[int] = (5,),
+                  steps: int = 150, encoder_steps: int = 40, encoder_shots: Sequence[int] = (5,),
                   encoder_datasets: Sequence[str] = ("ct",), methods: Optional[Sequence[str]] = None,
+                  prompt_shots: Sequence[int] = (5,), prompt_methods: Sequence[str] = DEFAULT_PROMPT_METHODS,
                   report: Optional[Callable[[RunResult], None]] = None) -> list[RunResult]:
     """Every cell of the benchmark; ``report`` sees each result as it comes."""
     results: list[RunResult] = []
@@ -249,8 +252,8 @@ def run_benchmark(base: torch.nn.Module, datasets: Sequence[str], shots: Sequenc
                 emit(RunResult(name, k, "auto", method, evaluate_auto(learner, tests), learner.report.trainable,
                                seconds, done, peak))
             prompt_features: dict = {}
-            for method in PROMPT_METHODS:
-                if wanted is not None and f"prompt-{method}" not in wanted and method not in wanted:
+            for method in prompt_methods:
+                if k not in prompt_shots or (wanted is not None and method not in wanted):
                     continue
                 torch.manual_seed(0)
                 learner = PromptLearner2D(copy.deepcopy(base), train_cases, structures, MethodSettings(method),

@@ -16,10 +16,13 @@ def add_parser(kinds: argparse._SubParsersAction) -> None:
     parser.add_argument("--datasets", nargs="+", default=["ct", "mr"], choices=("ct", "mr"))
     parser.add_argument("--shots", type=int, nargs="+", default=[1, 5, 10], help="labelled slices (default 1 5 10)")
     parser.add_argument("--steps", type=int, default=150, help="steps of frozen-encoder methods (default 150)")
-    parser.add_argument("--encoder-steps", type=int, default=60,
-                        help="steps of encoder methods (LoRA, ARENA, BitFit, ...; default 60: they cost ~10x more a step on CPU)")
+    parser.add_argument("--encoder-steps", type=int, default=40,
+                        help="steps of encoder methods (LoRA, ARENA, BitFit, ...; default 40: they cost ~10x more a step on CPU)")
     parser.add_argument("--encoder-shots", type=int, nargs="+", default=[5], help="shots for encoder methods (default 5)")
     parser.add_argument("--encoder-datasets", nargs="+", default=["ct"], choices=("ct", "mr"))
+    parser.add_argument("--prompt-shots", type=int, nargs="+", default=[5], help="shots for prompt-mode methods (default 5)")
+    parser.add_argument("--prompt-methods", nargs="+", default=["decoder"], choices=("decoder", "spatial-adapter"),
+                        help="prompt-mode methods (default: decoder)")
     parser.add_argument("--methods", nargs="+", default=None, help="only these methods")
     parser.add_argument("--json", type=Path, default=None, help="write every figure to this JSON file")
     parser.set_defaults(func=run)
@@ -45,7 +48,8 @@ def run(args: argparse.Namespace) -> int:
               f"{result.peak_mb:6.0f} MB", flush=True)
 
     results = run_benchmark(base, args.datasets, args.shots, device, args.steps, args.encoder_steps,
-                            args.encoder_shots, args.encoder_datasets, args.methods, report=show)
+                            args.encoder_shots, args.encoder_datasets, args.methods, args.prompt_shots,
+                            args.prompt_methods, report=show)
     if args.json:
         args.json.write_text(json.dumps({"device": str(device), "threads": torch.get_num_threads(),
                                          "results": [asdict(r) | {"mean": r.mean} for r in results]}, indent=1))

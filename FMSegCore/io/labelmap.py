@@ -79,6 +79,18 @@ def default_color(name: str, value: int) -> Color:
     return PALETTE[(value - 1) % len(PALETTE)]
 
 
+def check_labelled_arrays(image: np.ndarray, labels: np.ndarray, source: str) -> tuple[np.ndarray, np.ndarray]:
+    """An image and its label map as arrays: same shape, 2-D or 3-D, finite intensities; else an InputError."""
+    image, labels = np.asarray(image), np.asarray(labels)
+    if image.shape != labels.shape:
+        raise InputError(source, f"image shape {image.shape} and label shape {labels.shape} differ")
+    if image.ndim not in (2, 3):
+        raise InputError(source, f"expected a 2-D slice or a 3-D volume, got {image.ndim} dimensions")
+    if not np.all(np.isfinite(image)):
+        raise InputError(source, "the image holds NaN or infinite values")
+    return image, labels
+
+
 def default_segment(value: int, name: Optional[str] = None) -> SegmentInfo:
     """Segment with the default name ``Segment_<value>`` (unless given) and its default colour."""
     name = name or f"Segment_{value}"

@@ -17,7 +17,7 @@ from typing import Optional, Union
 import numpy as np
 
 from FMSegCore.errors import InputError
-from FMSegCore.io.labelmap import SegmentInfo, default_segment, read_labelmap
+from FMSegCore.io.labelmap import SegmentInfo, check_labelled_arrays, default_segment, read_labelmap
 from FMSegCore.io.overlay import anatomical_axes
 from FMSegCore.io.volume import read_volume
 from FMSegCore.preprocessing.intensity import DEFAULT_CT_WINDOW, Window, guess_modality, normalize
@@ -82,13 +82,7 @@ def case_from_arrays(image: np.ndarray, labels: np.ndarray, segments: Optional[l
                      source: str = "case", spacing: Sequence[float] = (1.0, 1.0, 1.0), axis: int = 2,
                      modality: str = "auto", window: Window = DEFAULT_CT_WINDOW) -> TrainingCase:
     """A case from arrays in raw intensities: a 2-D slice (rows, cols) or a 3-D KJI volume."""
-    image, labels = np.asarray(image), np.asarray(labels)
-    if image.shape != labels.shape:
-        raise InputError(source, f"image shape {image.shape} and label shape {labels.shape} differ")
-    if image.ndim not in (2, 3):
-        raise InputError(source, f"expected a 2-D slice or a 3-D volume, got {image.ndim} dimensions")
-    if not np.all(np.isfinite(image)):
-        raise InputError(source, "the image holds NaN or infinite values")
+    image, labels = check_labelled_arrays(image, labels, source)
     if not np.any(labels):
         raise InputError(source, "the label map is empty (no labelled voxel)")
     labels = labels.astype(np.int32)

@@ -15,6 +15,7 @@ from typing import Any, Callable, Optional, Protocol
 import torch
 from torch import nn
 
+from FMSegCore.device import inference_dtype
 from FMSegCore.engines.adaptation.lora import arena_penalty, arena_soft_threshold
 from FMSegCore.errors import FMSegError
 
@@ -84,18 +85,10 @@ class Learner(Protocol):
 
 
 def autocast_dtype(device: torch.device, precision: str) -> Optional[torch.dtype]:
-    """The autocast dtype for training: ``auto`` is bf16/fp16 on CUDA, bf16 on CPUs with AMX, else fp32."""
-    if precision == "fp32":
-        return None
-    if precision == "bf16":
-        return torch.bfloat16
-    if precision == "fp16":
-        return torch.float16
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if device.type == "cpu" and _cpu_has_amx():
-        return torch.bfloat16
-    return None
+    """The autocast dtype for training: as for inference, and ``auto`` on a CPU with AMX is bf16 too."""
+    if precision == "auto" and device.type == "cpu":
+        return torch.bfloat16 if _cpu_has_amx() else None
+    return inference_dtype(device, precision)
 
 
 def _cpu_has_amx() -> bool:

@@ -16,7 +16,7 @@ from typing import Optional, Union
 import numpy as np
 
 from FMSegCore.errors import InputError
-from FMSegCore.io.labelmap import SegmentInfo, default_segment, read_labelmap
+from FMSegCore.io.labelmap import SegmentInfo, check_labelled_arrays, default_segment, read_labelmap
 from FMSegCore.io.volume import read_volume
 from FMSegCore.preprocessing.intensity import DEFAULT_CT_WINDOW, Window, normalize
 
@@ -95,13 +95,7 @@ def example_from_arrays(image: np.ndarray, labels: np.ndarray, segments: Optiona
                         source: str = "support", modality: str = "auto",
                         window: Window = DEFAULT_CT_WINDOW) -> SupportExample:
     """A support example from arrays (a 2-D slice or a 3-D volume) in raw intensities."""
-    image, labels = np.asarray(image), np.asarray(labels)
-    if image.shape != labels.shape:
-        raise InputError(source, f"image shape {image.shape} and label shape {labels.shape} differ")
-    if image.ndim not in (2, 3):
-        raise InputError(source, f"expected a 2-D slice or a 3-D volume, got {image.ndim} dimensions")
-    if not np.all(np.isfinite(image)):
-        raise InputError(source, "the support image holds NaN or infinite values")
+    image, labels = check_labelled_arrays(image, labels, source)
     labels = labels.astype(np.int32)
     if segments is None:
         segments = [default_segment(int(v)) for v in np.unique(labels) if v != 0]

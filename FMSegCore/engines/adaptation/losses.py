@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 def masked_dice_ce(logits: torch.Tensor, target: torch.Tensor, known: Optional[torch.Tensor] = None,
                    smooth: float = 1.0) -> torch.Tensor:
-    """Mean of BCE and soft Dice loss over known (sample, structure) pairs.
+    """BCE over known (sample, structure) pairs plus soft Dice loss per structure over the batch.
 
     ``logits`` and ``target``: (B, C, *spatial); ``known``: (B, C) booleans (None: everything is labelled).
     """
@@ -30,8 +30,12 @@ def masked_dice_ce(logits: torch.Tensor, target: torch.Tensor, known: Optional[t
     flat_logits = logits.reshape(batch, classes, -1)
     flat_target = target.reshape(batch, classes, -1)
     bce = F.binary_cross_entropy_with_logits(flat_logits, flat_target, reduction="none").mean(dim=2)
+    bce = (bce * weights).sum() / weights.sum()
+    # Batch Dice per structure (nnU-Net's): sums over the batch's known samples, so a slice without the
+    # structure does not on its own reward predicting nothing.
     probabilities = torch.sigmoid(flat_logits)
-    intersection = (probabilities * flat_target).sum(dim=2)
-    dice = (2 * intersection + smooth) / (probabilities.sum(dim=2) + flat_target.sum(dim=2) + smooth)
-    per_pair = bce + (1 - dice)
-    return (per_pair * weights).sum() / weights.sum()
+    intersection = ((probabilities * flat_target).sum(dim=2) * weights).sum(dim=0)
+    total = ((probabilities.sum(dim=2) + flat_target.sum(dim=2)) * weights).sum(dim=0)
+    dice = (2 * intersection + smooth) / (total + smooth)
+    labelled = weights.sum(dim=0) > 0
+    return bce + (1 - dice[labelled]).mean()

@@ -15,6 +15,8 @@ from FMSegCore.cli.prompt_cmd import check_not_input
 from FMSegCore.errors import InputError
 from FMSegCore.zoo.registry import DEFAULT_PROMPTABLE
 
+#: The method each mode uses unless told: measured best on CPU (README, `fmseg bench adapt`).
+DEFAULT_METHODS = {"auto": "spatial-adapter", "prompt": "decoder"}
 METHOD_CHOICES = ("lora", "arena", "bitfit", "affine", "adaptformer", "linear-probe", "spatial-adapter", "decoder",
                   "full")
 
@@ -28,9 +30,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "trains an automatic segmenter (use it with 'fmseg segment'); mode 'prompt' adapts the "
                     "promptable model (use it with 'fmseg prompt --adapter').")
     parser.add_argument("--model", default=DEFAULT_PROMPTABLE, help=f"base zoo model (default: {DEFAULT_PROMPTABLE})")
-    parser.add_argument("--method", choices=METHOD_CHOICES, default="decoder",
-                        help="adaptation method (default: decoder: a light decoder on the frozen encoder in auto "
-                             "mode, the mask decoder in prompt mode; fastest on CPU and best measured here)")
+    parser.add_argument("--method", choices=METHOD_CHOICES, default=None,
+                        help="adaptation method (default: spatial-adapter in auto mode, decoder (the mask decoder) "
+                             "in prompt mode: both keep the encoder frozen, fast on CPU and best measured here)")
     parser.add_argument("--mode", choices=("auto", "prompt"), default="auto",
                         help="auto: segment with no prompt (default); prompt: a better promptable model")
     parser.add_argument("--train", required=True, nargs=2, action="append", metavar=("IMAGE", "LABELS"),
@@ -95,6 +97,8 @@ def run(args: argparse.Namespace) -> int:
     ct_window(args.window)
     if args.steps < 1 or args.batch_size < 1:
         raise InputError(None, "--steps and --batch-size must be at least 1")
+    if args.method is None:
+        args.method = DEFAULT_METHODS[args.mode]
     try:
         method = MethodSettings(args.method, rank=args.rank, targets=args.targets, arena_lambda=args.arena_lambda)
     except ValueError as error:

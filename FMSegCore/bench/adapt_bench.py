@@ -21,14 +21,14 @@ import numpy as np
 import torch
 
 from FMSegCore.engines.adaptation.auto_learner import AutoLearner2D
-from FMSegCore.engines.adaptation.auto_segment import labels_from_probabilities
+from FMSegCore.engines.adaptation.auto_segment import labels_from_probabilities, probabilities_on_slice
 from FMSegCore.engines.adaptation.cases import Structure, TrainingCase, load_case, resolve_structures
+from FMSegCore.engines.adaptation.evaluation import DiceTotals, box_prompted_logits
 from FMSegCore.engines.adaptation.methods import LEARNING_RATES, MethodSettings
 from FMSegCore.engines.adaptation.prompt_learner import PromptAdaptedModel, PromptLearner2D
 from FMSegCore.engines.adaptation.slice_inputs import whole_slice_window
 from FMSegCore.engines.adaptation.trainer import TrainSettings, fit
 from FMSegCore.engines.prompting.windows import extract, paste
-from FMSegCore.models.interfaces import PromptBatch2D
 from FMSegCore.preprocessing.slicing import mask_box_rc
 from FMSegCore.zoo.cache import resources_dir
 
@@ -135,16 +135,12 @@ class TestSlices:
         return self._stages[key]
 
 
-def _pooled(guesses: dict[str, list[float]]) -> dict[str, float]:
-    return {name: (2 * a / b if b > 0 else float("nan")) for name, (a, b) in guesses.items()}
-
-
 @torch.no_grad()
 def evaluate_auto(learner: AutoLearner2D, tests: TestSlices) -> dict[str, float]:
     """Pooled Dice per structure of an automatic segmenter on the test slices."""
     root = learner.root.eval()
     structures = tests.data.structures
-    totals = {s.name: [0.0, 0.0] for s in structures}
+    totals = DiceTotals([s.name for s in structures])
     start = learner.first_trainable if not learner.frozen_encoder else len(root.encoder.stages)
     for i, case in enumerate(tests.cases):
         image = tests.image(i)[None].to(tests.device)
@@ -154,38 +150,30 @@ def evaluate_auto(learner: AutoLearner2D, tests: TestSlices) -> dict[str, float]
         else:
             embedding, _ = root.features(tokens=tests.tokens(i, max(start, root.encoder.stem_stage + 1))[None],
                                          start=max(start, root.encoder.stem_stage + 1), stem_map=stem_map)
-        logits = root.head(embedding, stem_map, image)[0].float()
+        logits = root.head(embedding, stem_map, image)[0]
         window = whole_slice_window(case, 0, root.input_size)
-        probabilities = np.stack([torch.sigmoid(paste(c, window, case.image.shape)).numpy() for c in logits])
+        probabilities = probabilities_on_slice(logits, window, case.image.shape)
         labels = labels_from_probabilities(probabilities, [s.value for s in structures])
         for s in structures:
-            truth = case.labels == case.value_of(s.name)
-            guess = labels == s.value
-            totals[s.name][0] += float((truth & guess).sum())
-            totals[s.name][1] += float(truth.sum() + guess.sum())
-    return _pooled(totals)
+            totals.add(s.name, labels == s.value, case.labels == case.value_of(s.name))
+    return totals.result()
 
 
 @torch.no_grad()
 def evaluate_prompted(model: PromptAdaptedModel, tests: TestSlices) -> dict[str, float]:
     """Pooled Dice per structure with a tight box around the truth on every test slice (frozen encoder)."""
     model.eval()
-    totals = {s.name: [0.0, 0.0] for s in tests.data.structures}
+    totals = DiceTotals([s.name for s in tests.data.structures])
     for i, case in enumerate(tests.cases):
         window = whole_slice_window(case, 0, model.input_size)
         embedding = model.embedding_adapter(tests.tokens(i, len(tests.base.image_encoder.stages))[None])
         for s in tests.data.structures:
             truth = case.labels == case.value_of(s.name)
             box = mask_box_rc(truth)
-            if box is None:
-                continue
-            prompts = PromptBatch2D(torch.zeros(1, dtype=torch.long),
-                                    boxes=torch.tensor(window.box_to_window(box), dtype=torch.float32)[None])
-            logits, _ = model.decode(embedding, prompts)
-            guess = paste(logits[0, 0].float(), window, truth.shape).numpy() > 0
-            totals[s.name][0] += float((truth & guess).sum())
-            totals[s.name][1] += float(truth.sum() + guess.sum())
-    return _pooled(totals)
+            if box is not None:
+                logits = box_prompted_logits(model, embedding, window, box)
+                totals.add(s.name, paste(logits, window, truth.shape).numpy() > 0, truth)
+    return totals.result()
 
 
 def resident_mb() -> float:

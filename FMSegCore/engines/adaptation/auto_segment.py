@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from FMSegCore.engines.adaptation.auto_learner import AutoSegmenter2D
-from FMSegCore.engines.prompting.windows import extract, full_window, paste
+from FMSegCore.engines.prompting.windows import SliceWindow, extract, full_window, paste
 from FMSegCore.preprocessing.slicing import get_slice, in_plane_axes, put_slice
 
 
@@ -22,7 +22,12 @@ def slice_probabilities(segmenter: AutoSegmenter2D, images: Sequence[np.ndarray]
     batch = torch.stack([segmenter.preprocess(extract(image, window).numpy()) for image in images]).to(device)
     with torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
         logits = segmenter(batch).float().cpu()
-    return np.stack([[torch.sigmoid(paste(channel, window, shape)).numpy() for channel in item] for item in logits])
+    return np.stack([probabilities_on_slice(item, window, shape) for item in logits])
+
+
+def probabilities_on_slice(logits: torch.Tensor, window: SliceWindow, shape: tuple[int, int]) -> np.ndarray:
+    """Per-structure logits (K, S, S) of a window -> sigmoid probabilities (K, rows, cols) on the slice."""
+    return np.stack([torch.sigmoid(paste(channel.float().cpu(), window, shape)).numpy() for channel in logits])
 
 
 def labels_from_probabilities(probabilities: np.ndarray, values: Sequence[int], threshold: float = 0.5) -> np.ndarray:

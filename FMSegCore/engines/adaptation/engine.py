@@ -25,8 +25,8 @@ from FMSegCore.engines.adaptation.auto_learner import (
     auto_parts,
     build_auto_segmenter,
 )
-from FMSegCore.engines.adaptation.auto_segment import segment_volume_auto
 from FMSegCore.engines.adaptation.cases import Structure, TrainingCase
+from FMSegCore.engines.adaptation.evaluation import validate
 from FMSegCore.engines.adaptation.lora import kept_ranks, merge_lora
 from FMSegCore.engines.adaptation.methods import (
     LEARNING_RATES,
@@ -36,7 +36,6 @@ from FMSegCore.engines.adaptation.methods import (
     trainable_state,
 )
 from FMSegCore.engines.adaptation.prompt_learner import (
-    PromptAdaptedModel,
     PromptLearner2D,
     build_prompt_model,
     prompt_parts,
@@ -141,69 +140,6 @@ def adapt(model_name: str, mode: str, cases: Sequence[TrainingCase], structures:
         "versions": _versions(), "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
     return AdaptationResult(root, learner.report, result, validation, metadata, trainable_state(root))
-
-
-# ------------------------------------------------------------------------------------------------ validation
-
-
-def _pooled_dice(pairs: dict[str, list[float]]) -> dict[str, float]:
-    return {name: (2 * v[0] / v[1] if v[1] > 0 else float("nan")) for name, v in pairs.items()}
-
-
-@torch.no_grad()
-def validate(model: nn.Module, mode: str, cases: Sequence[TrainingCase], structures: Sequence[Structure],
-             device: torch.device, precision: str = "auto") -> dict[str, float]:
-    """Dice per structure on validation cases (pooled over their annotated slices).
-
-    ``auto``: the automatic segmentation. ``prompt``: each structure prompted with its tight box on each slice.
-    """
-    model.eval()
-    dtype = autocast_dtype(device, precision)
-    totals: dict[str, list[float]] = {s.name: [0.0, 0.0] for s in structures}
-    for case in cases:
-        indices = case.annotated_slices()
-        for index in indices:
-            image, labels = case.slice(index)
-            if mode == "auto":
-                predicted = segment_volume_auto(model, image, 2, _spacing_2d(case), [s.value for s in structures],
-                                                device, dtype)
-            for structure in structures:
-                value = case.value_of(structure.name)
-                if value is None:
-                    continue
-                truth = labels == value
-                if mode == "auto":
-                    guess = predicted == structure.value
-                else:
-                    guess = prompt_mask(model, case, index, truth, device, dtype)
-                totals[structure.name][0] += float(np.logical_and(guess, truth).sum())
-                totals[structure.name][1] += float(guess.sum() + truth.sum())
-    return _pooled_dice(totals)
-
-
-def _spacing_2d(case: TrainingCase) -> tuple[float, float, float]:
-    rows, cols = case.spacing_rc()
-    return (cols, rows, 1.0)
-
-
-def prompt_mask(model: PromptAdaptedModel, case: TrainingCase, index: int, truth: np.ndarray,
-                device: torch.device, dtype: Optional[torch.dtype]) -> np.ndarray:
-    """The mask a tight box around ``truth`` prompts on one slice (empty truth: empty mask)."""
-    from FMSegCore.engines.adaptation.prompt_learner import prompt_window
-    from FMSegCore.engines.prompting.windows import extract, paste
-    from FMSegCore.models.interfaces import PromptBatch2D
-    from FMSegCore.preprocessing.slicing import mask_box_rc
-
-    box = mask_box_rc(truth)
-    if box is None:
-        return np.zeros(truth.shape, dtype=bool)
-    window = prompt_window(case, index, box, model.input_size)
-    image = model.preprocess(extract(case.slice(index)[0], window).numpy())[None].to(device)
-    prompts = PromptBatch2D(torch.zeros(1, dtype=torch.long, device=device),
-                            boxes=torch.tensor(window.box_to_window(box), dtype=torch.float32, device=device)[None])
-    with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-        logits, _ = model.decode(model.encode(image), prompts)
-    return paste(logits[0, 0].float(), window, truth.shape).numpy() > 0
 
 
 # ------------------------------------------------------------------------------------------------ loading

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import SimpleITK as sitk
 
 from FMSegCore.bench.metrics import dice
 from FMSegCore.cli.main import main
@@ -30,17 +29,9 @@ def run_cli(capsys, *argv) -> tuple[int, str, str]:
 @pytest.fixture(scope="module")
 def sparse_chest(tmp_path_factory) -> tuple[Path, np.ndarray]:
     """The chest CT's labels kept on every eighth axial slice only (a few painted slices)."""
-    folder = tmp_path_factory.mktemp("chest")
-    image = sitk.ReadImage(str(CHEST / "label.nii.gz"))
-    labels = sitk.GetArrayFromImage(image)
-    sparse = np.zeros_like(labels)
-    sparse[4::8] = labels[4::8]
-    out = sitk.GetImageFromArray(sparse)
-    out.CopyInformation(image)
-    path = folder / "sparse.nii.gz"
-    sitk.WriteImage(out, str(path))
-    (folder / "sparse.labels.json").write_text((CHEST / "labels.json").read_text())
-    return path, labels
+    from test_incontext_cli import half_labelled_chest
+
+    return half_labelled_chest(tmp_path_factory.mktemp("chest"), keep=slice(4, None, 8))
 
 
 @pytest.fixture(scope="module")

@@ -25,12 +25,13 @@ def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
     return code, captured.out, captured.err
 
 
-def half_labelled_chest(tmp_path: Path) -> tuple[Path, np.ndarray]:
-    """The chest CT's label map with only every fourth axial slice kept (a sparse support on the same scan)."""
+def half_labelled_chest(tmp_path: Path, keep: slice = slice(None, None, 4)) -> tuple[Path, np.ndarray]:
+    """The chest CT's label map with only the axial slices ``keep`` labelled (default every fourth: a sparse
+    support on the same scan), and the full labels."""
     image = sitk.ReadImage(str(CHEST / "label.nii.gz"))
     labels = sitk.GetArrayFromImage(image)
     sparse = np.zeros_like(labels)
-    sparse[::4] = labels[::4]
+    sparse[keep] = labels[keep]
     out = sitk.GetImageFromArray(sparse)
     out.CopyInformation(image)
     path = tmp_path / "sparse.nii.gz"

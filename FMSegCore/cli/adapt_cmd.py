@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from FMSegCore.cli.prompt_cmd import check_not_input
+from FMSegCore.cli.prompt_cmd import check_not_input, check_output
 from FMSegCore.errors import InputError
 from FMSegCore.zoo.registry import DEFAULT_PROMPTABLE
 
@@ -65,16 +65,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def check_adapter_output(path: Path, overwrite: bool) -> Path:
-    """An adapter path that may be written: ends in .pt, folder exists, no file in the way unless overwrite."""
+    """An adapter path that may be written: ends in .pt, then the usual output checks (folder, no file in the
+    way unless overwrite)."""
     if not path.name.endswith(".pt"):
         raise InputError(path, "adapter files end in .pt (e.g. liver.fmseg-adapter.pt)")
-    if path.is_dir():
-        raise InputError(path, "output is a folder (give a file name)")
-    if not path.parent.is_dir():
-        raise InputError(path, f"output folder {path.parent} does not exist")
-    if path.exists() and not overwrite:
-        raise InputError(path, "exists already (pass --overwrite to replace it, or choose another name)")
-    return path
+    return check_output(path, overwrite, suffixes=(".pt",))
 
 
 def run(args: argparse.Namespace) -> int:

@@ -1,9 +1,10 @@
 """Automatic segmentation from a few labelled cases: a foundation encoder (frozen or adapted) plus a new head
 with one output per structure, so new scans are segmented with no prompt at all.
 
-Works with any 2D encoder that has a cheap-to-cache stem (``forward_stem``/``stem_map``/``forward_trunk``, the
-name patterns of its attention projections and MLPs): LiteMedSAM's TinyViT here. When the method leaves the
-whole encoder frozen, its outputs are computed once per training slice; when only the stem is frozen, the stem's.
+Works with any 2D encoder that runs in named stages (``stages``, ``run_stages``, ``forward_stem``, ``stem_map``,
+``forward_trunk``, and the name patterns of its attention projections and MLPs): LiteMedSAM's TinyViT here. When
+the method leaves the whole encoder frozen, its outputs are computed once per training slice; otherwise the
+output of the stages before the first trainable one is.
 """
 
 from __future__ import annotations

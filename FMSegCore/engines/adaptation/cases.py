@@ -21,11 +21,9 @@ from FMSegCore.io.labelmap import SegmentInfo, check_labelled_arrays, default_se
 from FMSegCore.io.overlay import anatomical_axes
 from FMSegCore.io.volume import read_volume
 from FMSegCore.preprocessing.intensity import DEFAULT_CT_WINDOW, Window, guess_modality, normalize
-from FMSegCore.preprocessing.slicing import get_slice, in_plane_axes
+from FMSegCore.preprocessing.slicing import AXIS_NAMES, get_slice, in_plane_axes
 
 PathLike = Union[str, Path]
-#: Slicing directions, as indices into :func:`anatomical_axes`.
-AXES = {"sagittal": 0, "coronal": 1, "axial": 2}
 
 
 @dataclass
@@ -99,7 +97,7 @@ def load_case(image_path: PathLike, labels_path: PathLike, modality: str = "auto
     """Read one (image, label map) pair; the grids must match and the labels must not be empty."""
     image = read_volume(image_path)
     labels, segments = read_labelmap(labels_path, reference=image)
-    ijk_axis = anatomical_axes(image.direction)[AXES[axis]]
+    ijk_axis = anatomical_axes(image.direction)[AXIS_NAMES[axis]]
     return case_from_arrays(image.array, labels.array, segments, str(labels_path), image.spacing, ijk_axis,
                             modality, window)
 

@@ -25,8 +25,8 @@ from FMSegCore.engines.adaptation.methods import (
     apply_method,
     first_trainable_stage,
 )
-from FMSegCore.engines.adaptation.slice_inputs import WindowedSlice, window_targets
-from FMSegCore.engines.prompting.windows import SliceWindow, box_window, extract, full_window
+from FMSegCore.engines.adaptation.slice_inputs import WindowedSlice, windowed_slice
+from FMSegCore.engines.prompting.windows import SliceWindow, box_window, full_window
 from FMSegCore.models.interfaces import PromptBatch2D
 from FMSegCore.preprocessing.slicing import mask_box_rc
 
@@ -129,11 +129,7 @@ class PromptLearner2D:
         c, index, k, window = self.items[item]
         key = (c, index, window.key)
         if key not in self._inputs:
-            case = self.cases[c]
-            image, labels = case.slice(index)
-            masks, known = case_targets(case, labels, self.structures)
-            self._inputs[key] = WindowedSlice(self.root.preprocess(extract(image, window).numpy()),
-                                              window_targets(masks, window), torch.from_numpy(known), window)
+            self._inputs[key] = windowed_slice(self.cases[c], index, self.structures, window, self.root.preprocess)
         return self._inputs[key]
 
     @torch.no_grad()

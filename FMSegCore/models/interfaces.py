@@ -44,6 +44,9 @@ class PromptableModel2D(Protocol):
         """Mask logits (B, 1, mask_size, mask_size) for each prompt of the batch, and a quality score (B,)
         (the model's predicted IoU where it has one)."""
 
+    def decode_trainable(self, embeddings: torch.Tensor, prompts: PromptBatch2D) -> torch.Tensor:
+        """Mask logits (B, 1, h, w), one prompt per embedding, with gradients to the decoder (for adaptation)."""
+
 
 @runtime_checkable
 class InContextModel2D(Protocol):

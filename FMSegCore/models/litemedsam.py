@@ -85,13 +85,19 @@ class LiteMedSAM(nn.Module):
             return self._variants["bf16"], torch.bfloat16
         return self.mask_decoder, self.mask_decoder.iou_token.weight.dtype
 
-    def forward(self, image: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
-        """Reference-style forward: images (B, 3, 256, 256) and one box each (B, 4) -> low-res logits."""
-        embeddings = self.encode(image)
-        prompts = PromptBatch2D(embedding_index=torch.arange(image.shape[0]), boxes=boxes)
-        sparse, dense = self.prompt_encoder(points=None, boxes=prompts.boxes[:, None, :], masks=None)
+    def decode_trainable(self, embeddings: torch.Tensor, prompts: PromptBatch2D) -> torch.Tensor:
+        """Low-resolution mask logits (B, 1, 256, 256) of box and/or point prompts, one per embedding, through
+        the model's own prompt encoder and mask decoder (gradients flow; no inference copies), for training."""
+        points = (prompts.points, prompts.point_labels) if prompts.points is not None else None
+        boxes = prompts.boxes[:, None, :] if prompts.boxes is not None else None
+        sparse, dense = self.prompt_encoder(points=points, boxes=boxes, masks=None)
         low_res, _ = self.mask_decoder(embeddings, self.prompt_encoder.get_dense_pe(), sparse, dense, False)
         return low_res
+
+    def forward(self, image: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+        """Reference-style forward: images (B, 3, 256, 256) and one box each (B, 4) -> low-res logits."""
+        prompts = PromptBatch2D(embedding_index=torch.arange(image.shape[0]), boxes=boxes)
+        return self.decode_trainable(self.encode(image), prompts)
 
 
 def _select(embeddings: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

@@ -53,13 +53,9 @@ class PromptAdaptedModel(nn.Module):
     def decode(self, embeddings: torch.Tensor, prompts: PromptBatch2D) -> tuple[torch.Tensor, torch.Tensor]:
         return self.base.decode(embeddings, prompts)
 
-    def decode_for_training(self, embeddings: torch.Tensor, prompts: PromptBatch2D) -> torch.Tensor:
+    def decode_trainable(self, embeddings: torch.Tensor, prompts: PromptBatch2D) -> torch.Tensor:
         """Mask logits (B, 1, S, S) with gradients through the prompt encoder and mask decoder."""
-        base = self.base
-        points = (prompts.points, prompts.point_labels) if prompts.points is not None else None
-        boxes = prompts.boxes[:, None, :] if prompts.boxes is not None else None
-        sparse, dense = base.prompt_encoder(points=points, boxes=boxes, masks=None)
-        low_res, _ = base.mask_decoder(embeddings, base.prompt_encoder.get_dense_pe(), sparse, dense, False)
+        low_res = self.base.decode_trainable(embeddings, prompts)
         if low_res.shape[-1] != self.mask_size:
             low_res = nn.functional.interpolate(low_res.float(), size=(self.mask_size, self.mask_size),
                                                 mode="bilinear", align_corners=False)
@@ -169,7 +165,7 @@ class PromptLearner2D:
                                 boxes=None if prompts.get("boxes") is None else prompts["boxes"].to(self.device),
                                 points=None if prompts.get("points") is None else prompts["points"].to(self.device),
                                 point_labels=None if prompts.get("labels") is None else prompts["labels"].to(self.device))
-        logits = self.root.decode_for_training(self.embeddings(batch["items"]), prompts)
+        logits = self.root.decode_trainable(self.embeddings(batch["items"]), prompts)
         return masked_dice_ce(logits, batch["targets"].to(self.device))
 
 

@@ -12,6 +12,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from FMSegCore.engines.adaptation.lora import replace_module
+
 
 class ParallelAdapter(nn.Module):
     """A frozen MLP plus a trainable parallel bottleneck."""
@@ -51,8 +53,6 @@ def inject_adaptformer(model: nn.Module, patterns: Sequence[str], bottleneck: in
     if not names:
         raise ValueError(f"no MLP module matches {list(patterns)}")
     for name in names:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        mlp = getattr(parent, child)
-        setattr(parent, child, ParallelAdapter(mlp, _input_channels(mlp), bottleneck, scale))
+        mlp = model.get_submodule(name)
+        replace_module(model, name, ParallelAdapter(mlp, _input_channels(mlp), bottleneck, scale))
     return names

@@ -93,7 +93,8 @@ class LoRALayer(nn.Module):
         return self.base
 
 
-def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
+def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Put ``module`` in place of the submodule called ``name`` (dotted path)."""
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, module)
@@ -117,7 +118,7 @@ def inject_lora(model: nn.Module, patterns: Sequence[str], rank: int = 4, alpha:
     if not names:
         raise ValueError(f"no Linear/Conv layer matches {list(patterns)}")
     for name in names:
-        _replace(model, name, LoRALayer(model.get_submodule(name), rank, alpha, diagonal))
+        replace_module(model, name, LoRALayer(model.get_submodule(name), rank, alpha, diagonal))
     return names
 
 
@@ -130,7 +131,7 @@ def merge_lora(model: nn.Module) -> int:
     """Fold every LoRA/ARENA update into its base layer and drop the wrappers; how many were merged."""
     layers = lora_layers(model)
     for name, layer in layers.items():
-        _replace(model, name, layer.merged())
+        replace_module(model, name, layer.merged())
     return len(layers)
 
 

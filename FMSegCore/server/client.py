@@ -1,0 +1,153 @@
+"""A client of the FMSeg worker over HTTP (``requests``; no torch): what Slicer's module and scripts use.
+
+Arrays are numpy KJI arrays; geometry is ITK's (spacing and origin in IJK/LPS order, a 3x3 direction whose
+columns are the I, J, K axes in LPS). Errors the worker reports become :class:`WorkerError` with its one line;
+a worker that cannot be reached becomes :class:`WorkerUnavailable`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any, Callable, Optional
+
+import numpy as np
+import requests
+
+from FMSegCore.server.wire import CONTENT_TYPE, decode_array, decode_mask, encode_array
+
+JSON_TIMEOUT = (5.0, 600.0)
+
+
+class WorkerError(Exception):
+    """The worker refused a request or a job failed; ``status`` is the HTTP status (0 for a failed job)."""
+
+    def __init__(self, message: str, status: int = 0) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class WorkerUnavailable(WorkerError):
+    """The worker cannot be reached (not started, stopped, or crashed)."""
+
+
+class JobCancelledError(WorkerError):
+    """The job was cancelled before it finished."""
+
+
+def geometry(spacing: Sequence[float], origin: Sequence[float], direction: Any, name: str = "") -> dict[str, Any]:
+    """The geometry meta of an uploaded volume."""
+    return {"spacing": [float(v) for v in spacing], "origin": [float(v) for v in origin],
+            "direction": [float(v) for v in np.asarray(direction, dtype=float).reshape(9)], "name": name}
+
+
+class WorkerClient:
+    """Calls a running worker; one keep-alive connection per client."""
+
+    def __init__(self, url: str, token: str = "", timeout: Any = JSON_TIMEOUT) -> None:
+        self.url = url.rstrip("/")
+        self.timeout = timeout
+        self.http = requests.Session()
+        if token:
+            self.http.headers["Authorization"] = f"Bearer {token}"
+
+    # ------------------------------------------------------------------ plumbing
+    def _call(self, method: str, route: str, json: Any = None, data: Optional[bytes] = None,
+              binary: bool = False) -> Any:
+        headers = {"Content-Type": CONTENT_TYPE} if data is not None else None
+        try:
+            response = self.http.request(method, f"{self.url}/v1/{route}", json=json, data=data, headers=headers,
+                                         timeout=self.timeout)
+        except requests.ConnectionError as error:
+            raise WorkerUnavailable(f"the FMSeg worker at {self.url} cannot be reached ({type(error).__name__})") \
+                from None
+        except requests.Timeout:
+            raise WorkerUnavailable(f"the FMSeg worker at {self.url} did not answer in time") from None
+        if response.status_code >= 400:
+            try:
+                message = response.json()["error"]
+            except (ValueError, KeyError, TypeError):
+                message = response.text[:200] or response.reason
+            raise WorkerError(f"worker: {message}", response.status_code)
+        return response.content if binary else response.json()
+
+    def close(self) -> None:
+        self.http.close()
+
+    # ------------------------------------------------------------------ calls
+    def info(self) -> dict[str, Any]:
+        return self._call("GET", "info")
+
+    def models(self) -> list[dict[str, Any]]:
+        return self._call("GET", "models")["models"]
+
+    def upload_volume(self, array: np.ndarray, meta: dict[str, Any], compress: bool = False) -> str:
+        """Send a KJI array with its geometry (and, for a label map, ``segments``); its id on the worker."""
+        return self._call("POST", "volumes", data=encode_array(array, meta, compress=compress))["volume"]
+
+    def remove_volume(self, volume_id: str) -> None:
+        self._call("DELETE", f"volumes/{volume_id}")
+
+    def upload_adapter(self, data: bytes) -> dict[str, Any]:
+        return self._call("POST", "adapters", data=data)
+
+    def download_adapter(self, adapter_id: str) -> bytes:
+        return self._call("GET", f"adapters/{adapter_id}", binary=True)
+
+    def open_session(self, volume_id: str, **options: Any) -> str:
+        """A prompt session on an uploaded volume (options: model, adapter, axis, context, modality, window,
+        precision, device)."""
+        return self._call("POST", "sessions", json={"volume": volume_id, **options})["session"]
+
+    def prompt(self, session_id: str, name: str, boxes: Sequence[tuple[Sequence[float], Sequence[float]]] = (),
+               points: Sequence[tuple[Sequence[float], bool]] = ()) -> tuple[np.ndarray, dict[str, Any]]:
+        """Segment one structure: boxes as (lo, hi) IJK corners, points as (ijk, include); (KJI mask, timings)."""
+        body = {"name": name, "boxes": [{"lo": list(map(float, lo)), "hi": list(map(float, hi))} for lo, hi in boxes],
+                "points": [{"ijk": list(map(float, ijk)), "include": bool(include)} for ijk, include in points]}
+        return decode_mask(self._call("POST", f"sessions/{session_id}/prompt", json=body, binary=True))
+
+    def close_session(self, session_id: str) -> None:
+        self._call("DELETE", f"sessions/{session_id}")
+
+    def start_job(self, kind: str, body: dict[str, Any]) -> dict[str, Any]:
+        """Start an ``incontext``, ``adapt`` or ``segment`` job; its status (with ``id``)."""
+        return self._call("POST", f"jobs/{kind}", json=body)
+
+    def start_download(self, model: str) -> dict[str, Any]:
+        return self._call("POST", "models/download", json={"model": model})
+
+    def job(self, job_id: str) -> dict[str, Any]:
+        return self._call("GET", f"jobs/{job_id}")
+
+    def cancel(self, job_id: str) -> dict[str, Any]:
+        return self._call("POST", f"jobs/{job_id}/cancel")
+
+    def job_array(self, job_id: str, name: str) -> tuple[np.ndarray, dict[str, Any]]:
+        return decode_array(self._call("GET", f"jobs/{job_id}/arrays/{name}", binary=True))
+
+    def wait(self, job_id: str, progress: Optional[Callable[[dict[str, Any]], None]] = None,
+             cancel: Optional[Callable[[], bool]] = None, interval: float = 0.2) -> dict[str, Any]:
+        """Poll a job until it ends; ``progress(status)`` on each poll; ``cancel()`` true cancels it.
+        Returns the final status of a finished job; a failed job raises :class:`WorkerError`, a cancelled one
+        :class:`JobCancelledError`."""
+        cancelling = False
+        while True:
+            status = self.job(job_id)
+            if progress:
+                progress(status)
+            if status["state"] == "done":
+                return status
+            if status["state"] == "failed":
+                raise WorkerError(f"worker: {status['error']}")
+            if status["state"] == "cancelled":
+                raise JobCancelledError("cancelled")
+            if cancel and not cancelling and cancel():
+                self.cancel(job_id)
+                cancelling = True
+            time.sleep(interval)
+
+    def shutdown(self) -> None:
+        try:
+            self._call("POST", "shutdown")
+        except WorkerUnavailable:
+            pass

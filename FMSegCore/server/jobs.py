@@ -1,0 +1,107 @@
+"""Long jobs (in-context segmentation, adaptation, automatic segmentation) run one at a time in a background
+thread; each reports progress and can be cancelled between steps."""
+
+from __future__ import annotations
+
+import threading
+import time
+import traceback
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+from FMSegCore.errors import FMSegError
+
+STATES = ("queued", "running", "done", "failed", "cancelled")
+
+
+class JobCancelled(FMSegError):
+    """Raised inside a job's work when its cancellation was requested."""
+
+
+@dataclass
+class Job:
+    """A job's state as clients see it, plus its results (JSON and named array frames)."""
+
+    kind: str
+    id: str = field(default_factory=lambda: uuid.uuid4().hex[:16])
+    state: str = "queued"
+    done: float = 0.0
+    total: float = 0.0
+    message: str = ""
+    error: str = ""
+    result: dict[str, Any] = field(default_factory=dict)
+    frames: dict[str, bytes] = field(default_factory=dict)
+    created: float = field(default_factory=time.time)
+    finished: Optional[float] = None
+    _cancel: threading.Event = field(default_factory=threading.Event, repr=False)
+
+    def progress(self, done: float, total: float, message: str = "") -> None:
+        """Record progress; raises :class:`JobCancelled` once cancellation was requested."""
+        self.done, self.total = float(done), float(total)
+        if message:
+            self.message = message
+        self.check()
+
+    def check(self) -> None:
+        if self._cancel.is_set():
+            raise JobCancelled("cancelled")
+
+    def cancel(self) -> None:
+        self._cancel.set()
+        if self.state == "queued":
+            self.state = "cancelled"
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancel.is_set()
+
+    def status(self) -> dict[str, Any]:
+        return {"id": self.id, "kind": self.kind, "state": self.state, "done": self.done, "total": self.total,
+                "message": self.message, "error": self.error, "result": self.result, "arrays": sorted(self.frames)}
+
+
+class JobRunner:
+    """Runs jobs in submission order on one background thread (one model at a time on the device)."""
+
+    def __init__(self, keep: int = 64) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fmseg-job")
+        self.jobs: dict[str, Job] = {}
+        self.keep = keep
+
+    def submit(self, kind: str, work: Callable[[Job], dict[str, Any]]) -> Job:
+        job = Job(kind)
+        self.jobs[job.id] = job
+        self._forget_old()
+        self._pool.submit(self._run, job, work)
+        return job
+
+    def _run(self, job: Job, work: Callable[[Job], dict[str, Any]]) -> None:
+        if job.cancelled:
+            job.state, job.finished = "cancelled", time.time()
+            return
+        job.state = "running"
+        try:
+            job.result = work(job) or {}
+            job.state = "done"
+        except Exception as error:  # a job's failure is reported to its client, never kills the worker
+            if job.cancelled or type(error).__name__ == "Cancelled":
+                job.state, job.message = "cancelled", "cancelled"
+            else:
+                job.state = "failed"
+                job.error = str(error) if isinstance(error, FMSegError) else f"{type(error).__name__}: {error}"
+                if not isinstance(error, FMSegError):
+                    traceback.print_exc()
+        finally:
+            job.finished = time.time()
+
+    def _forget_old(self) -> None:
+        finished = sorted((j for j in self.jobs.values() if j.finished), key=lambda j: j.finished or 0)
+        for job in finished[: max(0, len(self.jobs) - self.keep)]:
+            del self.jobs[job.id]
+
+    def shutdown(self) -> None:
+        for job in self.jobs.values():
+            job.cancel()
+        self._pool.shutdown(wait=False, cancel_futures=True)

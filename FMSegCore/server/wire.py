@@ -1,0 +1,111 @@
+"""How arrays travel between the worker and its clients: one binary frame per array.
+
+A frame is ``MAGIC``, a 4-byte little-endian header length, a JSON header (``shape``, ``dtype``, ``encoding``
+and free ``meta``), then the C-ordered bytes (raw or zlib). Masks travel as the crop around their voxels, bit
+packed and compressed, so a prompt's answer stays a few kilobytes even for a 512x512x500 volume.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import zlib
+from typing import Any, Optional
+
+import numpy as np
+
+MAGIC = b"FMSEG1\n"
+#: dtypes accepted in a frame (nothing that needs pickling).
+DTYPES = ("bool", "uint8", "int8", "uint16", "int16", "uint32", "int32", "int64", "float32", "float64")
+ENCODINGS = ("raw", "zlib")
+MAX_HEADER_BYTES = 1 << 20
+CONTENT_TYPE = "application/x-fmseg-array"
+
+
+class WireError(ValueError):
+    """A frame that cannot be decoded (the message says why, in one line)."""
+
+
+def encode_array(array: np.ndarray, meta: Optional[dict[str, Any]] = None, compress: bool = False) -> bytes:
+    """One frame holding ``array`` and its JSON-serialisable ``meta``."""
+    array = np.ascontiguousarray(array)
+    if array.dtype.name not in DTYPES:
+        raise WireError(f"arrays of dtype {array.dtype} cannot be sent (use one of {', '.join(DTYPES)})")
+    data = array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes()
+    encoding = "zlib" if compress else "raw"
+    if compress:
+        data = zlib.compress(data, 1)
+    header = json.dumps({"shape": list(array.shape), "dtype": array.dtype.name, "encoding": encoding,
+                         "meta": meta or {}}).encode()
+    return MAGIC + struct.pack("<I", len(header)) + header + data
+
+
+def decode_array(frame: bytes, max_elements: Optional[int] = None) -> tuple[np.ndarray, dict[str, Any]]:
+    """The array and meta of a frame; a malformed frame raises :class:`WireError`."""
+    if not frame.startswith(MAGIC) or len(frame) < len(MAGIC) + 4:
+        raise WireError("not an FMSeg array frame (bad magic bytes)")
+    (length,) = struct.unpack_from("<I", frame, len(MAGIC))
+    start = len(MAGIC) + 4
+    if length > MAX_HEADER_BYTES or start + length > len(frame):
+        raise WireError("frame header length is out of range")
+    try:
+        header = json.loads(frame[start:start + length])
+        shape = tuple(int(n) for n in header["shape"])
+        dtype, encoding, meta = str(header["dtype"]), str(header.get("encoding", "raw")), header.get("meta", {})
+    except (ValueError, KeyError, TypeError) as error:
+        raise WireError(f"frame header is not valid JSON with shape and dtype ({error})") from None
+    if dtype not in DTYPES or encoding not in ENCODINGS or not isinstance(meta, dict):
+        raise WireError(f"unsupported frame dtype {dtype!r} or encoding {encoding!r}")
+    if any(n < 0 for n in shape) or len(shape) > 4:
+        raise WireError(f"bad array shape {list(shape)}")
+    elements = int(np.prod(shape, dtype=np.int64))
+    if max_elements is not None and elements > max_elements:
+        raise WireError(f"array of {elements} elements exceeds the limit of {max_elements}")
+    data = frame[start + length:]
+    if encoding == "zlib":
+        expected = elements * np.dtype(dtype).itemsize
+        try:
+            inflater = zlib.decompressobj()
+            data = inflater.decompress(data, expected + 1)
+        except zlib.error as error:
+            raise WireError(f"frame data does not decompress ({error})") from None
+    expected = elements * np.dtype(dtype).itemsize
+    if len(data) != expected:
+        raise WireError(f"frame holds {len(data)} bytes of data, the header announces {expected}")
+    array = np.frombuffer(data, dtype=np.dtype(dtype).newbyteorder("<")).reshape(shape)
+    return array.astype(np.dtype(dtype), copy=True), meta
+
+
+def encode_mask(mask: np.ndarray, meta: Optional[dict[str, Any]] = None) -> bytes:
+    """A boolean volume as the bit-packed crop around its voxels (an empty mask: an empty crop)."""
+    mask = np.asarray(mask, dtype=bool)
+    found = np.argwhere(mask)
+    if len(found):
+        lo, hi = found.min(axis=0), found.max(axis=0) + 1
+    else:
+        lo = hi = np.zeros(mask.ndim, dtype=int)
+    crop = mask[tuple(slice(a, b) for a, b in zip(lo, hi))]
+    packed = np.packbits(crop.ravel())
+    info = dict(meta or {}, mask_shape=list(mask.shape), crop_lo=[int(v) for v in lo],
+                crop_shape=list(crop.shape))
+    return encode_array(packed, info, compress=True)
+
+
+def decode_mask(frame: bytes) -> tuple[np.ndarray, dict[str, Any]]:
+    """The boolean volume of :func:`encode_mask` and its meta."""
+    packed, meta = decode_array(frame)
+    try:
+        shape = tuple(int(n) for n in meta.pop("mask_shape"))
+        lo = [int(n) for n in meta.pop("crop_lo")]
+        crop_shape = tuple(int(n) for n in meta.pop("crop_shape"))
+    except (KeyError, TypeError, ValueError):
+        raise WireError("mask frame lacks its shape and crop") from None
+    count = int(np.prod(crop_shape, dtype=np.int64))
+    if packed.dtype != np.uint8 or packed.size * 8 < count or len(shape) != len(crop_shape) \
+            or any(a + n > s for a, n, s in zip(lo, crop_shape, shape)):
+        raise WireError("mask frame's crop does not fit its shape")
+    mask = np.zeros(shape, dtype=bool)
+    if count:
+        crop = np.unpackbits(packed)[:count].astype(bool).reshape(crop_shape)
+        mask[tuple(slice(a, a + n) for a, n in zip(lo, crop_shape))] = crop
+    return mask, meta

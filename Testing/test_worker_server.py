@@ -1,0 +1,301 @@
+"""The worker, started for real on 127.0.0.1: wire format, sessions, prompt round trips equal to in-process
+results, jobs with progress and cancellation, tokens, and refused requests."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import requests
+from worker_fixtures import TOKEN, ct_case, running_worker, sub_volume, upload
+
+from FMSegCore.engines.prompting.prompts import BoxPrompt, PointPrompt, SegmentPrompts
+from FMSegCore.engines.prompting.session import PromptSession
+from FMSegCore.errors import FMSegError
+from FMSegCore.models.factory import load_model
+from FMSegCore.server.app import MAX_JSON_BYTES, WorkerServer
+from FMSegCore.server.client import JobCancelledError, WorkerClient, WorkerError, WorkerUnavailable
+from FMSegCore.server.launcher import LocalWorker
+from FMSegCore.server.service import Service
+from FMSegCore.server.wire import WireError, decode_array, decode_mask, encode_array, encode_mask
+
+
+@pytest.fixture(scope="module")
+def worker():
+    with running_worker() as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def client(worker):
+    client = WorkerClient(worker.url, TOKEN)
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="module")
+def case():
+    return ct_case()
+
+
+def _kidney_roi(labels, names, slices=4):
+    """A 3D ROI (IJK corners) around the left kidney, a few slices thick."""
+    kidney = labels == names["kidney_left"]
+    k, j, i = np.nonzero(kidney)
+    middle = int(np.median(k))
+    lo = (i.min() - 2.0, j.min() - 2.0, middle - slices // 2)
+    hi = (i.max() + 2.0, j.max() + 2.0, middle + slices // 2 - 1)
+    return lo, hi, kidney
+
+
+# ------------------------------------------------------------------------------------------------ wire
+
+
+def test_frames_round_trip_every_dtype_and_masks_travel_as_small_crops():
+    rng = np.random.default_rng(0)
+    for dtype in ("uint8", "int16", "uint16", "int32", "float32", "float64"):
+        array = (rng.normal(size=(3, 4, 5)) * 100).astype(dtype)
+        for compress in (False, True):
+            back, meta = decode_array(encode_array(array, {"a": 1}, compress))
+            assert back.dtype == array.dtype and np.array_equal(back, array) and meta == {"a": 1}
+    mask = np.zeros((200, 256, 256), dtype=bool)
+    mask[50:60, 100:140, 30:90] = rng.random((10, 40, 60)) > 0.3
+    frame = encode_mask(mask, {"name": "x"})
+    assert len(frame) < 4000  # 13 M voxels, a few kB on the wire
+    back, meta = decode_mask(frame)
+    assert np.array_equal(back, mask) and meta == {"name": "x"}
+    empty, _ = decode_mask(encode_mask(np.zeros((4, 5, 6), dtype=bool)))
+    assert empty.shape == (4, 5, 6) and not empty.any()
+
+
+@pytest.mark.parametrize("damage, problem", [
+    (lambda f: b"XX" + f[2:], "magic"),
+    (lambda f: f[:-3], "bytes of data"),
+    (lambda f: f[:7] + (10 ** 9).to_bytes(4, "little") + f[11:], "header length"),
+    (lambda f: f.replace(b'"int16"', b'"objec"'), "unsupported"),
+])
+def test_damaged_frames_are_refused_with_the_reason(damage, problem):
+    frame = encode_array(np.arange(24, dtype=np.int16).reshape(2, 3, 4))
+    with pytest.raises(WireError, match=problem):
+        decode_array(damage(frame))
+
+
+# ------------------------------------------------------------------------------------------------ prompting
+
+
+def test_prompt_round_trip_equals_the_in_process_session_and_clicks_reuse_the_embeddings(client, case):
+    image, labels, names = case
+    lo, hi, kidney = _kidney_roi(labels, names)
+    volume_id = upload(client, image)
+    session_id = client.open_session(volume_id, model="litemedsam", precision="fp32")
+    mask, info = client.prompt(session_id, "kidney", boxes=[(lo, hi)])
+    assert info["encoded"] == 4 and info["decoded"] >= 4  # the ROI's 4 slices, no more
+
+    local = PromptSession(image, load_model("litemedsam", "cpu"), "cpu")
+    expected = local.segment(SegmentPrompts("kidney", [BoxPrompt(lo, hi)]))
+    assert mask.shape == image.array.shape and mask.dtype == bool
+    assert np.array_equal(mask, expected)  # voxel for voxel
+    inside = kidney[int(lo[2]):int(hi[2]) + 1]
+    assert 2 * (mask[int(lo[2]):int(hi[2]) + 1] & inside).sum() / (mask.sum() + inside.sum()) > 0.8
+
+    k = int(lo[2]) + 1
+    j, i = np.argwhere(mask[k])[0]
+    click = ((float(i), float(j), float(k)), False)
+    corrected, info = client.prompt(session_id, "kidney", boxes=[(lo, hi)], points=[click])
+    assert info["encoded"] == 0 and info["decoded"] == 1  # the decoder only
+    assert not corrected[k, j, i] and np.array_equal(corrected[k + 1], mask[k + 1])
+    expected = local.segment(SegmentPrompts("kidney", [BoxPrompt(lo, hi)], [PointPrompt(click[0], False)]))
+    assert np.array_equal(corrected, expected)
+    client.close_session(session_id)
+    with pytest.raises(WorkerError, match="no session") as error:
+        client.prompt(session_id, "kidney", boxes=[(lo, hi)])
+    assert error.value.status == 404
+
+
+@pytest.mark.parametrize("body, status, words", [
+    ({"boxes": [{"lo": [1, 1, 1], "hi": [2, 2, 2]}]}, 400, "missing field 'name'"),
+    ({"name": "x"}, 400, "no box and no include point"),
+    ({"name": "x", "points": [{"ijk": [1e4, 1, 1]}]}, 400, "outside the volume"),
+    ({"name": "x", "boxes": [{"lo": [1, 1], "hi": [2, 2, 2]}]}, 400, "list of 3 numbers"),
+    ({"name": 3}, 400, "must be a string"),
+])
+def test_malformed_prompts_get_one_line_errors(client, case, body, status, words):
+    volume_id = upload(client, case[0])
+    session_id = client.open_session(volume_id)
+    response = client.http.post(f"{client.url}/v1/sessions/{session_id}/prompt", json=body)
+    assert response.status_code == status
+    message = response.json()["error"]
+    assert words in message and "\n" not in message
+
+
+def test_token_is_required_and_checked(worker, client, case):
+    before = len(worker.service.volumes)
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN}):
+        response = requests.post(f"{worker.url}/v1/volumes", headers=headers,
+                                 data=encode_array(case[0].array[:2], {"spacing": [1, 1, 1]}))
+        assert response.status_code == 401 and "token" in response.json()["error"]
+    assert len(worker.service.volumes) == before  # nothing stored
+    assert client.info()["device"] == "cpu"  # and the right token still works on the same server
+
+
+def test_oversize_malformed_and_unknown_requests_are_refused_and_the_worker_keeps_serving(worker, client):
+    url, auth = worker.url, {"Authorization": f"Bearer {TOKEN}"}
+    big = requests.post(f"{url}/v1/sessions", headers={**auth, "Content-Type": "application/json"},
+                        data=b" " * (MAX_JSON_BYTES + 1))
+    assert big.status_code == 413
+    worker.max_upload_bytes = 1000
+    try:
+        upload = requests.post(f"{url}/v1/volumes", headers=auth, data=b"\0" * 1001)
+        assert upload.status_code == 413 and "limit of 1000 bytes" in upload.json()["error"]
+    finally:
+        worker.max_upload_bytes = 256 << 20
+    bad_json = requests.post(f"{url}/v1/sessions", headers=auth, data=b"{not json")
+    assert bad_json.status_code == 400 and "not valid JSON" in bad_json.json()["error"]
+    bad_frame = requests.post(f"{url}/v1/volumes", headers=auth, data=b"garbage")
+    assert bad_frame.status_code == 400 and "magic" in bad_frame.json()["error"]
+    flat = requests.post(f"{url}/v1/volumes", headers=auth,
+                         data=encode_array(np.zeros((4, 4), np.int16), {"spacing": [1, 1, 1]}))
+    assert flat.status_code == 400 and "3D array" in flat.json()["error"]
+    no_geometry = requests.post(f"{url}/v1/volumes", headers=auth, data=encode_array(np.zeros((2, 2, 2), np.int16)))
+    assert no_geometry.status_code == 400 and "spacing" in no_geometry.json()["error"]
+    assert requests.get(f"{url}/v1/nothing", headers=auth).status_code == 404
+    assert requests.get(f"{url}/v1/sessions", headers=auth).status_code == 405
+    assert requests.get(f"{url}/v1/jobs/unknown", headers=auth).status_code == 404
+    unknown_model = requests.post(f"{url}/v1/sessions", headers=auth, json={"volume": "x"})
+    assert unknown_model.status_code == 404 and "upload it first" in unknown_model.json()["error"]
+    assert client.info()["version"]  # still serving
+
+
+def test_a_worker_bound_beyond_this_machine_requires_a_token():
+    with pytest.raises(FMSegError, match="token"):
+        WorkerServer(Service("cpu"), "0.0.0.0", 0, token="")
+    result = subprocess.run([sys.executable, "-m", "FMSegCore", "serve", "--host", "0.0.0.0", "--port", "0"],
+                            capture_output=True, text=True, timeout=120,
+                            env={k: v for k, v in os.environ.items() if k != "FMSEG_SERVER_TOKEN"})
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0 and "--token" in result.stderr
+
+
+# ------------------------------------------------------------------------------------------------ jobs
+
+
+def _support_and_query(case, structure="liver"):
+    image, labels, names = case
+    organ = np.flatnonzero((labels == names[structure]).any(axis=(1, 2)))
+    support = organ[::6][:5]
+    query = organ[len(organ) // 2 + 1: len(organ) // 2 + 3]
+    return image, labels, names, support, query
+
+
+def test_incontext_job_matches_the_in_process_session_and_reports_progress(client, case):
+    from FMSegCore.engines.incontext.session import InContextSession, InContextSettings
+    from FMSegCore.engines.incontext.support import SupportSet, example_from_arrays
+    from FMSegCore.io.labelmap import SegmentInfo
+
+    image, labels, names, support, query = _support_and_query(case)
+    support_labels = (labels[support] == names["liver"]).astype(np.uint16)
+    support_volume = sub_volume(image, support)
+    query_volume = sub_volume(image, query)
+    image_id = upload(client, support_volume)
+    labels_id = upload(client, support_volume, support_labels,
+                       segments=[{"value": 1, "name": "liver", "color": [0.8, 0.4, 0.3]}])
+    query_id = upload(client, query_volume)
+    seen = []
+    job = client.start_job("incontext", {"volume": query_id, "supports": [{"image": image_id, "labels": labels_id}],
+                                         "support_size": 4, "ensemble": 2, "uncertainty": True})
+    status = client.wait(job["id"], progress=seen.append, interval=0.05)
+    assert status["result"]["segments"] == [{"value": 1, "name": "liver", "color": [0.8, 0.4, 0.3]}]
+    assert seen[-1]["state"] == "done" and seen[-1]["total"] >= 1
+    result_labels, _ = client.job_array(job["id"], "labels")
+    uncertainty, _ = client.job_array(job["id"], "uncertainty")
+
+    example = example_from_arrays(support_volume.array, support_labels, [SegmentInfo(1, "liver", (0.8, 0.4, 0.3))])
+    local = InContextSession(load_model("universeg-fmseg", "cpu"), SupportSet([example]), [1], axis=2,
+                             settings=InContextSettings(support_size=4, ensemble=2), device="cpu")
+    expected = local.segment_volume(query_volume.array, uncertainty=True)
+    assert np.array_equal(result_labels, expected.labels)
+    assert np.allclose(uncertainty, expected.uncertainty, atol=1e-6)
+    truth = labels[query] == names["liver"]
+    assert 2 * ((result_labels == 1) & truth).sum() / ((result_labels == 1).sum() + truth.sum()) > 0.7
+
+
+def test_adaptation_job_is_cancelled_between_steps_then_a_short_one_gives_a_usable_adapter(client, case):
+    from FMSegCore.engines.adaptation.adapter_file import load_adapter
+
+    image, labels, names = case
+    kidney_slices = np.flatnonzero((labels == names["kidney_left"]).any(axis=(1, 2)))[::4][:3]
+    case_volume = sub_volume(image, kidney_slices)
+    case_labels = np.where(labels[kidney_slices] == names["kidney_left"], 3, 0).astype(np.uint16)
+    image_id = upload(client, case_volume)
+    labels_id = upload(client, case_volume, case_labels, segments=[{"value": 3, "name": "kidney_left"}])
+    body = {"cases": [{"image": image_id, "labels": labels_id}], "mode": "auto", "method": "linear-probe",
+            "steps": 100_000, "batch_size": 2}
+    job = client.start_job("adapt", body)
+    while (status := client.job(job["id"]))["done"] < 2 and status["state"] in ("queued", "running"):
+        time.sleep(0.05)
+    began = time.perf_counter()
+    client.cancel(job["id"])
+    with pytest.raises(JobCancelledError):
+        client.wait(job["id"], interval=0.05)
+    assert time.perf_counter() - began < 30
+    assert client.job(job["id"])["state"] == "cancelled" and not client.job(job["id"])["result"]
+
+    job = client.start_job("adapt", {**body, "steps": 4})
+    status = client.wait(job["id"], interval=0.1)
+    assert status["result"]["structures"][0]["name"] == "kidney_left" and status["result"]["mode"] == "auto"
+    data = client.download_adapter(status["result"]["adapter"])
+    assert 0 < len(data) < 5 << 20
+    uploaded = client.upload_adapter(data)
+    assert uploaded["method"] == "linear-probe"
+    segment = client.start_job("segment", {"volume": upload(client, case_volume), "adapter": uploaded["adapter"]})
+    client.wait(segment["id"], interval=0.1)
+    result, _ = client.job_array(segment["id"], "labels")
+    assert result.shape == case_volume.array.shape and set(np.unique(result)) <= {0, 3}
+
+    with pytest.raises(WorkerError, match="adapter") as refused:
+        client.upload_adapter(b"PK\x03\x04 not an adapter")
+    assert refused.value.status == 400
+    assert load_adapter  # the worker reads adapters with the same checked loader (weights_only)
+
+
+# ------------------------------------------------------------------------------------------------ process
+
+
+def test_a_local_worker_process_starts_crashes_and_restarts(tmp_path, case):
+    worker = LocalWorker(device="cpu", log_path=str(tmp_path / "worker.log"))
+    client = worker.start()
+    try:
+        assert client.info()["device"] == "cpu" and worker.running
+        volume_id = upload(client, case[0])
+        anonymous = requests.get(f"{worker.url}/v1/info")
+        assert anonymous.status_code == 401  # even locally, other users of this machine need the token
+        os.kill(worker.process.pid, signal.SIGKILL)
+        worker.process.wait(10)
+        with pytest.raises(WorkerUnavailable, match="cannot be reached"):
+            client.open_session(volume_id)
+        assert not worker.running and worker.exit_code == -signal.SIGKILL
+        client = worker.start()
+        assert client.info()["volumes"] == 0 and worker.starts == 2
+    finally:
+        worker.stop()
+    assert not worker.running
+    log = (tmp_path / "worker.log").read_text()
+    assert log.count("fmseg worker on http://127.0.0.1:") == 2
+
+
+def test_a_worker_that_cannot_start_says_why(tmp_path):
+    broken = tmp_path / "python"
+    broken.write_text("#!/bin/sh\necho 'no module named torch' >&2\nexit 3\n")
+    broken.chmod(0o755)
+    with pytest.raises(WorkerUnavailable, match="code 3.*no module named torch"):
+        LocalWorker(python=str(broken), log_path=str(tmp_path / "log")).start()
+    missing = LocalWorker(python=str(tmp_path / "absent"))
+    with pytest.raises(WorkerUnavailable, match="cannot start"):
+        missing.start()
+    assert json  # json is used by the fixtures' label names

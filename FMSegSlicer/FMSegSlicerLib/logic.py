@@ -1,0 +1,479 @@
+"""FMSeg's Slicer Logic: scene in, worker requests, results back into the scene. No Qt in here, so headless
+Slicer scripts use it as the panel does.
+
+Every operation has three phases: *prepare* reads the scene (arrays, geometry, prompts) on the calling thread;
+*request* talks to the worker (uploads, prompts, jobs) and may run on a background thread; *apply* writes the
+result into the scene on the calling thread. ``prompt()``, ``run_incontext()``... run all three and block;
+the ``*_async`` variants return a :class:`Pending` whose ``result()``, called on the GUI thread once ``done()``,
+applies the result, so the GUI never waits on the network and MRML is only touched on its own thread.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+import slicer
+import slicer.util
+
+from FMSegCore.server.client import JobCancelledError, WorkerClient, WorkerError, WorkerUnavailable
+from FMSegCore.server.launcher import PYTHON_ENV, LocalWorker
+from FMSegSlicerLib import scene_segments
+from FMSegSlicerLib.scene_geometry import add_volume_like, volume_meta
+from FMSegSlicerLib.scene_prompts import collect_prompts
+
+DEFAULT_PROMPT_MODEL = "litemedsam"
+DEFAULT_INCONTEXT_MODEL = "universeg-fmseg"
+UNDO_DEPTH = 20
+
+Progress = Callable[[float, float, str], None]
+Pair = tuple[Any, Any, Sequence[str]]  # (volume node, segmentation node, segment ids; empty: all)
+
+
+class Cancelled(Exception):
+    """The user cancelled a running job; the scene was not changed."""
+
+
+class WorkerCrashed(Exception):
+    """The local worker process stopped; it has been restarted, the scene is untouched."""
+
+
+def default_worker_python() -> str:
+    """The Python that runs a local worker: FMSEG_WORKER_PYTHON (an environment of its own, holding torch),
+    else Slicer's PythonSlicer when running inside Slicer, else this interpreter."""
+    if os.environ.get(PYTHON_ENV):
+        return os.environ[PYTHON_ENV]
+    python_slicer = shutil.which("PythonSlicer")
+    if python_slicer and hasattr(slicer, "app") and hasattr(slicer.app, "slicerHome"):
+        return python_slicer
+    return sys.executable
+
+
+class Pending:
+    """A request running in the background; ``result()`` (on the GUI thread) applies it to the scene once."""
+
+    def __init__(self, future: Future, apply: Callable[[Any], Any]) -> None:
+        self._future = future
+        self._apply = apply
+        self._applied = False
+        self._value: Any = None
+
+    def done(self) -> bool:
+        return self._future.done()
+
+    def exception(self, timeout: Optional[float] = None) -> Optional[BaseException]:
+        return self._future.exception(timeout)
+
+    def result(self, timeout: Optional[float] = None) -> Any:
+        value = self._future.result(timeout)
+        if not self._applied:
+            self._value, self._applied = self._apply(value), True
+        return self._value
+
+
+@dataclass
+class Upload:
+    """What the worker holds of a node: its id there and the node's modification time when sent."""
+
+    volume_id: str
+    mtime: int
+
+
+@dataclass
+class AdapterState:
+    """The current adapter: its summary from the worker, its id there, and its bytes (kept for saving and
+    for re-sending after a worker restart)."""
+
+    info: dict[str, Any] = field(default_factory=dict)
+    adapter_id: str = ""
+    data: bytes = b""
+
+
+class FMSegLogic:
+    """Scene <-> worker. Uses a local worker process unless connected to a server URL."""
+
+    def __init__(self, scene: Any = None, python: Optional[str] = None, device: str = "auto") -> None:
+        self.scene = scene if scene is not None else slicer.mrmlScene
+        self.python = python
+        self.device = device
+        self.url = ""
+        self.token = ""
+        self.local: Optional[LocalWorker] = None
+        self.client: Optional[WorkerClient] = None
+        self.adapter = AdapterState()
+        self._uploads: dict[tuple, Upload] = {}
+        self._sessions: dict[tuple, str] = {}
+        self._undo: dict[str, list[Any]] = {}
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fmseg-logic")
+
+    # ------------------------------------------------------------------ worker
+    def connect(self, url: str = "", token: str = "", device: str = "") -> dict[str, Any]:
+        """Start a local worker (no URL) or connect to a running one; the worker's info."""
+        self.disconnect()
+        self.device = device or self.device
+        self.url, self.token = url.strip(), token.strip()
+        if self.url:
+            self.client = WorkerClient(self.url, self.token)
+        else:
+            self.local = LocalWorker(python=self.python or default_worker_python(), device=self.device)
+            self.client = self.local.start()
+        return self.client.info()
+
+    def disconnect(self) -> None:
+        """Stop the local worker (a remote one keeps running) and forget what it held."""
+        if self.local is not None:
+            self.local.stop()
+        elif self.client is not None:
+            self.client.close()
+        self.local, self.client = None, None
+        self._forget_worker_state()
+
+    def _forget_worker_state(self) -> None:
+        self._uploads.clear()
+        self._sessions.clear()
+        self.adapter.adapter_id = ""
+
+    def _worker(self) -> WorkerClient:
+        if self.client is None:
+            self.connect(self.url, self.token)
+        assert self.client is not None
+        return self.client
+
+    def _guarded(self, request: Callable[[], Any]) -> Any:
+        """Run a request; a crashed local worker is restarted and reported, 404s of forgotten state retried."""
+        try:
+            try:
+                return request()
+            except WorkerError as error:
+                if error.status != 404 or isinstance(error, WorkerUnavailable):
+                    raise
+                self._forget_worker_state()  # the worker forgot a volume or session (restarted, evicted)
+                return request()
+        except JobCancelledError:
+            raise Cancelled("cancelled") from None
+        except WorkerUnavailable:
+            if self.local is None or self.local.running:
+                raise
+            code, last = self.local.exit_code, self.local.last_log_line()
+            self._forget_worker_state()
+            self.client = self.local.start()
+            raise WorkerCrashed(f"the FMSeg worker stopped (exit code {code}{': ' + last if last else ''}); it was "
+                                "restarted and nothing in the scene changed: run the step again") from None
+
+    def submit(self, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Future:
+        """Run ``function`` on the Logic's background thread (one at a time)."""
+        return self._executor.submit(function, *args, **kwargs)
+
+    def _async(self, prepared: Any, request: Callable[[Any], Any], apply: Callable[[Any], Any]) -> Pending:
+        return Pending(self.submit(lambda: self._guarded(lambda: request(prepared))), apply)
+
+    def models(self) -> list[dict[str, Any]]:
+        return self._guarded(lambda: self._worker().models())
+
+    def download_model(self, model_id: str, progress: Optional[Progress] = None,
+                       cancel: Optional[Callable[[], bool]] = None) -> dict[str, Any]:
+        def request() -> dict[str, Any]:
+            client = self._worker()
+            job = client.start_download(model_id)
+            return client.wait(job["id"], _job_progress(progress), cancel)["result"]
+
+        return self._guarded(request)
+
+    def shutdown(self) -> None:
+        self.disconnect()
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    # ------------------------------------------------------------------ uploads
+    def _volume_id(self, node: Any, array: np.ndarray, meta: dict[str, Any], key: tuple = ()) -> str:
+        """The worker's id for a node's array, uploading it only when new or modified."""
+        cache_key = (node.GetID(), *key)
+        mtime = int(node.GetImageData().GetMTime()) if node.IsA("vtkMRMLVolumeNode") else int(node.GetMTime())
+        known = self._uploads.get(cache_key)
+        if known is None or known.mtime != mtime:
+            # zlib pays off over a network, not on this machine's loopback
+            volume_id = self._worker().upload_volume(array, meta, compress=bool(self.url))
+            self._uploads[cache_key] = known = Upload(volume_id, mtime)
+        return known.volume_id
+
+    @staticmethod
+    def _volume_data(volume_node: Any) -> tuple[np.ndarray, dict[str, Any]]:
+        if volume_node is None or not volume_node.IsA("vtkMRMLScalarVolumeNode"):
+            raise ValueError("choose a scalar volume to segment")
+        array = slicer.util.arrayFromVolume(volume_node)
+        if array.ndim != 3:
+            raise ValueError(f"{volume_node.GetName()}: FMSeg segments single-component 3D volumes")
+        return np.array(array), volume_meta(volume_node)
+
+    # ------------------------------------------------------------------ results
+    def _remember(self, segmentation_node: Any) -> None:
+        stack = self._undo.setdefault(segmentation_node.GetID(), [])
+        stack.append(scene_segments.snapshot(segmentation_node))
+        del stack[:-UNDO_DEPTH]
+
+    def undo(self, segmentation_node: Any) -> bool:
+        """Restore the segmentation as it was before FMSeg's last result; False when there is nothing to undo."""
+        stack = self._undo.get(segmentation_node.GetID()) if segmentation_node is not None else None
+        if not stack:
+            return False
+        scene_segments.restore(segmentation_node, stack.pop())
+        return True
+
+    def _write_labels(self, volume_node: Any, segmentation_node: Any, labels: np.ndarray,
+                      segments: Sequence[dict[str, Any]]) -> list[str]:
+        """Write each segment of a label map (one undo step for all of them); the segment ids."""
+        if segmentation_node is None:
+            raise ValueError("choose the segmentation that receives the result")
+        if labels.shape != slicer.util.arrayFromVolume(volume_node).shape:
+            raise ValueError("the worker's result does not match the volume's grid")
+        self._remember(segmentation_node)
+        scene_segments.prepare(segmentation_node, volume_node)
+        return [scene_segments.write_segment(segmentation_node, volume_node, str(s["name"]), labels == int(s["value"]),
+                                             s.get("color")) for s in segments]
+
+    # ------------------------------------------------------------------ prompting
+    def _prepare_prompt(self, volume_node: Any, segmentation_node: Any, segment_name: str, include_points: Any,
+                        exclude_points: Any, rois: Sequence[Any], model: str, use_adapter: bool) -> dict[str, Any]:
+        if segmentation_node is None:
+            raise ValueError("choose the segmentation that receives the result")
+        if not segment_name.strip():
+            raise ValueError("give the segment a name")
+        array, meta = self._volume_data(volume_node)
+        boxes, points = collect_prompts(volume_node, include_points, exclude_points, rois)
+        if not boxes and not any(include for _, include in points):
+            raise ValueError(f"segment '{segment_name}': place a box, a ROI or an include point first")
+        adapter = use_adapter and bool(self.adapter.data)
+        if adapter and self.adapter.info.get("mode") != "prompt":
+            raise ValueError("the loaded adapter segments automatically: use 'Segment with adapter'")
+        return {"volume_node": volume_node, "segmentation_node": segmentation_node, "name": segment_name.strip(),
+                "array": array, "meta": meta, "boxes": boxes, "points": points,
+                "model": self.adapter.info.get("base_model", model) if adapter else model, "adapter": adapter}
+
+    def _request_prompt(self, job: dict[str, Any]) -> tuple[np.ndarray, dict[str, Any]]:
+        client = self._worker()
+        volume_id = self._volume_id(job["volume_node"], job["array"], job["meta"])
+        adapter_id = self._adapter_id() if job["adapter"] else None
+        key = (volume_id, job["model"], adapter_id)
+        if key not in self._sessions:
+            options = {"model": job["model"], "adapter": adapter_id}
+            if self.device != "auto" and self.url:
+                options["device"] = self.device
+            self._sessions[key] = client.open_session(volume_id, **options)
+        return client.prompt(self._sessions[key], job["name"], job["boxes"], job["points"])
+
+    def _apply_prompt(self, job: dict[str, Any], answer: tuple[np.ndarray, dict[str, Any]]) -> str:
+        mask, _ = answer
+        segmentation_node, volume_node, name = job["segmentation_node"], job["volume_node"], job["name"]
+        if mask.shape != job["array"].shape:
+            raise ValueError("the worker's result does not match the volume's grid")
+        self._remember(segmentation_node)
+        scene_segments.prepare(segmentation_node, volume_node)
+        segmentation = segmentation_node.GetSegmentation()
+        color = None
+        if not segmentation.GetSegmentIdBySegmentName(name):
+            color = _distinct_color(segmentation.GetNumberOfSegments())
+        return scene_segments.write_segment(segmentation_node, volume_node, name, mask, color)
+
+    def prompt(self, volume_node: Any, segmentation_node: Any, segment_name: str, include_points: Any = None,
+               exclude_points: Any = None, rois: Sequence[Any] = (), model: str = DEFAULT_PROMPT_MODEL,
+               use_adapter: bool = False) -> str:
+        """Segment one structure from its prompts into the segment ``segment_name``; the segment id."""
+        job = self._prepare_prompt(volume_node, segmentation_node, segment_name, include_points, exclude_points,
+                                   rois, model, use_adapter)
+        return self._apply_prompt(job, self._guarded(lambda: self._request_prompt(job)))
+
+    def prompt_async(self, *args: Any, **kwargs: Any) -> Pending:
+        job = self._prepare_prompt(*_prompt_arguments(*args, **kwargs))
+        return self._async(job, self._request_prompt, lambda answer: self._apply_prompt(job, answer))
+
+    # ------------------------------------------------------------------ labelled pairs (supports, cases)
+    def _prepare_pairs(self, pairs: Sequence[Pair], what: str) -> tuple[list[dict[str, Any]], dict[str, int]]:
+        """Arrays of (volume, segmentation, segments) pairs; one label value per segment name across pairs."""
+        if not pairs:
+            raise ValueError(f"add at least one {what} (a volume and its segmentation)")
+        values: dict[str, int] = {}
+        prepared = []
+        for volume_node, segmentation_node, segment_ids in pairs:
+            array, meta = self._volume_data(volume_node)
+            names = scene_segments.segment_names(segmentation_node, segment_ids)
+            if not names:
+                raise ValueError(f"{segmentation_node.GetName()}: this {what} has no segment")
+            for name in names:
+                values.setdefault(name, len(values) + 1)
+            chosen = {name: values[name] for name in names}
+            labels = scene_segments.label_map(segmentation_node, volume_node, chosen)
+            if not labels.any():
+                raise ValueError(f"{segmentation_node.GetName()}: the chosen segments are empty on "
+                                 f"{volume_node.GetName()}'s grid")
+            segments = [{"value": value, "name": name, "color": scene_segments.segment_color(segmentation_node, name)}
+                        for name, value in chosen.items()]
+            prepared.append({"volume_node": volume_node, "segmentation_node": segmentation_node, "array": array,
+                             "meta": meta, "labels": labels, "segments": segments})
+        return prepared, values
+
+    def _upload_pairs(self, pairs: list[dict[str, Any]]) -> list[dict[str, str]]:
+        uploaded = []
+        for pair in pairs:
+            image_id = self._volume_id(pair["volume_node"], pair["array"], pair["meta"])
+            labels_id = self._worker().upload_volume(pair["labels"], {**pair["meta"], "segments": pair["segments"]},
+                                                     compress=True)
+            uploaded.append({"image": image_id, "labels": labels_id})
+        return uploaded
+
+    # ------------------------------------------------------------------ in-context
+    def _prepare_incontext(self, volume_node: Any, segmentation_node: Any, supports: Sequence[Pair],
+                           support_size: int = 8, ensemble: int = 1, uncertainty: bool = False,
+                           model: str = DEFAULT_INCONTEXT_MODEL, progress: Optional[Progress] = None,
+                           cancel: Optional[Callable[[], bool]] = None) -> dict[str, Any]:
+        if segmentation_node is None:
+            raise ValueError("choose the segmentation that receives the result")
+        array, meta = self._volume_data(volume_node)
+        pairs, _ = self._prepare_pairs(supports, "support example")
+        return {"volume_node": volume_node, "segmentation_node": segmentation_node, "array": array, "meta": meta,
+                "pairs": pairs, "body": {"support_size": int(support_size), "ensemble": int(ensemble),
+                                         "uncertainty": bool(uncertainty), "model": model},
+                "progress": progress, "cancel": cancel}
+
+    def _request_incontext(self, job: dict[str, Any]) -> dict[str, Any]:
+        client = self._worker()
+        body = dict(job["body"], volume=self._volume_id(job["volume_node"], job["array"], job["meta"]),
+                    supports=self._upload_pairs(job["pairs"]))
+        started = client.start_job("incontext", body)
+        status = client.wait(started["id"], _job_progress(job["progress"]), job["cancel"])
+        labels, _ = client.job_array(started["id"], "labels")
+        uncertainty = client.job_array(started["id"], "uncertainty")[0] if "uncertainty" in status["arrays"] else None
+        return {"labels": labels, "uncertainty": uncertainty, "segments": status["result"]["segments"]}
+
+    def _apply_incontext(self, job: dict[str, Any], answer: dict[str, Any]) -> dict[str, Any]:
+        ids = self._write_labels(job["volume_node"], job["segmentation_node"], answer["labels"], answer["segments"])
+        node = None
+        if answer["uncertainty"] is not None:
+            node = add_volume_like(job["volume_node"], answer["uncertainty"].astype(np.float32),
+                                   f"{job['volume_node'].GetName()} uncertainty", self.scene)
+        return {"segments": ids, "uncertainty_node": node}
+
+    def run_incontext(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """Segment ``volume_node`` like the support examples (volume, segmentation, segment ids) show;
+        ``{"segments": ids, "uncertainty_node": node or None}``."""
+        job = self._prepare_incontext(*args, **kwargs)
+        return self._apply_incontext(job, self._guarded(lambda: self._request_incontext(job)))
+
+    def run_incontext_async(self, *args: Any, **kwargs: Any) -> Pending:
+        job = self._prepare_incontext(*args, **kwargs)
+        return self._async(job, self._request_incontext, lambda answer: self._apply_incontext(job, answer))
+
+    # ------------------------------------------------------------------ adaptation
+    def _prepare_adapt(self, cases: Sequence[Pair], mode: str = "auto", method: str = "spatial-adapter",
+                       rank: int = 8, steps: int = 150, model: str = DEFAULT_PROMPT_MODEL,
+                       progress: Optional[Progress] = None, cancel: Optional[Callable[[], bool]] = None,
+                       **training: Any) -> dict[str, Any]:
+        pairs, _ = self._prepare_pairs(cases, "labelled case")
+        body = {"mode": mode, "method": method, "rank": int(rank), "steps": int(steps), "model": model, **training}
+        return {"pairs": pairs, "body": body, "progress": progress, "cancel": cancel}
+
+    def _request_adapt(self, job: dict[str, Any]) -> AdapterState:
+        client = self._worker()
+        started = client.start_job("adapt", dict(job["body"], cases=self._upload_pairs(job["pairs"])))
+        result = client.wait(started["id"], _job_progress(job["progress"]), job["cancel"])["result"]
+        return AdapterState(result, result["adapter"], client.download_adapter(result["adapter"]))
+
+    def _apply_adapt(self, state: AdapterState) -> dict[str, Any]:
+        self.adapter = state
+        return state.info
+
+    def adapt(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """Adapt the model to labelled cases (volume, segmentation, segment ids); the adapter's summary. The
+        adapter stays loaded for prompting or automatic segmentation, and :meth:`save_adapter` writes it."""
+        job = self._prepare_adapt(*args, **kwargs)
+        return self._apply_adapt(self._guarded(lambda: self._request_adapt(job)))
+
+    def adapt_async(self, *args: Any, **kwargs: Any) -> Pending:
+        job = self._prepare_adapt(*args, **kwargs)
+        return self._async(job, self._request_adapt, self._apply_adapt)
+
+    def _adapter_id(self) -> str:
+        if not self.adapter.data:
+            raise ValueError("no adapter: adapt a model or load an adapter file first")
+        if not self.adapter.adapter_id:
+            self.adapter.adapter_id = self._worker().upload_adapter(self.adapter.data)["adapter"]
+        return self.adapter.adapter_id
+
+    def save_adapter(self, path: str, overwrite: bool = False) -> Path:
+        """Write the current adapter file (atomically; an existing file only with ``overwrite``)."""
+        from FMSegCore.io.atomic import atomic_output
+
+        if not self.adapter.data:
+            raise ValueError("no adapter to save: adapt a model first")
+        target = Path(path)
+        if not target.name.endswith(".pt"):
+            raise ValueError(f"{target}: adapter files end in .pt")
+        with atomic_output(target, overwrite=overwrite) as temporary:
+            temporary.write_bytes(self.adapter.data)
+        return target
+
+    def load_adapter(self, path: str) -> dict[str, Any]:
+        """Read an adapter file, have the worker check it, and keep it for prompting or segmentation."""
+        try:
+            data = Path(path).read_bytes()
+        except OSError as error:
+            raise ValueError(f"{path}: cannot read the adapter ({error.strerror})") from None
+        info = self._guarded(lambda: self._worker().upload_adapter(data))
+        self.adapter = AdapterState(info, info["adapter"], data)
+        return info
+
+    def _prepare_auto(self, volume_node: Any, segmentation_node: Any, progress: Optional[Progress] = None,
+                      cancel: Optional[Callable[[], bool]] = None) -> dict[str, Any]:
+        if self.adapter.info.get("mode") != "auto":
+            raise ValueError("load or train an automatic ('auto' mode) adapter first")
+        if segmentation_node is None:
+            raise ValueError("choose the segmentation that receives the result")
+        array, meta = self._volume_data(volume_node)
+        return {"volume_node": volume_node, "segmentation_node": segmentation_node, "array": array, "meta": meta,
+                "progress": progress, "cancel": cancel}
+
+    def _request_auto(self, job: dict[str, Any]) -> dict[str, Any]:
+        client = self._worker()
+        body = {"volume": self._volume_id(job["volume_node"], job["array"], job["meta"]), "adapter": self._adapter_id()}
+        started = client.start_job("segment", body)
+        status = client.wait(started["id"], _job_progress(job["progress"]), job["cancel"])
+        return {"labels": client.job_array(started["id"], "labels")[0], "segments": status["result"]["segments"]}
+
+    def _apply_auto(self, job: dict[str, Any], answer: dict[str, Any]) -> list[str]:
+        return self._write_labels(job["volume_node"], job["segmentation_node"], answer["labels"], answer["segments"])
+
+    def segment_with_adapter(self, *args: Any, **kwargs: Any) -> list[str]:
+        """Segment a volume automatically with the loaded adapter; the segment ids."""
+        job = self._prepare_auto(*args, **kwargs)
+        return self._apply_auto(job, self._guarded(lambda: self._request_auto(job)))
+
+    def segment_with_adapter_async(self, *args: Any, **kwargs: Any) -> Pending:
+        job = self._prepare_auto(*args, **kwargs)
+        return self._async(job, self._request_auto, lambda answer: self._apply_auto(job, answer))
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+
+def _prompt_arguments(volume_node: Any, segmentation_node: Any, segment_name: str, include_points: Any = None,
+                      exclude_points: Any = None, rois: Sequence[Any] = (), model: str = DEFAULT_PROMPT_MODEL,
+                      use_adapter: bool = False) -> tuple:
+    return volume_node, segmentation_node, segment_name, include_points, exclude_points, rois, model, use_adapter
+
+
+def _job_progress(progress: Optional[Progress]) -> Optional[Callable[[dict[str, Any]], None]]:
+    if progress is None:
+        return None
+    return lambda status: progress(status["done"], status["total"], status["message"])
+
+
+def _distinct_color(index: int) -> tuple[float, float, float]:
+    """A colour per new segment, spread around the hue circle (golden angle)."""
+    import colorsys
+
+    return colorsys.hsv_to_rgb((0.08 + index * 0.618034) % 1.0, 0.65, 0.95)

@@ -1,0 +1,38 @@
+"""Real MRML without the Slicer application: slicer-core's C++ classes set up the way Slicer does at start-up,
+so that ``slicer.util`` helpers and module logics work on real nodes (see ../shared/docs/slicer.md)."""
+
+from __future__ import annotations
+
+import types
+
+import slicer
+
+LOGICS = {"Volumes": "vtkSlicerVolumesLogic", "Segmentations": "vtkSlicerSegmentationsModuleLogic",
+          "Markups": "vtkSlicerMarkupsLogic"}
+
+
+def new_scene():
+    """A fresh scene wired like Slicer's: application logic, colours, and the volumes/segmentations/markups
+    logics registered; ``slicer.mrmlScene``, ``slicer.app`` and ``slicer.modules`` point at it."""
+    scene = slicer.vtkMRMLScene()
+    app_logic = slicer.vtkSlicerApplicationLogic()
+    app_logic.SetMRMLScene(scene)
+    colors = slicer.vtkSlicerColorLogic()
+    colors.SetMRMLScene(scene)
+    colors.SetMRMLApplicationLogic(app_logic)
+    colors.AddDefaultColorNodes()
+    app_logic.SetModuleLogic("Colors", colors)
+    modules = types.SimpleNamespace()
+    keep = [colors]
+    for name, cls in LOGICS.items():
+        logic = getattr(slicer, cls)()
+        logic.SetMRMLScene(scene)
+        logic.SetMRMLApplicationLogic(app_logic)
+        app_logic.SetModuleLogic(name, logic)
+        setattr(modules, name.lower(), types.SimpleNamespace(logic=lambda logic=logic: logic))
+        keep.append(logic)
+    slicer.mrmlScene = scene
+    slicer.app = types.SimpleNamespace(applicationLogic=lambda: app_logic, mrmlScene=lambda: scene,
+                                       _keep=keep)
+    slicer.modules = modules
+    return scene

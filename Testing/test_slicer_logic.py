@@ -1,0 +1,350 @@
+"""The module's Logic on real MRML (slicer-core) with a real local worker process: geometry (RAS/IJK, oblique
+directions), prompts from Markups, results checked voxel by voxel against FMSegCore run in-process, undo,
+in-context from scene pairs, adaptation with progress/cancel, and a crashed worker."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import numpy as np
+import pytest
+
+pytest.importorskip("slicer")
+
+import slicer  # noqa: E402
+import slicer.util  # noqa: E402
+import vtk  # noqa: E402
+from FMSegSlicerLib.logic import Cancelled, FMSegLogic, WorkerCrashed  # noqa: E402
+from FMSegSlicerLib.scene_geometry import ijk_to_ras, volume_meta, world_to_ijk  # noqa: E402
+from slicer_scene import new_scene  # noqa: E402
+from worker_fixtures import CT_CASE, ct_case  # noqa: E402
+
+from FMSegCore.engines.prompting.prompts import BoxPrompt, PointPrompt, SegmentPrompts  # noqa: E402
+from FMSegCore.engines.prompting.session import PromptSession  # noqa: E402
+from FMSegCore.io.terminology import terminology_entry  # noqa: E402
+from FMSegCore.io.volume import Volume, read_volume  # noqa: E402
+from FMSegCore.models.factory import load_model  # noqa: E402
+
+LPS = np.diag([-1.0, -1.0, 1.0])
+
+
+def _rotation(degrees_z: float, degrees_x: float) -> np.ndarray:
+    a, b = np.radians(degrees_z), np.radians(degrees_x)
+    rz = np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]])
+    rx = np.array([[1, 0, 0], [0, np.cos(b), -np.sin(b)], [0, np.sin(b), np.cos(b)]])
+    return rz @ rx
+
+
+def _matrix(array: np.ndarray) -> vtk.vtkMatrix4x4:
+    matrix = vtk.vtkMatrix4x4()
+    for r in range(4):
+        for c in range(4):
+            matrix.SetElement(r, c, array[r, c])
+    return matrix
+
+
+def add_oblique_volume(array: np.ndarray, spacing, name: str, degrees=(20.0, 10.0)) -> tuple:
+    """A scalar volume node on an oblique grid; the same grid as an FMSegCore Volume (LPS)."""
+    direction_ras = _rotation(*degrees)
+    ijk_to_ras_matrix = np.eye(4)
+    ijk_to_ras_matrix[:3, :3] = direction_ras @ np.diag(spacing)
+    ijk_to_ras_matrix[:3, 3] = (12.5, -40.0, 7.0)
+    node = slicer.util.addVolumeFromArray(np.ascontiguousarray(array), _matrix(ijk_to_ras_matrix), name)
+    volume = Volume(np.ascontiguousarray(array), tuple(spacing), tuple(LPS @ ijk_to_ras_matrix[:3, 3]),
+                    LPS @ direction_ras)
+    return node, volume
+
+
+def roi_on_grid(node, lo, hi, name="roi"):
+    """A ROI aligned with the volume's voxel axes covering the IJK box lo..hi (made from the grid, in RAS)."""
+    matrix = ijk_to_ras(node)
+    spacing = np.asarray(node.GetSpacing())
+    roi = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsROINode", name)
+    center = matrix @ np.r_[(np.asarray(lo) + np.asarray(hi)) / 2, 1.0]
+    axes = matrix[:3, :3] / spacing
+    orientation = np.eye(4)
+    orientation[:3, :3] = axes
+    roi.SetAndObserveObjectToNodeMatrix(_matrix(orientation))
+    roi.SetCenter(*center[:3])
+    roi.SetSize(*((np.asarray(hi) - np.asarray(lo)) * spacing))
+    return roi
+
+
+def point_list(node, points_ijk, name):
+    markups = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", name)
+    matrix = ijk_to_ras(node)
+    for ijk in points_ijk:
+        ras = matrix @ np.r_[ijk, 1.0]
+        markups.AddControlPointWorld(vtk.vtkVector3d(*ras[:3]))
+    return markups
+
+
+@pytest.fixture(scope="module")
+def scene():
+    return new_scene()
+
+
+@pytest.fixture(scope="module")
+def logic(scene):
+    logic = FMSegLogic(scene, device="cpu")
+    info = logic.connect()
+    assert info["device"] == "cpu"
+    yield logic
+    logic.shutdown()
+
+
+@pytest.fixture(scope="module")
+def case():
+    return ct_case()
+
+
+@pytest.fixture(scope="module")
+def oblique(scene, case):
+    image, labels, names = case
+    node, volume = add_oblique_volume(image.array, image.spacing, "CT oblique")
+    return node, volume, labels, names
+
+
+@pytest.fixture(scope="module")
+def local_model():
+    return load_model("litemedsam", "cpu")
+
+
+def _kidney_box(labels, names, slices=4):
+    kidney = labels == names["kidney_left"]
+    k, j, i = np.nonzero(kidney)
+    middle = int(np.median(k))
+    return (i.min() - 2.0, j.min() - 2.0, float(middle - slices // 2)), \
+        (i.max() + 2.0, j.max() + 2.0, float(middle + slices // 2 - 1))
+
+
+def _segment_array(segmentation, name, volume_node):
+    segment_id = segmentation.GetSegmentation().GetSegmentIdBySegmentName(name)
+    return slicer.util.arrayFromSegmentBinaryLabelmap(segmentation, segment_id, volume_node).astype(bool)
+
+
+# ------------------------------------------------------------------------------------------------ geometry
+
+
+def test_volume_geometry_is_what_fmsegcore_reads_from_the_same_file(scene):
+    node = slicer.modules.volumes.logic().AddArchetypeVolume(str(CT_CASE / "image.nii.gz"), "CT")
+    volume = read_volume(CT_CASE / "image.nii.gz")
+    meta = volume_meta(node)
+    assert np.allclose(meta["spacing"], volume.spacing, atol=1e-5)
+    assert np.allclose(meta["origin"], volume.origin, atol=1e-4)
+    assert np.allclose(np.reshape(meta["direction"], (3, 3)), volume.direction, atol=1e-6)
+    assert np.array_equal(slicer.util.arrayFromVolume(node), volume.array)
+
+
+def test_world_positions_map_to_the_voxels_fmsegcore_computes_on_an_oblique_grid(oblique):
+    node, volume = oblique[:2]
+    meta = volume_meta(node)
+    assert np.allclose(np.reshape(meta["direction"], (3, 3)), volume.direction)
+    assert not np.allclose(np.abs(volume.direction), np.eye(3), atol=0.1)  # really oblique
+    ijk = np.array([[0, 0, 0], [10.5, 20.25, 30.0], [121, 100, 111]])
+    ras = (np.c_[ijk, np.ones(3)] @ ijk_to_ras(node).T)[:, :3]
+    assert np.allclose(world_to_ijk(node, ras), ijk, atol=1e-6)
+    assert np.allclose(volume.lps_to_ijk(ras * [-1, -1, 1]), ijk, atol=1e-6)
+    transform = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
+    shift = np.eye(4)
+    shift[:3, 3] = (5.0, -3.0, 2.0)
+    transform.SetMatrixTransformToParent(_matrix(shift))
+    node.SetAndObserveTransformNodeID(transform.GetID())
+    try:  # a volume moved by a transform: world points are taken back into its frame
+        assert np.allclose(world_to_ijk(node, ras + shift[:3, 3]), ijk, atol=1e-6)
+    finally:
+        node.SetAndObserveTransformNodeID(None)
+
+
+# ------------------------------------------------------------------------------------------------ prompting
+
+
+def test_roi_prompt_gives_fmsegcores_result_voxel_for_voxel_with_names_colours_and_terminology(
+        logic, oblique, local_model):
+    node, volume, labels, names = oblique
+    lo, hi = _kidney_box(labels, names)
+    roi = roi_on_grid(node, lo, hi)
+    segmentation = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "result")
+    segment_id = logic.prompt(node, segmentation, "kidney_left", rois=[roi])
+
+    expected = PromptSession(volume, local_model, "cpu").segment(SegmentPrompts("kidney_left", [BoxPrompt(lo, hi)]))
+    got = _segment_array(segmentation, "kidney_left", node)
+    assert expected.sum() > 500
+    assert np.array_equal(got, expected)
+    segment = segmentation.GetSegmentation().GetSegment(segment_id)
+    assert segment.GetName() == "kidney_left"
+    assert segment.GetTerminology() == terminology_entry("kidney_left")
+    assert "SCT^18639004^Left kidney" in segment.GetTerminology()
+
+
+def test_include_and_exclude_points_refine_like_fmsegcore(logic, oblique, local_model):
+    node, volume, labels, names = oblique
+    spleen = labels == names["spleen"]
+    k = int(np.median(np.nonzero(spleen)[0]))
+    j, i = np.argwhere(spleen[k]).mean(axis=0)
+    include = point_list(node, [(i, j, k)], "include")
+    segmentation = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "points")
+    logic.prompt(node, segmentation, "spleen", include_points=include)
+    session = PromptSession(volume, local_model, "cpu")
+    first = session.segment(SegmentPrompts("spleen", points=[PointPrompt((i, j, k))]))
+    assert np.array_equal(_segment_array(segmentation, "spleen", node), first)
+
+    kk, jj, ii = np.argwhere(first)[0]
+    exclude = point_list(node, [(ii, jj, kk)], "exclude")
+    logic.prompt(node, segmentation, "spleen", include_points=include, exclude_points=exclude)
+    second = session.segment(SegmentPrompts("spleen", points=[PointPrompt((i, j, k)),
+                                                               PointPrompt((float(ii), float(jj), float(kk)), False)]))
+    got = _segment_array(segmentation, "spleen", node)
+    assert np.array_equal(got, second) and not got[kk, jj, ii]
+    assert segmentation.GetSegmentation().GetNumberOfSegments() == 1  # the same segment, updated
+
+
+def test_users_segments_are_never_lost_and_one_undo_restores_each_step(logic, oblique):
+    node, _, labels, names = oblique
+    segmentation = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "mine")
+    segmentation.SetReferenceImageGeometryParameterFromVolumeNode(node)
+    mine = segmentation.GetSegmentation().AddEmptySegment("my_work", "my_work", (0.1, 0.9, 0.1))
+    drawn = np.zeros(labels.shape, dtype=np.uint8)
+    drawn[40:44, 30:60, 30:60] = 1
+    slicer.util.updateSegmentBinaryLabelmapFromArray(drawn, segmentation, mine, node)
+    lo, hi = _kidney_box(labels, names, slices=2)
+    roi = roi_on_grid(node, lo, hi, "undo roi")
+
+    logic.prompt(node, segmentation, "kidney_left", rois=[roi])
+    after_first = _segment_array(segmentation, "kidney_left", node)
+    logic.prompt(node, segmentation, "my_work", rois=[roi])  # overwrites the user's segment of that name
+    assert not np.array_equal(_segment_array(segmentation, "my_work", node), drawn.astype(bool))
+    assert logic.undo(segmentation)
+    assert np.array_equal(_segment_array(segmentation, "my_work", node), drawn.astype(bool))
+    assert np.array_equal(_segment_array(segmentation, "kidney_left", node), after_first)
+    assert logic.undo(segmentation)
+    assert segmentation.GetSegmentation().GetSegmentIdBySegmentName("kidney_left") == ""
+    assert np.array_equal(_segment_array(segmentation, "my_work", node), drawn.astype(bool))
+    color = segmentation.GetSegmentation().GetSegment(mine).GetColor()
+    assert np.allclose(color, (0.1, 0.9, 0.1))
+    assert not logic.undo(segmentation)  # nothing more of FMSeg's to undo
+
+
+def test_async_prompt_touches_the_scene_only_when_its_result_is_collected(logic, oblique):
+    node, _, labels, names = oblique
+    lo, hi = _kidney_box(labels, names, slices=2)
+    segmentation = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "async")
+    pending = logic.prompt_async(node, segmentation, "kidney_left", rois=[roi_on_grid(node, lo, hi, "a")])
+    deadline = time.monotonic() + 120
+    while not pending.done() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert pending.done()
+    assert segmentation.GetSegmentation().GetNumberOfSegments() == 0  # not yet applied
+    segment_id = pending.result()
+    assert segmentation.GetSegmentation().GetSegment(segment_id).GetName() == "kidney_left"
+    assert pending.result() == segment_id  # applied once
+
+
+def test_bad_requests_say_what_to_do(logic, oblique):
+    node = oblique[0]
+    segmentation = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "bad")
+    with pytest.raises(ValueError, match="place a box, a ROI or an include point"):
+        logic.prompt(node, segmentation, "x")
+    with pytest.raises(ValueError, match="choose a scalar volume"):
+        logic.prompt(None, segmentation, "x", rois=[])
+    with pytest.raises(ValueError, match="no adapter to save"):
+        FMSegLogic(slicer.mrmlScene).save_adapter("/tmp/x.pt")
+
+
+# ------------------------------------------------------------------------------------------------ pairs
+
+
+def _pair(scene, image, labels, names, slices, structures, label="pair"):
+    node, _ = add_oblique_volume(image.array[slices], image.spacing, f"{label} volume")
+    segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", f"{label} segmentation")
+    segmentation.SetReferenceImageGeometryParameterFromVolumeNode(node)
+    ids = []
+    for structure in structures:
+        segment_id = segmentation.GetSegmentation().AddEmptySegment(structure, structure, (0.8, 0.3, 0.2))
+        mask = (labels[slices] == names[structure]).astype(np.uint8)
+        slicer.util.updateSegmentBinaryLabelmapFromArray(mask, segmentation, segment_id, node)
+        ids.append(segment_id)
+    return node, segmentation, ids
+
+
+def test_incontext_from_scene_pairs_with_uncertainty_matches_fmsegcore(logic, scene, case):
+    from FMSegCore.engines.incontext.session import InContextSession, InContextSettings
+    from FMSegCore.engines.incontext.support import SupportSet, example_from_arrays
+    from FMSegCore.io.labelmap import SegmentInfo
+
+    image, labels, names = case
+    liver = np.flatnonzero((labels == names["liver"]).any(axis=(1, 2)))
+    support_slices, query_slices = liver[::6][:5], liver[len(liver) // 2 + 1: len(liver) // 2 + 3]
+    support = _pair(scene, image, labels, names, support_slices, ["liver", "spleen"], "support")
+    query_node, query_volume = add_oblique_volume(image.array[query_slices], image.spacing, "query")
+    target = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "incontext")
+    result = logic.run_incontext(query_node, target, [support], support_size=4, ensemble=2, uncertainty=True)
+
+    support_labels = np.zeros(support_slices.shape + labels.shape[1:], dtype=np.int32)
+    support_labels[labels[support_slices] == names["liver"]] = 1
+    support_labels[labels[support_slices] == names["spleen"]] = 2
+    example = example_from_arrays(image.array[support_slices], support_labels,
+                                  [SegmentInfo(1, "liver", (0.8, 0.3, 0.2)), SegmentInfo(2, "spleen", (0.8, 0.3, 0.2))])
+    present = [v for v in (1, 2) if (support_labels == v).any()]
+    expected = InContextSession(load_model("universeg-fmseg", "cpu"), SupportSet([example]), present, axis=2,
+                                settings=InContextSettings(support_size=4, ensemble=2), device="cpu"
+                                ).segment_volume(query_volume.array, uncertainty=True)
+    for segment in expected.segments:
+        assert np.array_equal(_segment_array(target, segment.name, query_node), expected.labels == segment.value)
+    assert len(result["segments"]) == len(present)
+    uncertainty = result["uncertainty_node"]
+    assert uncertainty is not None and uncertainty.IsA("vtkMRMLScalarVolumeNode")
+    assert np.allclose(slicer.util.arrayFromVolume(uncertainty), expected.uncertainty, atol=1e-6)
+    assert np.allclose(ijk_to_ras(uncertainty), ijk_to_ras(query_node))
+
+
+def test_adaptation_reports_progress_cancels_then_saves_loads_and_segments(logic, scene, case, tmp_path):
+    image, labels, names = case
+    kidney = np.flatnonzero((labels == names["kidney_left"]).any(axis=(1, 2)))[::4][:3]
+    pair = _pair(scene, image, labels, names, kidney, ["kidney_left"], "case")
+    seen, stop = [], {"now": False}
+
+    def progress(done, total, message):
+        seen.append((done, total))
+        stop["now"] = done >= 2
+
+    target = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "auto")
+    pending = logic.adapt_async([pair], mode="auto", method="linear-probe", steps=100_000, batch_size=2,
+                                progress=progress, cancel=lambda: stop["now"])
+    with pytest.raises(Cancelled):
+        pending.result(timeout=300)
+    assert seen and seen[-1][1] == 100_000 and not logic.adapter.data
+
+    info = logic.adapt([pair], mode="auto", method="linear-probe", steps=4, batch_size=2)
+    assert info["structures"][0]["name"] == "kidney_left"
+    path = logic.save_adapter(str(tmp_path / "kidney.pt"))
+    with pytest.raises(Exception, match="exists"):
+        logic.save_adapter(str(path))
+    fresh = FMSegLogic(scene)
+    fresh.client, fresh.url = logic.client, logic.client.url  # the same worker, a new panel
+    loaded = fresh.load_adapter(str(path))
+    assert loaded["method"] == "linear-probe" and loaded["mode"] == "auto"
+    ids = fresh.segment_with_adapter(pair[0], target)
+    assert [target.GetSegmentation().GetSegment(i).GetName() for i in ids] == ["kidney_left"]
+
+
+# ------------------------------------------------------------------------------------------------ crash
+
+
+def test_a_crashed_worker_is_reported_restarted_and_the_scene_is_kept(logic, oblique):
+    node, _, labels, names = oblique
+    lo, hi = _kidney_box(labels, names, slices=2)
+    roi = roi_on_grid(node, lo, hi, "crash roi")
+    segmentation = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "crash")
+    logic.prompt(node, segmentation, "kidney_left", rois=[roi])
+    before = _segment_array(segmentation, "kidney_left", node)
+    os.kill(logic.local.process.pid, signal.SIGKILL)
+    logic.local.process.wait(10)
+    with pytest.raises(WorkerCrashed, match="exit code -9.*restarted"):
+        logic.prompt(node, segmentation, "kidney_left", rois=[roi])
+    assert np.array_equal(_segment_array(segmentation, "kidney_left", node), before)
+    assert logic.local.running
+    logic.prompt(node, segmentation, "kidney_left", rois=[roi])  # the volume is sent again by itself
+    assert np.array_equal(_segment_array(segmentation, "kidney_left", node), before)

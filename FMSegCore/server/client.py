@@ -104,7 +104,10 @@ class WorkerClient:
         """Segment one structure: boxes as (lo, hi) IJK corners, points as (ijk, include); (KJI mask, timings)."""
         body = {"name": name, "boxes": [{"lo": list(map(float, lo)), "hi": list(map(float, hi))} for lo, hi in boxes],
                 "points": [{"ijk": list(map(float, ijk)), "include": bool(include)} for ijk, include in points]}
-        return decode_mask(self._call("POST", f"sessions/{session_id}/prompt", json=body, binary=True))
+        data = self._call("POST", f"sessions/{session_id}/prompt", json=body, binary=True)
+        mask, info = decode_mask(data)
+        info["bytes"] = len(data)
+        return mask, info
 
     def close_session(self, session_id: str) -> None:
         self._call("DELETE", f"sessions/{session_id}")

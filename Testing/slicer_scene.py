@@ -6,6 +6,7 @@ from __future__ import annotations
 import types
 
 import slicer
+import vtk
 
 LOGICS = {"Volumes": "vtkSlicerVolumesLogic", "Segmentations": "vtkSlicerSegmentationsModuleLogic",
           "Markups": "vtkSlicerMarkupsLogic"}
@@ -18,9 +19,15 @@ def new_scene():
     app_logic = slicer.vtkSlicerApplicationLogic()
     app_logic.SetMRMLScene(scene)
     colors = slicer.vtkSlicerColorLogic()
-    colors.SetMRMLScene(scene)
-    colors.SetMRMLApplicationLogic(app_logic)
-    colors.AddDefaultColorNodes()
+    # Without the application there are no colour files to find: the logic says so on stderr; quiet that.
+    verbosity = vtk.vtkLogger.GetCurrentVerbosityCutoff()
+    vtk.vtkLogger.SetStderrVerbosity(vtk.vtkLogger.VERBOSITY_OFF)
+    try:
+        colors.SetMRMLApplicationLogic(app_logic)
+        colors.SetMRMLScene(scene)
+        colors.AddDefaultColorNodes()
+    finally:
+        vtk.vtkLogger.SetStderrVerbosity(verbosity)
     app_logic.SetModuleLogic("Colors", colors)
     modules = types.SimpleNamespace()
     keep = [colors]

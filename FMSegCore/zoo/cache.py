@@ -7,7 +7,6 @@ that listing the zoo does not hash every checkpoint again.
 
 from __future__ import annotations
 
-import importlib.resources
 import json
 import logging
 import os
@@ -43,14 +42,12 @@ def cache_dir() -> Path:
 
 
 def resources_dir() -> Path:
-    """FMSeg's ``Resources/`` folder: beside the package in a checkout, else the installed ``FMSegCore.resources``."""
-    checkout = Path(FMSegCore.__file__).resolve().parent.parent / "Resources"
-    if checkout.is_dir():
-        return checkout
-    try:
-        return Path(str(importlib.resources.files("FMSegCore.resources")))
-    except ModuleNotFoundError:
-        return checkout
+    """FMSeg's ``Resources/`` folder: beside the package in a checkout (and inside Slicer's extension), else
+    the installed ``FMSegCore/resources`` of a wheel."""
+    package = Path(FMSegCore.__file__).resolve().parent
+    checkout = package.parent / "Resources"
+    installed = package / "resources"
+    return installed if not checkout.is_dir() and installed.is_dir() else checkout
 
 
 def download_path(card: ModelCard) -> Path:

@@ -300,7 +300,7 @@ def test_incontext_from_scene_pairs_with_uncertainty_matches_fmsegcore(logic, sc
     assert np.allclose(ijk_to_ras(uncertainty), ijk_to_ras(query_node))
 
 
-def test_adaptation_reports_progress_cancels_then_saves_loads_and_segments(logic, scene, case, tmp_path):
+def test_adaptation_reports_progress_cancels_then_saves_loads_and_segments(logic, scene, case, oblique, tmp_path):
     image, labels, names = case
     kidney = np.flatnonzero((labels == names["kidney_left"]).any(axis=(1, 2)))[::4][:3]
     pair = _pair(scene, image, labels, names, kidney, ["kidney_left"], "case")
@@ -308,11 +308,22 @@ def test_adaptation_reports_progress_cancels_then_saves_loads_and_segments(logic
 
     def progress(done, total, message):
         seen.append((done, total))
-        stop["now"] = done >= 2
 
     target = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "auto")
     pending = logic.adapt_async([pair], mode="auto", method="linear-probe", steps=100_000, batch_size=2,
                                 progress=progress, cancel=lambda: stop["now"])
+    deadline = time.monotonic() + 300
+    while (not seen or seen[-1][0] < 2) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    node, _, volume_labels, volume_names = oblique  # prompting stays interactive while the job trains
+    lo, hi = _kidney_box(volume_labels, volume_names, slices=2)
+    prompt = logic.prompt_async(node, target, "kidney_left", rois=[roi_on_grid(node, lo, hi, "during")])
+    while not prompt.done() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert prompt.done() and not pending.done()
+    prompt.result()
+    assert logic.undo(target)  # back to the empty segmentation
+    stop["now"] = True
     with pytest.raises(Cancelled):
         pending.result(timeout=300)
     assert seen and seen[-1][1] == 100_000 and not logic.adapter.data

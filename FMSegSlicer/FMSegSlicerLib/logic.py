@@ -111,7 +111,9 @@ class FMSegLogic:
         self._uploads: dict[tuple, Upload] = {}
         self._sessions: dict[tuple, str] = {}
         self._undo: dict[str, list[Any]] = {}
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fmseg-logic")
+        # Two lanes: prompts stay interactive while a long job (adaptation, in-context) runs in the other.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fmseg-prompts")
+        self._jobs = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fmseg-jobs")
 
     # ------------------------------------------------------------------ worker
     def connect(self, url: str = "", token: str = "", device: str = "") -> dict[str, Any]:
@@ -171,8 +173,10 @@ class FMSegLogic:
         """Run ``function`` on the Logic's background thread (one at a time)."""
         return self._executor.submit(function, *args, **kwargs)
 
-    def _async(self, prepared: Any, request: Callable[[Any], Any], apply: Callable[[Any], Any]) -> Pending:
-        return Pending(self.submit(lambda: self._guarded(lambda: request(prepared))), apply)
+    def _async(self, prepared: Any, request: Callable[[Any], Any], apply: Callable[[Any], Any],
+               long_job: bool = True) -> Pending:
+        lane = self._jobs if long_job else self._executor
+        return Pending(lane.submit(lambda: self._guarded(lambda: request(prepared))), apply)
 
     def models(self) -> list[dict[str, Any]]:
         return self._guarded(lambda: self._worker().models())
@@ -188,7 +192,8 @@ class FMSegLogic:
 
     def shutdown(self) -> None:
         self.disconnect()
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        for lane in (self._executor, self._jobs):
+            lane.shutdown(wait=False, cancel_futures=True)
 
     # ------------------------------------------------------------------ uploads
     def _volume_id(self, node: Any, array: np.ndarray, meta: dict[str, Any], key: tuple = ()) -> str:
@@ -290,7 +295,7 @@ class FMSegLogic:
 
     def prompt_async(self, *args: Any, **kwargs: Any) -> Pending:
         job = self._prepare_prompt(*_prompt_arguments(*args, **kwargs))
-        return self._async(job, self._request_prompt, lambda answer: self._apply_prompt(job, answer))
+        return self._async(job, self._request_prompt, lambda answer: self._apply_prompt(job, answer), long_job=False)
 
     # ------------------------------------------------------------------ labelled pairs (supports, cases)
     def _prepare_pairs(self, pairs: Sequence[Pair], what: str) -> tuple[list[dict[str, Any]], dict[str, int]]:

@@ -1,0 +1,829 @@
+"""The FMSeg panel's behaviour, apart from MRML and networking: wiring, enabling, tables, progress and errors.
+
+``PanelController(ui, logic, qt, hooks)`` drives the widgets of ``Resources/UI/FMSegSlicer.ui``:
+
+- ``ui``: an object with the panel's child widgets as attributes (``slicer.util.childWidgetVariables``);
+- ``logic``: the Logic (``FMSegSlicerLib.logic.FMSegLogic``). Nothing that may take time runs on the GUI thread.
+  A Logic method with an ``*_async`` variant is called through it: the variant reads the scene now, talks to the
+  worker on the Logic's background thread and returns a ``Pending``; other calls go through
+  ``logic.submit(function, ...)``, which returns a ``concurrent.futures.Future``. A ``qt.QTimer`` polls ``done()``
+  and calls ``result()`` on the GUI thread (a ``Pending`` writes its result into the scene then). Progress
+  callbacks run on the worker thread and only store their arguments, which the timer displays. Runs that need
+  the worker connect first (a "connect" job with the panel's URL, token and device), then start;
+- ``qt``: PythonQt's ``qt`` module in Slicer, a PySide6 namespace in the tests;
+- ``hooks``: the scene side (``PanelHooks``): node names and segments, prompt ROI nodes, place mode, file
+  dialogs, error dialogs. The Slicer module passes a subclass.
+
+The code must run under PythonQt and under PySide6 with ``true_property``: Qt properties are read and written as
+attributes (``button.enabled = False``, ``label.text``, ``table.rowCount = 2``), signals are connected with
+``signal.connect(slot)``, property getters are never called (``.text()`` fails in PythonQt) and property setters
+are not called either (PySide6 hides them with ``true_property``). Slots take ``*_args``: PythonQt and PySide6
+pass different argument counts for overloaded signals such as ``currentNodeChanged``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+LOG = logging.getLogger(__name__)
+
+#: Job slots: one job at a time per slot. Adaptation may run while prompts and in-context runs go on.
+CONNECT, DOWNLOAD, PROMPT, INCONTEXT, ADAPTER = "connect", "download", "prompt", "incontext", "adapter"
+
+DEFAULT_SEGMENT_NAME = "Segment_1"
+STATUS_LIMIT = 240
+PROMPTABLE_KINDS = ("promptable", "prompt", "interactive")
+INCONTEXT_KINDS = ("incontext", "in-context", "in_context")
+
+
+def one_line(text, limit: int = STATUS_LIMIT) -> str:
+    """The first non-empty line of ``text``, whitespace collapsed, cut to ``limit`` characters."""
+    for line in str(text).splitlines():
+        line = " ".join(line.split())
+        if line:
+            return line if len(line) <= limit else line[: limit - 1] + "\u2026"
+    return ""
+
+
+def is_cancellation(exc: BaseException) -> bool:
+    """A job ended because it was cancelled: the Logic's ``Cancelled`` or a Future cancelled before it ran."""
+    return type(exc).__name__ in ("Cancelled", "CancelledError")
+
+
+class Cancelled(Exception):
+    """A job cancelled after connecting, before its function ran (same class name as the Logic's)."""
+
+
+def describe_adapter(info) -> str:
+    """One line about an adapter from what ``adapt``/``load_adapter`` returned (tolerant of its shape)."""
+    if info is None:
+        return "No adapter loaded."
+    if not isinstance(info, dict):
+        return one_line(f"Adapter: {info}")
+    parts = []
+    structures = info.get("structures")
+    if structures:
+        names = [s.get("name", s.get("id", "?")) if isinstance(s, dict) else str(s) for s in structures]
+        parts.append(", ".join(names))
+    for key, suffix in (("method", ""), ("mode", " mode")):
+        if info.get(key):
+            parts.append(f"{info[key]}{suffix}")
+    dice = info.get("validation_dice")
+    if isinstance(dice, (int, float)) and not isinstance(dice, bool):
+        parts.append(f"validation Dice {dice:.3f}")
+    elif isinstance(dice, dict) and dice:
+        values = ", ".join(
+            f"{k} {v:.3f}" if isinstance(v, (int, float)) else f"{k} {v}" for k, v in dice.items()
+        )
+        parts.append(f"validation Dice {values}")
+    source = info.get("path")
+    if source:
+        parts.append(f"from {source}")
+    return one_line("Adapter: " + ("; ".join(parts) if parts else "ready"), limit=400)
+
+
+def model_cards(models) -> list[dict]:
+    """Zoo cards as dicts with "id", "kind", "available" (strings are taken as ids of unknown kind)."""
+    cards = []
+    for entry in models or ():
+        if isinstance(entry, dict) and entry.get("id"):
+            cards.append({"id": str(entry["id"]), "kind": entry.get("kind"), "available": entry.get("available")})
+        elif isinstance(entry, str) and entry:
+            cards.append({"id": entry, "kind": None, "available": None})
+    return cards
+
+
+class PanelHooks:
+    """What the controller asks of the scene and of the application. The defaults work without Slicer; the
+    module overrides what needs MRML nodes or dialogs."""
+
+    def describePair(self, volume, segmentation):
+        """(volume name, segmentation name, segment IDs, segment names) of a volume/segmentation pair, read with
+        the MRML API (``GetName``, ``GetSegmentation``)."""
+        ids, names = [], []
+        segments = segmentation.GetSegmentation() if segmentation is not None else None
+        if segments is not None:
+            for index in range(segments.GetNumberOfSegments()):
+                ids.append(segments.GetNthSegmentID(index))
+                names.append(segments.GetNthSegment(index).GetName())
+        return _node_name(volume), _node_name(segmentation), ids, names
+
+    def promptRois(self):
+        """ROI nodes (2D boxes and 3D ROIs) to send with the next prompt."""
+        return []
+
+    def setPlacing(self, kind: str, enabled: bool) -> None:
+        """Start or stop placing a prompt ROI of ``kind`` "box" (2D) or "roi" (3D) in the views."""
+
+    def clearPrompts(self) -> None:
+        """Remove the points, boxes and ROIs used as prompts."""
+
+    def showError(self, title: str, text: str) -> None:
+        """Show an error in full (a message box in Slicer). The status line shows its first line."""
+
+    def chooseAdapterPath(self, save: bool) -> str:
+        """A file path for saving (``save``) or loading an adapter; "" when the user cancels."""
+        return ""
+
+    def resultReady(self, kind: str, result) -> None:
+        """A run of ``kind`` ("prompt", "incontext", "adapter-segment") wrote ``result`` into the scene."""
+
+
+def _node_name(node) -> str:
+    if node is None:
+        return ""
+    name = node.GetName() if hasattr(node, "GetName") else None
+    return str(name) if name else str(node)
+
+
+class _Job:
+    """A running request: its Future (or the Logic's Pending), cancel flag, and the latest progress reported."""
+
+    def __init__(self, slot, label, onDone, cancellable, progressBar, formatter):
+        self.slot = slot
+        self.label = label
+        self.onDone = onDone
+        self.cancelEvent = threading.Event() if cancellable else None
+        self.progressBar = progressBar
+        self.formatter = formatter
+        self.future = None
+        self.progress = None  # (args, kwargs) of the latest progress call, set by the worker thread
+        self.shown = None
+        self.started = time.monotonic()
+
+    @property
+    def cancellable(self) -> bool:
+        return self.cancelEvent is not None
+
+    def report(self, *args, **kwargs) -> None:
+        """The progress callback given to the Logic: runs on the worker thread, only stores its arguments."""
+        self.progress = (args, kwargs)
+
+    def cancelled(self) -> bool:
+        return self.cancelEvent is not None and self.cancelEvent.is_set()
+
+
+def _numbers(args) -> list[float]:
+    return [a for a in args if isinstance(a, (int, float)) and not isinstance(a, bool)]
+
+
+def _message(args, kwargs) -> str:
+    texts = [a for a in args[2:] if isinstance(a, str) and a.strip()]
+    message = texts[0] if texts else kwargs.get("message", "")
+    return one_line(message, limit=120) if isinstance(message, str) else ""
+
+
+def _steps_text(args, kwargs) -> str:
+    """Adaptation: progress(step, steps, message) from the Logic, or progress(step, steps, loss)."""
+    numbers = _numbers(args)
+    text = f"step {int(numbers[0])}/{int(numbers[1])}" if len(numbers) >= 2 else ""
+    loss = numbers[2] if len(numbers) >= 3 else kwargs.get("loss")
+    if isinstance(loss, (int, float)) and not isinstance(loss, bool):
+        text += f", loss {loss:.4f}"
+    message = _message(args, kwargs)
+    return f"{text}: {message}" if text and message else text or message
+
+
+def _count_text(args, kwargs) -> str:
+    numbers = _numbers(args)
+    text = f"{numbers[0]:g}/{numbers[1]:g}" if len(numbers) >= 2 else ""
+    message = _message(args, kwargs)
+    return f"{text}: {message}" if text and message else text or message
+
+
+def _percent_text(args, kwargs) -> str:
+    """Downloads: progress(done, total, model id); the worker's units are not assumed, the share is shown."""
+    numbers = _numbers(args)
+    name = _message(args, kwargs)
+    share = f"{100.0 * numbers[0] / numbers[1]:.0f} %" if len(numbers) >= 2 and numbers[1] else ""
+    return " ".join(part for part in (name, share) if part)
+
+
+class PanelController:
+    """The panel's behaviour. Public methods are the actions (buttons, shortcuts, scene observers call them)."""
+
+    def __init__(self, ui, logic, qt, hooks=None, pollIntervalMs: int = 100):
+        self.ui = ui
+        self.logic = logic
+        self.qt = qt
+        self.hooks = hooks if hooks is not None else PanelHooks()
+        self.jobs = {}  # slot -> _Job
+        self.connection = None  # what logic.connect returned, once connected
+        self.models = {}  # model id -> card
+        self.supports = []  # [(volume node, segmentation node)]
+        self.cases = []
+        self.adapter = None  # info of the trained or loaded adapter
+        self.promptPending = False  # a prompt changed while a prompt job ran: segment again after it
+        self._afterConnect = []  # requests waiting for the connect job
+        self._polling = False
+        self._syncingPlacing = False
+        self.timer = qt.QTimer()
+        self.timer.interval = int(pollIntervalMs)
+        self.timer.timeout.connect(self.poll)
+        self._connectSignals()
+        self.updateButtons()
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Wiring
+
+    def _connectSignals(self) -> None:
+        ui = self.ui
+        for selector in (ui.inputVolumeSelector, ui.segmentationSelector, ui.supportVolumeSelector,
+                         ui.supportSegmentationSelector, ui.caseVolumeSelector, ui.caseSegmentationSelector):
+            selector.currentNodeChanged.connect(self.updateButtons)
+        ui.promptModelSelector.currentIndexChanged.connect(self.updateButtons)
+        ui.incontextModelSelector.currentIndexChanged.connect(self.updateButtons)
+        ui.serverUrlEdit.textChanged.connect(self._connectionSettingsChanged)
+        ui.serverTokenEdit.textChanged.connect(self._connectionSettingsChanged)
+        ui.deviceSelector.currentIndexChanged.connect(self._connectionSettingsChanged)
+        ui.connectButton.clicked.connect(self.connectWorker)
+        ui.downloadModelButton.clicked.connect(self.downloadModels)
+        ui.boxButton.toggled.connect(self._onBoxToggled)
+        ui.roiButton.toggled.connect(self._onRoiToggled)
+        ui.segmentButton.clicked.connect(self.segment)
+        ui.undoButton.clicked.connect(self.undo)
+        ui.clearPromptsButton.clicked.connect(self.clearPrompts)
+        ui.addSupportButton.clicked.connect(self.addSupport)
+        ui.removeSupportButton.clicked.connect(self.removeSupport)
+        ui.runInContextButton.clicked.connect(self.runInContext)
+        ui.addCaseButton.clicked.connect(self.addCase)
+        ui.removeCaseButton.clicked.connect(self.removeCase)
+        ui.adaptButton.clicked.connect(self.adapt)
+        ui.cancelButton.clicked.connect(self.cancel)
+        ui.saveAdapterButton.clicked.connect(self.saveAdapter)
+        ui.loadAdapterButton.clicked.connect(self.loadAdapter)
+        ui.segmentWithAdapterButton.clicked.connect(self.segmentWithAdapter)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # State
+
+    def isRunning(self, slot: str) -> bool:
+        return slot in self.jobs
+
+    def connecting(self) -> bool:
+        """A job is (re)connecting to the worker: the other runs wait for it."""
+        return CONNECT in self.jobs
+
+    def inputs(self):
+        return self.ui.inputVolumeSelector.currentNode(), self.ui.segmentationSelector.currentNode()
+
+    def updateButtons(self, *_args) -> None:
+        ui = self.ui
+        volume, segmentation = self.inputs()
+        hasInputs = volume is not None and segmentation is not None
+        connecting = self.connecting()
+        adapterBusy = self.isRunning(ADAPTER)
+        ui.connectButton.enabled = not self.jobs
+        ui.downloadModelButton.enabled = not connecting and not self.isRunning(DOWNLOAD)
+        ui.segmentButton.enabled = bool(hasInputs and not self.isRunning(PROMPT) and not connecting)
+        ui.undoButton.enabled = bool(segmentation is not None and not self.isRunning(PROMPT))
+        ui.addSupportButton.enabled = bool(ui.supportVolumeSelector.currentNode() is not None
+                                           and ui.supportSegmentationSelector.currentNode() is not None)
+        ui.removeSupportButton.enabled = bool(self.supports)
+        ui.runInContextButton.enabled = bool(hasInputs and self.supports and not self.isRunning(INCONTEXT)
+                                             and not connecting)
+        ui.addCaseButton.enabled = bool(ui.caseVolumeSelector.currentNode() is not None
+                                        and ui.caseSegmentationSelector.currentNode() is not None)
+        ui.removeCaseButton.enabled = bool(self.cases)
+        ui.adaptButton.enabled = bool(self.cases and not adapterBusy and not connecting)
+        ui.cancelButton.enabled = any(job.cancellable and not job.cancelled() for job in self.jobs.values())
+        ui.saveAdapterButton.enabled = bool(self.adapter is not None and not adapterBusy)
+        ui.loadAdapterButton.enabled = bool(not adapterBusy and not connecting)
+        ui.segmentWithAdapterButton.enabled = bool(hasInputs and self.adapterFor("auto") and not adapterBusy
+                                                   and not connecting)
+        ui.promptAdapterCheckBox.enabled = self.adapterFor("prompt")
+
+    def adapterFor(self, mode: str) -> bool:
+        """An adapter is loaded for ``mode``: "auto" (segments by itself) or "prompt" (helps prompts); an adapter
+        whose info does not say is taken for both."""
+        if self.adapter is None:
+            return False
+        actual = self.adapter.get("mode") if isinstance(self.adapter, dict) else None
+        return actual in (None, "", mode)
+
+    def setStatus(self, text: str) -> None:
+        self.ui.statusLabel.text = one_line(text)
+
+    def reportError(self, label: str, exc: BaseException) -> None:
+        """A failure: one line in the status label, the full text in the log and through ``hooks.showError``."""
+        message = str(exc).strip()
+        summary = f"{label} failed: {type(exc).__name__}"
+        first = one_line(message)
+        self.setStatus(f"{summary}: {first}" if first else summary)
+        LOG.error("%s failed", label, exc_info=(type(exc), exc, exc.__traceback__))
+        try:
+            self.hooks.showError(f"FMSeg: {label} failed", f"{type(exc).__name__}: {message}" if message else summary)
+        except Exception:  # a failing dialog must not break the panel
+            LOG.exception("showError failed")
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Jobs
+
+    def _connectArgs(self) -> dict:
+        ui = self.ui
+        return {"url": ui.serverUrlEdit.text.strip(), "token": ui.serverTokenEdit.text,
+                "device": ui.deviceSelector.currentText or "auto"}
+
+    def _connectAndList(self, args: dict) -> dict:
+        """Worker thread: connect, and list the models when the answer does not."""
+        info = self.logic.connect(**args)
+        info = dict(info) if isinstance(info, dict) else {"info": info}
+        if not info.get("models") and hasattr(self.logic, "models"):
+            try:
+                info["models"] = self.logic.models()
+            except Exception:  # listing is a convenience: the connection itself worked
+                LOG.exception("listing the models failed")
+        return info
+
+    def start(self, slot, label, call, args=(), kwargs=None, onDone=None, cancellable=False, reportsProgress=False,
+              progressBar=None, formatter=_count_text, needsWorker=True):
+        """Run ``call(*args, **kwargs)`` as the job of ``slot``. ``call`` is the name of a Logic method (its
+        ``*_async`` variant is used when the Logic has one, else it goes through ``logic.submit``) or a function
+        for ``logic.submit``. ``reportsProgress`` and ``cancellable`` add the ``progress=`` and ``cancel=`` keyword
+        arguments. When the worker is not connected yet (``needsWorker``), connects first and starts the request
+        after. Returns the job, or None (not started now)."""
+        kwargs = dict(kwargs or {})
+        if slot in self.jobs:
+            self.setStatus(f"{label}: already running.")
+            return None
+        if needsWorker and self.connection is None:
+            self._afterConnect.append(lambda: self.start(
+                slot, label, call, args, kwargs, onDone=onDone, cancellable=cancellable,
+                reportsProgress=reportsProgress, progressBar=progressBar, formatter=formatter))
+            if not self.isRunning(CONNECT):
+                self.connectWorker()
+            return None
+        job = _Job(slot, label, onDone, cancellable, progressBar, formatter)
+        if reportsProgress:
+            kwargs["progress"] = job.report
+        if cancellable:
+            kwargs["cancel"] = job.cancelEvent.is_set
+        try:
+            if callable(call):
+                job.future = self.logic.submit(call, *args, **kwargs)
+            elif hasattr(self.logic, call + "_async"):
+                # reads the scene now (GUI thread), requests in the background; result() applies on this thread
+                job.future = getattr(self.logic, call + "_async")(*args, **kwargs)
+            else:
+                job.future = self.logic.submit(getattr(self.logic, call), *args, **kwargs)
+        except Exception as exc:
+            self.reportError(label, exc)
+            return None
+        others = [other.label.lower() for other in self.jobs.values()]
+        self.jobs[slot] = job
+        if progressBar is not None:
+            progressBar.value = 0
+        # The Logic may run one request at a time: say what else is running.
+        self.setStatus(f"{label}\u2026" + (f" ({', '.join(others)} still running)" if others else ""))
+        if not self.timer.active:
+            self.timer.start()
+        self.updateButtons()
+        return job
+
+    def poll(self, *_args) -> None:
+        """Timer slot (GUI thread): show progress, finish the jobs that are done."""
+        if self._polling:  # a modal dialog opened by a callback runs the event loop: no re-entry
+            return
+        self._polling = True
+        try:
+            for slot, job in list(self.jobs.items()):
+                self._showProgress(job)
+                if job.future.done():
+                    del self.jobs[slot]
+                    self._finish(job)
+            if not self.jobs:
+                self.timer.stop()
+        finally:
+            self._polling = False
+        self.updateButtons()
+
+    def _showProgress(self, job: _Job) -> None:
+        progress = job.progress
+        if progress is None or progress is job.shown:
+            return
+        job.shown = progress
+        args, kwargs = progress
+        numbers = _numbers(args)
+        if job.progressBar is not None and len(numbers) >= 2 and numbers[1]:
+            job.progressBar.value = max(0, min(100, int(round(100.0 * numbers[0] / numbers[1]))))
+        detail = job.formatter(args, kwargs)
+        if not job.cancelled():
+            self.setStatus(f"{job.label}: {detail}" if detail else f"{job.label}\u2026")
+
+    def _finish(self, job: _Job) -> None:
+        elapsed = time.monotonic() - job.started
+        try:
+            result = job.future.result()  # a Pending writes its result into the scene here, on the GUI thread
+        except Exception as exc:
+            if job.slot == PROMPT:
+                self.promptPending = False
+            if job.slot == CONNECT:
+                self._afterConnect = []
+            if is_cancellation(exc):
+                self.setStatus(f"{job.label} cancelled.")
+                if job.progressBar is not None:
+                    job.progressBar.value = 0
+            else:
+                self.reportError(job.label, exc)
+            return
+        if job.progressBar is not None:
+            job.progressBar.value = 100
+        if job.onDone is not None:
+            try:
+                job.onDone(result, elapsed)
+            except Exception as exc:
+                self.reportError(job.label, exc)
+
+    def cancel(self, *_args) -> None:
+        """Cancel every cancellable job (adaptation, adapter segmentation, in-context run)."""
+        labels = []
+        for job in self.jobs.values():
+            if job.cancellable and not job.cancelled():
+                job.cancelEvent.set()
+                if hasattr(job.future, "cancel"):
+                    job.future.cancel()  # a Future still waiting in the queue never starts
+                labels.append(job.label)
+        if labels:
+            self.setStatus(f"Cancelling {', '.join(labels).lower()}\u2026")
+        self.updateButtons()
+
+    def shutdown(self) -> None:
+        """Stop polling and cancel what can be cancelled (module cleanup)."""
+        self.cancel()
+        self.timer.stop()
+
+    def reset(self) -> None:
+        """The scene is closing: drop node references and cancel the cancellable jobs."""
+        self.cancel()
+        self.supports, self.cases = [], []
+        self.promptPending = False
+        self.refreshTables()
+        self.updateButtons()
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Worker and models
+
+    def _connectionSettingsChanged(self, *_args) -> None:
+        if self.connection is not None:
+            self.connection = None
+            self.setStatus("Worker settings changed: FMSeg connects again on the next run.")
+        self.updateButtons()
+
+    def connectWorker(self, *_args):
+        """Start the local worker or connect to the remote one (panel settings), and list its models."""
+        return self.start(CONNECT, "Connecting to the worker", self._connectAndList, (self._connectArgs(),),
+                          onDone=self._connectDone, needsWorker=False)
+
+    def _connectDone(self, info, elapsed) -> None:
+        self._connected(info)
+        waiting, self._afterConnect = self._afterConnect, []
+        for startJob in waiting:
+            startJob()
+
+    def _connected(self, info) -> None:
+        self.connection = info if isinstance(info, dict) else {"info": info}
+        self.setModels(self.connection.get("models"))
+        where = self.ui.serverUrlEdit.text.strip() or "local worker"
+        details = [f"{key} {self.connection[key]}" for key in ("version", "device") if self.connection.get(key)]
+        available = [card for card in self.models.values() if card.get("available")]
+        models = f"; {len(available)} of {len(self.models)} models downloaded" if self.models else ""
+        self.setStatus(f"Connected to {where}" + (f" ({', '.join(details)})" if details else "") + models + ".")
+
+    def setModels(self, models) -> None:
+        """Fill the model selectors from zoo cards, keeping the current choices when they are still listed."""
+        cards = model_cards(models)
+        if not cards:
+            return
+        self.models = {card["id"]: card for card in cards}
+        prompt = [c["id"] for c in cards if c["kind"] in PROMPTABLE_KINDS or c["kind"] is None]
+        incontext = [c["id"] for c in cards if c["kind"] in INCONTEXT_KINDS or c["kind"] is None]
+        self._fillCombo(self.ui.promptModelSelector, prompt)
+        self._fillCombo(self.ui.incontextModelSelector, incontext)
+
+    def _fillCombo(self, combo, ids) -> None:
+        if not ids:
+            return
+        current = combo.currentText
+        combo.clear()
+        for model_id in ids:
+            combo.addItem(model_id)
+        index = combo.findText(current)
+        combo.currentIndex = index if index >= 0 else 0
+
+    def selectedModels(self) -> list[str]:
+        ids = []
+        for combo in (self.ui.promptModelSelector, self.ui.incontextModelSelector):
+            if combo.currentText and combo.currentText not in ids:
+                ids.append(combo.currentText)
+        return ids
+
+    def downloadModels(self, *_args):
+        """Download the selected models that the worker did not report as available."""
+        wanted = [m for m in self.selectedModels() if not (self.models.get(m) or {}).get("available")]
+        if not wanted:
+            self.setStatus("The selected models are already downloaded.")
+            return None
+        def run(progress=None):
+            for model_id in wanted:
+                self.logic.download_model(
+                    model_id, progress=lambda done, total, *_rest, m=model_id: progress(done, total, m))
+            return wanted
+
+        return self.start(DOWNLOAD, "Download", run, onDone=self._downloadDone, reportsProgress=True,
+                          progressBar=self.ui.downloadProgressBar, formatter=_percent_text)
+
+    def _downloadDone(self, ids, elapsed) -> None:
+        for model_id in ids or ():
+            self.models.setdefault(model_id, {"id": model_id, "kind": None})["available"] = True
+        self.setStatus(f"Downloaded {', '.join(ids or ())} in {elapsed:.0f} s.")
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Prompts
+
+    def segment(self, *_args):
+        """Segment from the current prompts (points, boxes, ROIs) into the segment named in the panel."""
+        ui = self.ui
+        volume, segmentation = self.inputs()
+        if volume is None or segmentation is None:
+            self.setStatus("Select a volume and a segmentation first.")
+            return None
+        if self.isRunning(PROMPT) or self.connecting():
+            self.promptPending = True
+            return None
+        self.promptPending = False
+        name = ui.segmentNameEdit.text.strip() or DEFAULT_SEGMENT_NAME
+        return self.start(
+            PROMPT, "Segment", "prompt", (volume, segmentation, name), dict(
+                include_points=ui.includePointsPlaceWidget.currentNode(),
+                exclude_points=ui.excludePointsPlaceWidget.currentNode(),
+                rois=list(self.hooks.promptRois() or ()),
+                model=ui.promptModelSelector.currentText,
+                use_adapter=bool(ui.promptAdapterCheckBox.checked and self.adapterFor("prompt"))),
+            onDone=lambda segmentId, elapsed: self._promptDone(name, segmentId, elapsed))
+
+    def _promptDone(self, name, segmentId, elapsed) -> None:
+        self.setStatus(f"Segmented '{name}' in {elapsed:.1f} s.")
+        self.hooks.resultReady("prompt", segmentId)
+        if self.promptPending:
+            self.promptPending = False
+            if self.ui.autoUpdateCheckBox.checked:
+                self.segment()
+
+    def promptChanged(self, *_args) -> None:
+        """A point, box or ROI was placed or moved: segment again when "Update after each prompt" is on. While a
+        prompt runs, one more run is queued (the latest prompts are read when it starts)."""
+        if not self.ui.autoUpdateCheckBox.checked:
+            return
+        volume, segmentation = self.inputs()
+        if volume is None or segmentation is None:
+            return
+        if self.isRunning(PROMPT) or self.connecting():
+            self.promptPending = True
+            return
+        self.segment()
+
+    def undo(self, *_args) -> bool:
+        """Restore the segments as they were before the last result (GUI thread: the Logic edits MRML nodes)."""
+        segmentation = self.ui.segmentationSelector.currentNode()
+        if segmentation is None:
+            self.setStatus("Select a segmentation first.")
+            return False
+        if self.isRunning(PROMPT):
+            self.setStatus("Undo waits for the running segmentation to finish.")
+            return False
+        try:
+            undone = bool(self.logic.undo(segmentation))
+        except Exception as exc:
+            self.reportError("Undo", exc)
+            return False
+        self.setStatus("Undone: the segments are back as they were before the last result."
+                       if undone else "Nothing to undo.")
+        return undone
+
+    def clearPrompts(self, *_args) -> None:
+        self._setPlacingButtons(False, False)
+        self.hooks.clearPrompts()
+        self.promptPending = False
+        self.setStatus("Prompts cleared.")
+
+    def placeInclude(self, *_args) -> None:
+        self._setPlacingButtons(False, False)
+        self.ui.excludePointsPlaceWidget.placeModeEnabled = False
+        self.ui.includePointsPlaceWidget.placeModeEnabled = True
+
+    def placeExclude(self, *_args) -> None:
+        self._setPlacingButtons(False, False)
+        self.ui.includePointsPlaceWidget.placeModeEnabled = False
+        self.ui.excludePointsPlaceWidget.placeModeEnabled = True
+
+    def toggleBox(self, *_args) -> None:
+        self.ui.boxButton.checked = not self.ui.boxButton.checked
+
+    def toggleRoi(self, *_args) -> None:
+        self.ui.roiButton.checked = not self.ui.roiButton.checked
+
+    def placingFinished(self, *_args) -> None:
+        """The views left place mode (the box or ROI is placed, or the user pressed Escape)."""
+        self._syncingPlacing = True
+        try:
+            self._setPlacingButtons(False, False)
+        finally:
+            self._syncingPlacing = False
+
+    def _setPlacingButtons(self, box: bool, roi: bool) -> None:
+        if self.ui.boxButton.checked != box:
+            self.ui.boxButton.checked = box
+        if self.ui.roiButton.checked != roi:
+            self.ui.roiButton.checked = roi
+
+    def _onBoxToggled(self, *_args) -> None:
+        self._onPlacingToggled("box", self.ui.boxButton, self.ui.roiButton)
+
+    def _onRoiToggled(self, *_args) -> None:
+        self._onPlacingToggled("roi", self.ui.roiButton, self.ui.boxButton)
+
+    def _onPlacingToggled(self, kind, button, other) -> None:
+        enabled = bool(button.checked)
+        if enabled:
+            other.checked = False
+            self.ui.includePointsPlaceWidget.placeModeEnabled = False
+            self.ui.excludePointsPlaceWidget.placeModeEnabled = False
+        if self._syncingPlacing:
+            return
+        try:
+            self.hooks.setPlacing(kind, enabled)
+        except Exception as exc:
+            self.reportError("Placing a box" if kind == "box" else "Placing a ROI", exc)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Support set and cases
+
+    def describe(self, volume, segmentation):
+        return self.hooks.describePair(volume, segmentation)
+
+    def fillTable(self, table, rows) -> None:
+        """Rows of (volume name, segmentation name, segment names) into a 3-column table."""
+        table.rowCount = len(rows)
+        for row, (volumeName, segmentationName, segmentNames) in enumerate(rows):
+            names = segmentNames if isinstance(segmentNames, str) else ", ".join(str(n) for n in segmentNames)
+            for column, text in enumerate((volumeName, segmentationName, names)):
+                table.setItem(row, column, self.qt.QTableWidgetItem(str(text)))
+
+    def refreshTables(self) -> None:
+        for table, pairs in ((self.ui.supportTable, self.supports), (self.ui.caseTable, self.cases)):
+            rows = []
+            for volume, segmentation in pairs:
+                volumeName, segmentationName, _ids, names = self.describe(volume, segmentation)
+                rows.append((volumeName, segmentationName, names))
+            self.fillTable(table, rows)
+
+    def _addPair(self, pairs, volume, segmentation, what) -> bool:
+        if volume is None or segmentation is None:
+            self.setStatus(f"Select the {what} volume and its segmentation first.")
+            return False
+        if any(v is volume and s is segmentation for v, s in pairs):
+            self.setStatus(f"This {what} pair is already in the list.")
+            return False
+        volumeName, segmentationName, ids, _names = self.describe(volume, segmentation)
+        if not ids:
+            self.setStatus(f"'{segmentationName}' has no segments: nothing to learn from.")
+            return False
+        pairs.append((volume, segmentation))
+        self.refreshTables()
+        self.setStatus(f"Added {volumeName} / {segmentationName} ({len(ids)} segments).")
+        self.updateButtons()
+        return True
+
+    def _removePair(self, pairs, table) -> None:
+        if not pairs:
+            return
+        row = table.currentRow()
+        pairs.pop(row if 0 <= row < len(pairs) else len(pairs) - 1)
+        self.refreshTables()
+        self.updateButtons()
+
+    def addSupport(self, *_args) -> bool:
+        ui = self.ui
+        return self._addPair(self.supports, ui.supportVolumeSelector.currentNode(),
+                             ui.supportSegmentationSelector.currentNode(), "support")
+
+    def removeSupport(self, *_args) -> None:
+        self._removePair(self.supports, self.ui.supportTable)
+
+    def addCase(self, *_args) -> bool:
+        ui = self.ui
+        return self._addPair(self.cases, ui.caseVolumeSelector.currentNode(),
+                             ui.caseSegmentationSelector.currentNode(), "case")
+
+    def removeCase(self, *_args) -> None:
+        self._removePair(self.cases, self.ui.caseTable)
+
+    def forgetNode(self, node) -> None:
+        """A node left the scene: drop the support/case rows that use it."""
+        before = len(self.supports) + len(self.cases)
+        self.supports = [p for p in self.supports if node is not p[0] and node is not p[1]]
+        self.cases = [p for p in self.cases if node is not p[0] and node is not p[1]]
+        if len(self.supports) + len(self.cases) != before:
+            self.refreshTables()
+            self.updateButtons()
+
+    def _withSegments(self, pairs):
+        out = []
+        for volume, segmentation in pairs:
+            _v, _s, ids, _names = self.describe(volume, segmentation)
+            out.append((volume, segmentation, list(ids)))
+        return out
+
+    # ------------------------------------------------------------------------------------------------------------
+    # In-context
+
+    def runInContext(self, *_args):
+        ui = self.ui
+        volume, segmentation = self.inputs()
+        if volume is None or segmentation is None:
+            self.setStatus("Select a volume and a segmentation first.")
+            return None
+        if not self.supports:
+            self.setStatus("Add at least one labelled support case.")
+            return None
+        return self.start(
+            INCONTEXT, "In-context segmentation", "run_incontext",
+            (volume, segmentation, self._withSegments(self.supports)),
+            dict(support_size=int(ui.supportSizeSpinBox.value), ensemble=int(ui.ensembleSpinBox.value),
+                 uncertainty=bool(ui.uncertaintyCheckBox.checked), model=ui.incontextModelSelector.currentText),
+            onDone=self._incontextDone, cancellable=True, reportsProgress=True)
+
+    def _incontextDone(self, result, elapsed) -> None:
+        segments = result.get("segments") if isinstance(result, dict) else result
+        count = len(segments) if isinstance(segments, (list, tuple)) else 0
+        uncertainty = isinstance(result, dict) and result.get("uncertainty_node") is not None
+        self.setStatus(f"In-context: {count} segment{'s' if count != 1 else ''} in {elapsed:.1f} s"
+                       + (", uncertainty volume added." if uncertainty else "."))
+        self.hooks.resultReady("incontext", result)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Adaptation
+
+    def adapt(self, *_args):
+        ui = self.ui
+        if not self.cases:
+            self.setStatus("Add at least one labelled case.")
+            return None
+        return self.start(
+            ADAPTER, "Adaptation", "adapt", (self._withSegments(self.cases),),
+            dict(mode=ui.adaptModeSelector.currentText, method=ui.methodSelector.currentText,
+                 rank=int(ui.rankSpinBox.value), steps=int(ui.stepsSpinBox.value)),
+            onDone=self._adaptDone, cancellable=True, reportsProgress=True, progressBar=ui.adaptProgressBar,
+            formatter=_steps_text)
+
+    def _adaptDone(self, info, elapsed) -> None:
+        self._setAdapter(info)
+        self.setStatus(f"Adaptation finished in {elapsed:.0f} s. {self.ui.adapterLabel.text}")
+
+    def _setAdapter(self, info) -> None:
+        self.adapter = info if info is not None else {}
+        self.ui.adapterLabel.text = describe_adapter(self.adapter)
+        self.updateButtons()
+
+    def saveAdapter(self, *_args):
+        if self.adapter is None:
+            self.setStatus("No adapter to save: adapt or load one first.")
+            return None
+        path = self.hooks.chooseAdapterPath(True)
+        if not path:
+            return None
+        # overwrite: the save dialog has asked the user about an existing file
+        return self.start(ADAPTER, "Saving the adapter", "save_adapter", (str(path),), {"overwrite": True},
+                          onDone=lambda _r, _e: self.setStatus(f"Adapter saved to {path}."))
+
+    def loadAdapter(self, *_args):
+        path = self.hooks.chooseAdapterPath(False)
+        if not path:
+            return None
+
+        def loaded(info, elapsed):
+            info = dict(info) if isinstance(info, dict) else {"info": info}
+            info.setdefault("path", str(path))
+            self._setAdapter(info)
+            self.setStatus(f"Adapter loaded. {self.ui.adapterLabel.text}")
+
+        return self.start(ADAPTER, "Loading the adapter", "load_adapter", (str(path),), onDone=loaded)
+
+    def segmentWithAdapter(self, *_args):
+        volume, segmentation = self.inputs()
+        if volume is None or segmentation is None:
+            self.setStatus("Select a volume and a segmentation first.")
+            return None
+        if not self.adapterFor("auto"):
+            self.setStatus("Adapt or load an automatic ('auto' mode) adapter first.")
+            return None
+        return self.start(ADAPTER, "Adapter segmentation", "segment_with_adapter", (volume, segmentation),
+                          onDone=self._adapterSegmentDone, cancellable=True, reportsProgress=True,
+                          progressBar=self.ui.adaptProgressBar)
+
+    def _adapterSegmentDone(self, segmentIds, elapsed) -> None:
+        count = len(segmentIds) if isinstance(segmentIds, (list, tuple)) else 0
+        self.setStatus(f"Adapter segmented {count} structure{'s' if count != 1 else ''} in {elapsed:.1f} s.")
+        self.hooks.resultReady("adapter-segment", segmentIds)

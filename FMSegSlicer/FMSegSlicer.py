@@ -225,6 +225,13 @@ class SlicerPanelHooks(PanelHooks):
         self.lastDirectory = qt.QFileInfo(path).absolutePath()
         return path
 
+    def confirmInstall(self, text):
+        return slicer.util.confirmOkCancelDisplay(
+            _("FMSeg's worker needs Python packages that are not installed: {text}\n\nInstall the missing ones now "
+              "into Slicer's Python? Packages Slicer ships are pinned and stay as they are. (To keep torch out of "
+              "Slicer's Python instead, set FMSEG_WORKER_PYTHON to a Python environment of its own: see the "
+              "README.)").format(text=text), windowTitle=_("FMSeg: install packages"))
+
     def resultReady(self, kind, result):
         if kind == "incontext" and isinstance(result, dict) and result.get("uncertainty_node") is not None:
             slicer.util.setSliceViewerLayers(foreground=result["uncertainty_node"], foregroundOpacity=0.4)

@@ -32,7 +32,9 @@ stores the scene and does not propagate it: tests check the connections, not the
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import inspect
 import os
 import sys
 import types
@@ -73,6 +75,22 @@ def _feature_module():
     return __feature__
 
 
+@contextlib.contextmanager
+def _modules_pyside_can_scan():
+    """Hide, for the duration, modules that PySide6's feature scan cannot inspect: it unwraps each loaded module
+    (``inspect.unwrap``, following ``__wrapped__``), and ``torch.classes`` answers that with a RuntimeError."""
+    hidden = {}
+    for name, module in list(sys.modules.items()):
+        try:
+            inspect.unwrap(module)
+        except Exception:
+            hidden[name] = sys.modules.pop(name)
+    try:
+        yield
+    finally:
+        sys.modules.update(hidden)
+
+
 def set_features(module_name: str, *names: str) -> list[str]:
     """Switch the named PySide6 features (e.g. "true_property") on for code in ``module_name``, or all off when
     none is named; returns the features now selected for that module."""
@@ -82,7 +100,8 @@ def set_features(module_name: str, *names: str) -> list[str]:
         if name not in feature.all_feature_names:
             raise ValueError(f"unknown PySide6 feature {name!r}")
         flags |= getattr(feature, name)
-    feature.set_selection(flags, module_name)
+    with _modules_pyside_can_scan():
+        feature.set_selection(flags, module_name)
     return feature.info(module_name)
 
 

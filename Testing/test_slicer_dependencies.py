@@ -52,3 +52,13 @@ def test_this_interpreter_meets_the_modules_requirements_and_has_torch():
 def test_a_python_that_cannot_run_is_reported_in_one_line(tmp_path):
     with pytest.raises((RuntimeError, OSError)):
         check(str(tmp_path / "no-python"))
+
+
+def test_the_logic_refuses_to_start_a_worker_in_a_python_without_the_packages(python):
+    slicer = pytest.importorskip("slicer")
+    from FMSegSlicerLib.logic import FMSegLogic, MissingDependencies
+
+    logic = FMSegLogic(slicer.vtkMRMLScene(), python=python)
+    with pytest.raises(MissingDependencies, match="PyTorch is not installed") as refused:
+        logic.connect()
+    assert "monai>=1.3" in refused.value.report.missing and logic.local is None

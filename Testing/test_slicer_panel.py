@@ -329,6 +329,9 @@ class LogicTestDouble:
         return self._call("segment_with_adapter", volume_node=volume_node, segmentation_node=segmentation_node,
                           progress=progress, cancel=cancel)
 
+    def install_dependencies(self, report):
+        return self._call("install_dependencies", report=report)
+
 
 @pytest.fixture
 def make_controller(panel, ui):
@@ -797,6 +800,39 @@ def test_an_exception_in_a_job_is_one_line_in_the_status(panel, ui, mrml, make_c
     assert hooks.errors == [("FMSeg: Segment failed",
                              "ValueError: spacing mismatch\nvolume 1.0 mm, segmentation 2.0 mm\n(details)")]
     wait_until(lambda: ui.segmentButton.isEnabled(), what="the button back")
+
+
+@pytest.mark.parametrize("agree", [True, False])
+def test_missing_packages_are_installed_only_after_asking_then_it_connects(panel, ui, mrml, make_controller, agree):
+    from FMSegSlicerLib.dependencies import DependencyReport
+
+    logic_errors = logic_module()
+    report = DependencyReport("python", missing=["monai>=1.3"], torch={"version": "2.13.0"})
+    attempts, asked = [], []
+
+    def connect(url, token, device):
+        attempts.append(url)
+        if len(attempts) == 1:
+            raise logic_errors.MissingDependencies(report)
+        return {"version": "1.0", "device": "cpu", "models": []}
+
+    class AskingHooks(type(recording_hooks(panel))):
+        def confirmInstall(self, text):
+            asked.append(text)
+            return agree
+
+    logic = LogicTestDouble(connect=connect, prompt=lambda **a: "id", install_dependencies=lambda report: "ok")
+    make_controller(logic, AskingHooks())
+    select_inputs(ui, mrml)
+    ui.segmentButton.click()
+    if agree:
+        wait_until(lambda: logic.called("prompt"), what="the install, the second connection and the prompt")
+        assert logic.called("install_dependencies") == [{"report": report}] and len(attempts) == 2
+    else:
+        wait_until(lambda: "failed" in ui.statusLabel.text(), what="the refusal")
+        assert logic.called("install_dependencies") == [] and logic.called("prompt") == []
+        assert "monai>=1.3" in ui.statusLabel.text()
+    assert len(asked) == 1 and "monai>=1.3" in asked[0]
 
 
 def test_connection_failure_is_reported_and_retried(panel, ui, mrml, make_controller):

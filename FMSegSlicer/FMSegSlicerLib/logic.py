@@ -41,6 +41,14 @@ class Cancelled(Exception):
     """The user cancelled a running job; the scene was not changed."""
 
 
+class MissingDependencies(Exception):
+    """The worker's Python lacks packages (``report``: what is missing and what to do)."""
+
+    def __init__(self, report: Any) -> None:
+        super().__init__(report.describe())
+        self.report = report
+
+
 class WorkerCrashed(Exception):
     """The local worker process stopped; it has been restarted, the scene is untouched."""
 
@@ -99,7 +107,8 @@ class AdapterState:
 class FMSegLogic:
     """Scene <-> worker. Uses a local worker process unless connected to a server URL."""
 
-    def __init__(self, scene: Any = None, python: Optional[str] = None, device: str = "auto") -> None:
+    def __init__(self, scene: Any = None, python: Optional[str] = None, device: str = "auto",
+                 check_dependencies: bool = True) -> None:
         self.scene = scene if scene is not None else slicer.mrmlScene
         self.python = python
         self.device = device
@@ -108,6 +117,8 @@ class FMSegLogic:
         self.local: Optional[LocalWorker] = None
         self.client: Optional[WorkerClient] = None
         self.adapter = AdapterState()
+        self.check_dependencies = check_dependencies
+        self._ready_pythons: set[str] = set()
         self._uploads: dict[tuple, Upload] = {}
         self._sessions: dict[tuple, str] = {}
         self._undo: dict[str, list[Any]] = {}
@@ -124,9 +135,33 @@ class FMSegLogic:
         if self.url:
             self.client = WorkerClient(self.url, self.token)
         else:
-            self.local = LocalWorker(python=self.python or default_worker_python(), device=self.device)
+            python = self.python or default_worker_python()
+            self._require_dependencies(python)
+            self.local = LocalWorker(python=python, device=self.device)
             self.client = self.local.start()
         return self.client.info()
+
+    def _require_dependencies(self, python: str) -> None:
+        """Check the worker's Python once (in a separate process); raise :class:`MissingDependencies`."""
+        if not self.check_dependencies or python in self._ready_pythons:
+            return
+        from FMSegSlicerLib.dependencies import check
+
+        report = check(python)
+        if report.missing or report.conflicts or "version" not in report.torch:
+            raise MissingDependencies(report)
+        self._ready_pythons.add(python)
+
+    def install_dependencies(self, report: Any) -> str:
+        """Install what ``report`` lists as missing (after the user agreed; off the GUI thread), leaving every
+        installed package as it is; pip's last line."""
+        from FMSegSlicerLib.dependencies import install_missing
+
+        result = install_missing(report)
+        lines = [line for line in (result.stdout + result.stderr).splitlines() if line.strip()]
+        if result.returncode != 0:
+            raise RuntimeError(f"pip could not install {', '.join(report.missing)}: {lines[-1] if lines else ''}")
+        return lines[-1] if lines else "installed"
 
     def disconnect(self) -> None:
         """Stop the local worker (a remote one keeps running) and forget what it held."""

@@ -31,6 +31,7 @@ LOG = logging.getLogger(__name__)
 
 #: Job slots: one job at a time per slot. Adaptation may run while prompts and in-context runs go on.
 CONNECT, DOWNLOAD, PROMPT, INCONTEXT, ADAPTER = "connect", "download", "prompt", "incontext", "adapter"
+INSTALL = "install"
 
 DEFAULT_SEGMENT_NAME = "Segment_1"
 STATUS_LIMIT = 240
@@ -126,6 +127,10 @@ class PanelHooks:
     def chooseAdapterPath(self, save: bool) -> str:
         """A file path for saving (``save``) or loading an adapter; "" when the user cancels."""
         return ""
+
+    def confirmInstall(self, text: str) -> bool:
+        """Ask the user whether to install missing packages (``text`` says which); False: do not."""
+        return False
 
     def resultReady(self, kind: str, result) -> None:
         """A run of ``kind`` ("prompt", "incontext", "adapter-segment") wrote ``result`` into the scene."""
@@ -420,6 +425,8 @@ class PanelController:
             if job.slot == PROMPT:
                 self.promptPending = False
             if job.slot == CONNECT:
+                if self._offerInstall(exc):
+                    return
                 self._afterConnect = []
             if is_cancellation(exc):
                 self.setStatus(f"{job.label} cancelled.")
@@ -435,6 +442,17 @@ class PanelController:
                 job.onDone(result, elapsed)
             except Exception as exc:
                 self.reportError(job.label, exc)
+
+    def _offerInstall(self, exc: BaseException) -> bool:
+        """A connection failed for missing packages: ask, then install them and connect again."""
+        report = getattr(exc, "report", None)
+        if type(exc).__name__ != "MissingDependencies" or report is None or not report.missing:
+            return False
+        if not self.hooks.confirmInstall(one_line(str(exc), 2000)):
+            return False
+        self.start(INSTALL, "Installing packages", "install_dependencies", (report,),
+                   onDone=lambda *_: self.connectWorker(), needsWorker=False)
+        return True
 
     def cancel(self, *_args) -> None:
         """Cancel every cancellable job (adaptation, adapter segmentation, in-context run)."""

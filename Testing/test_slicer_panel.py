@@ -33,6 +33,7 @@ import xml.etree.ElementTree as ET  # noqa: E402
 from concurrent.futures import ThreadPoolExecutor  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 pytest.importorskip("PySide6")
@@ -197,14 +198,9 @@ def mrml():
     slicer = pytest.importorskip("slicer")
     if not hasattr(slicer, "vtkMRMLScene"):
         pytest.skip("the 'slicer' module here is not slicer-core")
-    scene = slicer.vtkMRMLScene()
-    application = slicer.vtkSlicerApplicationLogic()
-    application.SetMRMLScene(scene)
-    logics = {"Markups": slicer.vtkSlicerMarkupsLogic(), "Segmentations": slicer.vtkSlicerSegmentationsModuleLogic()}
-    for name, logic in logics.items():
-        logic.SetMRMLScene(scene)
-        logic.SetMRMLApplicationLogic(application)
-        application.SetModuleLogic(name, logic)
+    from slicer_scene import new_scene
+
+    scene = new_scene()
 
     class Mrml:
         def volume(self, name):
@@ -223,7 +219,7 @@ def mrml():
             return scene.AddNewNodeByClass("vtkMRMLMarkupsROINode", name)
 
     mrml = Mrml()
-    mrml.scene, mrml.logics, mrml.application = scene, logics, application
+    mrml.scene = scene
     return mrml
 
 
@@ -1060,3 +1056,67 @@ def test_adapter_mode_decides_between_prompting_and_automatic_segmentation(panel
     assert "prompt mode" in ui.adapterLabel.text()
     controller._setAdapter({"structures": ["liver"], "mode": "auto"})
     assert not ui.promptAdapterCheckBox.isEnabled() and ui.segmentWithAdapterButton.isEnabled()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The panel driving the real Logic and a real local worker
+
+
+def test_the_panel_segments_through_the_real_logic_and_worker_and_undo_restores(panel, ui, mrml, make_controller):
+    """Stand-in UI, real everything else: the controller, FMSegLogic, a worker process, slicer-core MRML."""
+    import slicer.util
+    from worker_fixtures import ct_case
+
+    logic_errors = logic_module()
+    lps_to_ras = np.diag([-1.0, -1.0, 1.0])
+    image, labels, names = ct_case()
+    matrix = np.eye(4)
+    matrix[:3, :3] = lps_to_ras @ np.asarray(image.direction) @ np.diag(image.spacing)
+    matrix[:3, 3] = lps_to_ras @ np.asarray(image.origin)
+    ijk_to_ras = vtk_matrix(matrix)
+    volume = slicer.util.addVolumeFromArray(np.ascontiguousarray(image.array), ijk_to_ras, "CT real")
+    segmentation = mrml.segmentation("Result")
+    kidney = labels == names["kidney_left"]
+    k, j, i = np.nonzero(kidney)
+    middle = int(np.median(k))
+    roi = mrml.roi("FMSeg ROI")
+    lo, hi = np.array([i.min() - 2, j.min() - 2, middle - 1]), np.array([i.max() + 2, j.max() + 2, middle + 1])
+    centre = matrix @ np.r_[(lo + hi) / 2, 1.0]
+    orientation = np.eye(4)
+    orientation[:3, :3] = matrix[:3, :3] / np.asarray(image.spacing)
+    roi.SetAndObserveObjectToNodeMatrix(vtk_matrix(orientation))
+    roi.SetCenter(*centre[:3])
+    roi.SetSize(*((hi - lo) * np.asarray(image.spacing)))
+
+    real = logic_errors.FMSegLogic(mrml.scene, device="cpu")
+    real.executor = real._executor  # the fixture's clean-up shuts this down
+    hooks = recording_hooks(panel, rois=[roi])
+    make_controller(real, hooks)
+    ui.inputVolumeSelector.setCurrentNode(volume)
+    ui.segmentationSelector.setCurrentNode(segmentation)
+    ui.segmentNameEdit.setText("kidney_left")
+    ui.deviceSelector.setCurrentText("cpu")
+    try:
+        ui.segmentButton.click()
+        wait_until(lambda: hooks.results or "failed" in ui.statusLabel.text(), timeout=300, what="the segment")
+        assert hooks.results and hooks.results[0][0] == "prompt", ui.statusLabel.text()
+        segment_id = segmentation.GetSegmentation().GetSegmentIdBySegmentName("kidney_left")
+        mask = slicer.util.arrayFromSegmentBinaryLabelmap(segmentation, segment_id, volume).astype(bool)
+        truth = kidney[middle - 1: middle + 2]
+        got = mask[middle - 1: middle + 2]
+        assert 2 * (got & truth).sum() / (got.sum() + truth.sum()) > 0.8
+        assert not mask[: middle - 1].any() and not mask[middle + 2:].any()  # the ROI's 3 slices only
+        ui.undoButton.click()
+        wait_until(lambda: segmentation.GetSegmentation().GetNumberOfSegments() == 0, timeout=30, what="undo")
+    finally:
+        real.shutdown()
+
+
+def vtk_matrix(array):
+    import vtk
+
+    matrix = vtk.vtkMatrix4x4()
+    for r in range(4):
+        for c in range(4):
+            matrix.SetElement(r, c, float(array[r, c]))
+    return matrix

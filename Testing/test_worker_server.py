@@ -299,3 +299,20 @@ def test_a_worker_that_cannot_start_says_why(tmp_path):
     with pytest.raises(WorkerUnavailable, match="cannot start"):
         missing.start()
     assert json  # json is used by the fixtures' label names
+
+
+def test_model_download_jobs_report_cached_models_and_fail_in_one_line_when_offline(client, monkeypatch, tmp_path):
+    monkeypatch.setenv("FMSEG_OFFLINE", "1")
+    monkeypatch.setenv("FMSEG_CACHE_DIR", str(tmp_path))
+    models = {card["id"]: card for card in client.models()}
+    assert models["universeg-fmseg"]["kind"] == "incontext" and models["universeg-fmseg"]["available"]
+    assert models["litemedsam"]["kind"] == "promptable" and not models["medsam-vit-b"]["available"]
+    done = client.wait(client.start_download("universeg-fmseg")["id"], interval=0.05)
+    assert done["result"]["path"].endswith(".pt")
+    job = client.start_download("medsam-vit-b")
+    with pytest.raises(WorkerError, match="offline|sha256") as failed:
+        client.wait(job["id"], interval=0.05)
+    assert "\n" not in str(failed.value) and client.job(job["id"])["state"] == "failed"
+    with pytest.raises(WorkerError, match="unknown model") as unknown:
+        client.start_download("no-such-model")
+    assert unknown.value.status == 400

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from FMSegCore.bench.prompt_bench import corrective_click, dice, load_case
+from FMSegCore.bench.prompt_bench import corrective_click, dice
 from FMSegCore.engines.prompting.prompts import BoxPrompt, PointPrompt, SegmentPrompts
 from FMSegCore.server.client import WorkerClient, geometry
 
@@ -41,10 +41,11 @@ def _wire(prompts: SegmentPrompts) -> dict[str, Any]:
     return {"boxes": [(b.lo, b.hi) for b in prompts.boxes], "points": [(p.ijk, p.include) for p in prompts.points]}
 
 
-def run_worker_bench(client: WorkerClient, session_local: Any, folder: Any, structures: list[str],
+def run_worker_bench(client: WorkerClient, session_local: Any, case: tuple, structures: list[str],
                      clicks: int = 5, progress=print) -> dict[str, Any]:
-    """Box prompt then corrective clicks per structure, each timed in-process and through the worker."""
-    image, labels, names = load_case(folder)
+    """Box prompt then corrective clicks per structure, each timed in-process and through the worker; ``case`` is
+    (image, label volume, names by value) as :func:`FMSegCore.bench.prompt_bench.load_case` returns it."""
+    image, labels, names = case
     by_name = {name: value for value, name in names.items()}
     began = time.perf_counter()
     volume_id = client.upload_volume(image.array, geometry(image.spacing, image.origin, image.direction))

@@ -26,22 +26,23 @@ def add_parser(kinds: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from FMSegCore.bench.prompt_bench import load_case
     from FMSegCore.bench.worker_bench import run_worker_bench, upload_speed
     from FMSegCore.device import inference_dtype, resolve_device, tune_cpu_runtime
     from FMSegCore.engines.prompting.session import PromptSession
-    from FMSegCore.io.volume import read_volume
     from FMSegCore.models.factory import load_model
     from FMSegCore.server.launcher import LocalWorker
 
     device = resolve_device(args.device)
     if device.type == "cpu":
         tune_cpu_runtime()
-    image = read_volume(args.data / "image.nii.gz")
+    case = load_case(args.data)
+    image = case[0]
     local = PromptSession(image, load_model("litemedsam", device), device,
                           autocast_dtype=inference_dtype(device, args.precision))
     with LocalWorker(device=str(device)) as worker:
         figures = {"device": str(device), "precision": args.precision, "case": args.data.name,
-                   **run_worker_bench(worker.client, local, args.data, args.structures, args.clicks)}
+                   **run_worker_bench(worker.client, local, case, args.structures, args.clicks)}
         if args.upload:
             figures["large_upload"] = upload_speed(worker.client)
     print(f"Worker process vs in-process on {device} ({args.data.name}, {figures['volume_mb']} MB volume sent once "

@@ -19,11 +19,10 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import nrrd
 import numpy as np
-import SimpleITK as sitk
 import slicerio
 
 from FMSegCore.errors import InputError
@@ -59,6 +58,9 @@ PALETTE: tuple[Color, ...] = (
 
 LABELMAP_SUFFIXES = (".nii", ".nii.gz", ".nrrd")
 SEGMENTATION_SUFFIX = ".seg.nrrd"
+
+if TYPE_CHECKING:
+    import SimpleITK as sitk
 
 
 @dataclass
@@ -371,6 +373,7 @@ def write_labelmap(
     ``.nii``, ``.nii.gz``, ``.nrrd``: an integer label map plus ``<name>.labels.json`` beside it.
     Values without a segment get a default one (``Segment_<value>``).
     """
+    import SimpleITK as sitk  # imported when used: the rest works without it
     path = Path(path)
     name = path.name.lower()
     if not any(name.endswith(suffix) for suffix in LABELMAP_SUFFIXES):

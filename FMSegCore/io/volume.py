@@ -12,10 +12,9 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Union
+from typing import TYPE_CHECKING, Optional, Union
 
 import numpy as np
-import SimpleITK as sitk
 
 from FMSegCore.errors import InputError
 
@@ -24,6 +23,9 @@ PathLike = Union[str, Path]
 #: File endings SimpleITK reads as one volume.
 VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
+
+if TYPE_CHECKING:
+    import SimpleITK as sitk
 
 
 @dataclass
@@ -84,6 +86,7 @@ class Volume:
 
     def to_sitk(self) -> sitk.Image:
         """SimpleITK image with this array and geometry."""
+        import SimpleITK as sitk  # imported when used: the rest works without it
         image = sitk.GetImageFromArray(np.ascontiguousarray(self.array))
         image.SetSpacing([float(s) for s in self.spacing])
         image.SetOrigin([float(o) for o in self.origin])
@@ -93,6 +96,7 @@ class Volume:
     @classmethod
     def from_sitk(cls, image: sitk.Image, path: Optional[str] = None) -> Volume:
         """Volume from a 3D SimpleITK image."""
+        import SimpleITK as sitk  # imported when used: the rest works without it
         return cls(
             array=sitk.GetArrayFromImage(image),
             spacing=tuple(float(s) for s in image.GetSpacing()),
@@ -108,6 +112,7 @@ def _is_volume_file(path: Path) -> bool:
 
 
 def _read_dicom_series(folder: Path) -> sitk.Image:
+    import SimpleITK as sitk  # imported when used: the rest works without it
     reader = sitk.ImageSeriesReader()
     series = reader.GetGDCMSeriesIDs(str(folder))
     if not series:
@@ -126,6 +131,7 @@ def read_volume(path: PathLike, require_3d: bool = True, allow_empty: bool = Fal
 
     Raises :class:`InputError` (naming the file) when the file is missing, unreadable, not 3D, empty or NaN.
     """
+    import SimpleITK as sitk  # imported when used: the rest works without it
     path = Path(path)
     if not path.exists():
         raise InputError(path, "file not found")
@@ -171,6 +177,8 @@ def check_volume_values(volume: Volume, path: Optional[PathLike] = None, allow_e
 
 def write_volume(volume: Volume, path: PathLike, compress: bool = True) -> Path:
     """Write a volume atomically (temporary file then rename) as NIfTI, NRRD or MetaImage."""
+    import SimpleITK as sitk  # imported when used: the rest works without it
+
     from FMSegCore.io.atomic import atomic_output
 
     path = Path(path)
@@ -185,6 +193,7 @@ def write_volume(volume: Volume, path: PathLike, compress: bool = True) -> Path:
 
 def _write_metaimage_pair(volume: Volume, path: Path, compress: bool) -> Path:
     """A header (.mhd) and its data file, written under their final names in a temporary folder, then moved."""
+    import SimpleITK as sitk  # imported when used: the rest works without it
     if not path.parent.exists():
         raise InputError(path, f"output folder {path.parent} does not exist")
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from typing import Optional, Union
 
 import numpy as np
-import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 
@@ -143,6 +142,7 @@ def unfit_square(image: np.ndarray, fit: SquareFit, mode: str = "nearest") -> np
 def resample_volume(volume: Volume, spacing: tuple[float, float, float], interpolation: str = "linear") -> Volume:
     """Resample onto a grid with new ``spacing`` (I, J, K order) covering the same extent; origin and
     direction kept. ``"linear"`` for images (float32 result), ``"nearest"`` for label maps (dtype kept)."""
+    import SimpleITK as sitk  # imported when used: the rest works without it
     interpolators = {"linear": sitk.sitkLinear, "nearest": sitk.sitkNearestNeighbor}
     if interpolation not in interpolators:
         raise ValueError(f"interpolation must be 'linear' or 'nearest', got {interpolation!r}")

@@ -32,10 +32,11 @@ import numpy as np
 import SimpleITK as sitk
 
 ROOT = Path(__file__).resolve().parents[3]
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "Testing")]
 
 import slicer  # noqa: E402  (slicer-core)
 import vtk  # noqa: E402
+from slicer_scene import new_scene  # noqa: E402
 from vtk.util import numpy_support  # noqa: E402
 
 from FMSegCore.io.volume import Volume, read_volume  # noqa: E402
@@ -51,18 +52,11 @@ LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
 
 
 def make_scene() -> tuple[slicer.vtkMRMLScene, dict]:
-    """A scene with the Markups and Segmentations logics registered, as the Slicer application sets it up
-    (the Segmentations logic registers the labelmap conversion rules). Returns the scene and the logics by
-    module name (keep them referenced: the application logic does not)."""
-    scene = slicer.vtkMRMLScene()
-    app = slicer.vtkSlicerApplicationLogic()
-    app.SetMRMLScene(scene)
-    logics = {"Markups": slicer.vtkSlicerMarkupsLogic(), "Segmentations": slicer.vtkSlicerSegmentationsModuleLogic()}
-    for name, logic in logics.items():
-        logic.SetMRMLScene(scene)
-        logic.SetMRMLApplicationLogic(app)
-        app.SetModuleLogic(name, logic)
-    logics["Application"] = app
+    """A scene set up as the Slicer application does (``Testing/slicer_scene.py``): the scene and the Markups,
+    Segmentations and application logics by name."""
+    scene = new_scene()
+    logics = {"Markups": slicer.modules.markups.logic(), "Segmentations": slicer.modules.segmentations.logic(),
+              "Application": slicer.app.applicationLogic()}
     return scene, logics
 
 

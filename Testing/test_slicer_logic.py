@@ -294,6 +294,9 @@ def test_incontext_from_scene_pairs_with_uncertainty_matches_fmsegcore(logic, sc
     for segment in expected.segments:
         assert np.array_equal(_segment_array(target, segment.name, query_node), expected.labels == segment.value)
     assert len(result["segments"]) == len(present)
+    held = logic.client.info()["volumes"]
+    logic.run_incontext(query_node, target, [support], support_size=4)
+    assert logic.client.info()["volumes"] == held  # supports' label maps are dropped once read, images reused
     uncertainty = result["uncertainty_node"]
     assert uncertainty is not None and uncertainty.IsA("vtkMRMLScalarVolumeNode")
     assert np.allclose(slicer.util.arrayFromVolume(uncertainty), expected.uncertainty, atol=1e-6)
@@ -359,3 +362,25 @@ def test_a_crashed_worker_is_reported_restarted_and_the_scene_is_kept(logic, obl
     assert logic.local.running
     logic.prompt(node, segmentation, "kidney_left", rois=[roi])  # the volume is sent again by itself
     assert np.array_equal(_segment_array(segmentation, "kidney_left", node), before)
+
+
+def test_a_remote_worker_is_reached_with_its_url_token_and_the_chosen_device(scene, oblique):
+    from worker_fixtures import TOKEN, running_worker
+
+    node, _, labels, names = oblique
+    lo, hi = _kidney_box(labels, names, slices=2)
+    with running_worker() as server:
+        remote = FMSegLogic(scene)
+        with pytest.raises(Exception, match="token"):
+            remote.connect(server.url, "wrong-token")
+        info = remote.connect(server.url, TOKEN, device="cpu")
+        assert info["device"] == "cpu" and remote.local is None
+        segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "remote")
+        remote.prompt(node, segmentation, "kidney_left", rois=[roi_on_grid(node, lo, hi, "remote roi")])
+        (entry,) = server.service.sessions.values()
+        assert str(entry.session.device) == "cpu"
+        assert len(server.service.volumes) == 1  # sent once
+        remote.prompt(node, segmentation, "kidney_left", rois=[roi_on_grid(node, lo, hi, "remote roi 2")])
+        assert len(server.service.volumes) == 1 and len(server.service.sessions) == 1
+        remote.shutdown()
+        assert server.service.info()["version"]  # disconnecting leaves a remote worker running

@@ -204,6 +204,10 @@ class FMSegLogic:
             raise WorkerCrashed(f"the FMSeg worker stopped (exit code {code}{': ' + last if last else ''}); it was "
                                 "restarted and nothing in the scene changed: run the step again") from None
 
+    def _device_option(self) -> dict[str, str]:
+        """The panel's device for a remote worker (a local one was started on it)."""
+        return {"device": self.device} if self.url and self.device != "auto" else {}
+
     def submit(self, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Future:
         """Run ``function`` on the Logic's background thread (one at a time)."""
         return self._executor.submit(function, *args, **kwargs)
@@ -239,8 +243,18 @@ class FMSegLogic:
         if known is None or known.mtime != mtime:
             # zlib pays off over a network, not on this machine's loopback
             volume_id = self._worker().upload_volume(array, meta, compress=bool(self.url))
+            if known is not None:  # the node changed: the worker no longer needs its old copy
+                self._discard([known.volume_id])
             self._uploads[cache_key] = known = Upload(volume_id, mtime)
         return known.volume_id
+
+    def _discard(self, volume_ids: Sequence[str]) -> None:
+        """Free volumes on the worker (best effort: a restarted worker has forgotten them anyway)."""
+        for volume_id in volume_ids:
+            try:
+                self._worker().remove_volume(volume_id)
+            except WorkerError:
+                pass
 
     @staticmethod
     def _volume_data(volume_node: Any) -> tuple[np.ndarray, dict[str, Any]]:
@@ -301,9 +315,7 @@ class FMSegLogic:
         adapter_id = self._adapter_id() if job["adapter"] else None
         key = (volume_id, job["model"], adapter_id)
         if key not in self._sessions:
-            options = {"model": job["model"], "adapter": adapter_id}
-            if self.device != "auto" and self.url:
-                options["device"] = self.device
+            options = {"model": job["model"], "adapter": adapter_id, **self._device_option()}
             self._sessions[key] = client.open_session(volume_id, **options)
         return client.prompt(self._sessions[key], job["name"], job["boxes"], job["points"])
 
@@ -382,9 +394,13 @@ class FMSegLogic:
 
     def _request_incontext(self, job: dict[str, Any]) -> dict[str, Any]:
         client = self._worker()
+        supports = self._upload_pairs(job["pairs"])
         body = dict(job["body"], volume=self._volume_id(job["volume_node"], job["array"], job["meta"]),
-                    supports=self._upload_pairs(job["pairs"]))
-        started = client.start_job("incontext", body)
+                    supports=supports)
+        try:
+            started = client.start_job("incontext", dict(body, **self._device_option()))
+        finally:  # the job has read the label maps (or was refused): the worker may drop them
+            self._discard([support["labels"] for support in supports])
         status = client.wait(started["id"], _job_progress(job["progress"]), job["cancel"])
         labels, _ = client.job_array(started["id"], "labels")
         uncertainty = client.job_array(started["id"], "uncertainty")[0] if "uncertainty" in status["arrays"] else None
@@ -419,7 +435,11 @@ class FMSegLogic:
 
     def _request_adapt(self, job: dict[str, Any]) -> AdapterState:
         client = self._worker()
-        started = client.start_job("adapt", dict(job["body"], cases=self._upload_pairs(job["pairs"])))
+        cases = self._upload_pairs(job["pairs"])
+        try:
+            started = client.start_job("adapt", dict(job["body"], cases=cases, **self._device_option()))
+        finally:  # the job has read the label maps (or was refused): the worker may drop them
+            self._discard([case["labels"] for case in cases])
         result = client.wait(started["id"], _job_progress(job["progress"]), job["cancel"])["result"]
         return AdapterState(result, result["adapter"], client.download_adapter(result["adapter"]))
 
@@ -480,7 +500,7 @@ class FMSegLogic:
     def _request_auto(self, job: dict[str, Any]) -> dict[str, Any]:
         client = self._worker()
         body = {"volume": self._volume_id(job["volume_node"], job["array"], job["meta"]), "adapter": self._adapter_id()}
-        started = client.start_job("segment", body)
+        started = client.start_job("segment", dict(body, **self._device_option()))
         status = client.wait(started["id"], _job_progress(job["progress"]), job["cancel"])
         return {"labels": client.job_array(started["id"], "labels")[0], "segments": status["result"]["segments"]}
 

@@ -17,7 +17,7 @@ import slicer  # noqa: E402
 import slicer.util  # noqa: E402
 import vtk  # noqa: E402
 from FMSegSlicerLib.logic import Cancelled, FMSegLogic, WorkerCrashed  # noqa: E402
-from FMSegSlicerLib.scene_geometry import ijk_to_ras, volume_meta, world_to_ijk  # noqa: E402
+from FMSegSlicerLib.scene_geometry import ijk_to_ras, to_vtk_matrix, volume_meta, world_to_ijk  # noqa: E402
 from slicer_scene import new_scene  # noqa: E402
 from worker_fixtures import CT_CASE, ct_case  # noqa: E402
 
@@ -37,21 +37,13 @@ def _rotation(degrees_z: float, degrees_x: float) -> np.ndarray:
     return rz @ rx
 
 
-def _matrix(array: np.ndarray) -> vtk.vtkMatrix4x4:
-    matrix = vtk.vtkMatrix4x4()
-    for r in range(4):
-        for c in range(4):
-            matrix.SetElement(r, c, array[r, c])
-    return matrix
-
-
 def add_oblique_volume(array: np.ndarray, spacing, name: str, degrees=(20.0, 10.0)) -> tuple:
     """A scalar volume node on an oblique grid; the same grid as an FMSegCore Volume (LPS)."""
     direction_ras = _rotation(*degrees)
     ijk_to_ras_matrix = np.eye(4)
     ijk_to_ras_matrix[:3, :3] = direction_ras @ np.diag(spacing)
     ijk_to_ras_matrix[:3, 3] = (12.5, -40.0, 7.0)
-    node = slicer.util.addVolumeFromArray(np.ascontiguousarray(array), _matrix(ijk_to_ras_matrix), name)
+    node = slicer.util.addVolumeFromArray(np.ascontiguousarray(array), to_vtk_matrix(ijk_to_ras_matrix), name)
     volume = Volume(np.ascontiguousarray(array), tuple(spacing), tuple(LPS @ ijk_to_ras_matrix[:3, 3]),
                     LPS @ direction_ras)
     return node, volume
@@ -66,7 +58,7 @@ def roi_on_grid(node, lo, hi, name="roi"):
     axes = matrix[:3, :3] / spacing
     orientation = np.eye(4)
     orientation[:3, :3] = axes
-    roi.SetAndObserveObjectToNodeMatrix(_matrix(orientation))
+    roi.SetAndObserveObjectToNodeMatrix(to_vtk_matrix(orientation))
     roi.SetCenter(*center[:3])
     roi.SetSize(*((np.asarray(hi) - np.asarray(lo)) * spacing))
     return roi
@@ -150,7 +142,7 @@ def test_world_positions_map_to_the_voxels_fmsegcore_computes_on_an_oblique_grid
     transform = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
     shift = np.eye(4)
     shift[:3, 3] = (5.0, -3.0, 2.0)
-    transform.SetMatrixTransformToParent(_matrix(shift))
+    transform.SetMatrixTransformToParent(to_vtk_matrix(shift))
     node.SetAndObserveTransformNodeID(transform.GetID())
     try:  # a volume moved by a transform: world points are taken back into its frame
         assert np.allclose(world_to_ijk(node, ras + shift[:3, 3]), ijk, atol=1e-6)

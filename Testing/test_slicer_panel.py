@@ -1065,6 +1065,7 @@ def test_adapter_mode_decides_between_prompting_and_automatic_segmentation(panel
 def test_the_panel_segments_through_the_real_logic_and_worker_and_undo_restores(panel, ui, mrml, make_controller):
     """Stand-in UI, real everything else: the controller, FMSegLogic, a worker process, slicer-core MRML."""
     import slicer.util
+    from FMSegSlicerLib.scene_geometry import to_vtk_matrix as vtk_matrix
     from worker_fixtures import ct_case
 
     logic_errors = logic_module()
@@ -1110,13 +1111,3 @@ def test_the_panel_segments_through_the_real_logic_and_worker_and_undo_restores(
         wait_until(lambda: segmentation.GetSegmentation().GetNumberOfSegments() == 0, timeout=30, what="undo")
     finally:
         real.shutdown()
-
-
-def vtk_matrix(array):
-    import vtk
-
-    matrix = vtk.vtkMatrix4x4()
-    for r in range(4):
-        for c in range(4):
-            matrix.SetElement(r, c, float(array[r, c]))
-    return matrix

@@ -11,11 +11,13 @@ import vtk
 LPS_FLIP = np.diag([-1.0, -1.0, 1.0])
 
 
-def _numpy(matrix: vtk.vtkMatrix4x4) -> np.ndarray:
+def from_vtk_matrix(matrix: vtk.vtkMatrix4x4) -> np.ndarray:
+    """A 4x4 numpy array of a vtkMatrix4x4."""
     return np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
 
 
-def _vtk(array: np.ndarray) -> vtk.vtkMatrix4x4:
+def to_vtk_matrix(array: np.ndarray) -> vtk.vtkMatrix4x4:
+    """A vtkMatrix4x4 of a 4x4 array."""
     matrix = vtk.vtkMatrix4x4()
     for r in range(4):
         for c in range(4):
@@ -27,7 +29,7 @@ def ijk_to_ras(volume_node: Any) -> np.ndarray:
     """The node's own IJK -> RAS matrix (4x4), before any parent transform."""
     matrix = vtk.vtkMatrix4x4()
     volume_node.GetIJKToRASMatrix(matrix)
-    return _numpy(matrix)
+    return from_vtk_matrix(matrix)
 
 
 def world_to_node(node: Any) -> np.ndarray:
@@ -39,7 +41,7 @@ def world_to_node(node: Any) -> np.ndarray:
         raise ValueError(f"{node.GetName()}: its non-linear transform must be hardened before segmenting")
     matrix = vtk.vtkMatrix4x4()
     parent.GetMatrixTransformFromWorld(matrix)
-    return _numpy(matrix)
+    return from_vtk_matrix(matrix)
 
 
 def volume_meta(volume_node: Any) -> dict[str, Any]:
@@ -66,7 +68,7 @@ def add_volume_like(reference: Any, array_kji: np.ndarray, name: str, scene: Any
     import slicer.util
 
     node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", scene.GenerateUniqueName(name))
-    node.SetIJKToRASMatrix(_vtk(ijk_to_ras(reference)))
+    node.SetIJKToRASMatrix(to_vtk_matrix(ijk_to_ras(reference)))
     slicer.util.updateVolumeFromArray(node, np.ascontiguousarray(array_kji))
     parent = reference.GetParentTransformNode()
     if parent is not None:

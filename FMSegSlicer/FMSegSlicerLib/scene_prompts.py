@@ -8,22 +8,18 @@ from typing import Any, Optional
 
 import numpy as np
 
-from FMSegSlicerLib.scene_geometry import world_to_ijk
+from FMSegSlicerLib.scene_geometry import from_vtk_matrix, world_to_ijk
 
 Box = tuple[tuple[float, float, float], tuple[float, float, float]]
 Point = tuple[tuple[float, float, float], bool]
 EXCLUDE_WORDS = ("exclude", "background", "negative")
 
 
-def _matrix(vtk_matrix: Any) -> np.ndarray:
-    return np.array([[vtk_matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
-
-
 def roi_box(roi_node: Any, volume_node: Any) -> Box:
     """The voxel-index box enclosing a (possibly rotated) ROI: its 8 corners' IJK bounds."""
     half = np.asarray(roi_node.GetSize(), dtype=float) / 2.0
     signs = np.array([[sx, sy, sz] for sx in (-1, 1) for sy in (-1, 1) for sz in (-1, 1)], dtype=float)
-    corners = np.c_[signs * half, np.ones(8)] @ _matrix(roi_node.GetObjectToWorldMatrix()).T
+    corners = np.c_[signs * half, np.ones(8)] @ from_vtk_matrix(roi_node.GetObjectToWorldMatrix()).T
     ijk = world_to_ijk(volume_node, corners[:, :3])
     lo, hi = ijk.min(axis=0), ijk.max(axis=0)
     return tuple(float(v) for v in lo), tuple(float(v) for v in hi)  # type: ignore[return-value]

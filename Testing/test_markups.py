@@ -111,6 +111,14 @@ def test_rotated_roi_gives_its_axis_aligned_bounding_box(image):
     np.testing.assert_allclose(box.extent, expected_extent, atol=1e-9)
     centre = (np.array(box.lo) + np.array(box.hi)) / 2
     np.testing.assert_allclose(centre, hand_ijk(image, raw["center"]), atol=1e-9)
+    # Rotated about S: it keeps its corners; its extent on an axial slice is the whole enclosing box, and on a
+    # sagittal slice through the centre it is narrower than the enclosing box.
+    assert box.corners is not None and len(box.corners) == 8
+    lo, hi = box.section(2, round(centre[2]))
+    np.testing.assert_allclose(lo[:2], box.lo[:2], atol=1e-9)
+    np.testing.assert_allclose(hi[:2], box.hi[:2], atol=1e-9)
+    lo, hi = box.section(0, round(centre[0]))
+    assert hi[1] - lo[1] < box.extent[1] - 2
 
 
 def test_rotated_roi_saved_in_ras_reads_the_same_as_in_lps(image):

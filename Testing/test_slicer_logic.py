@@ -130,6 +130,34 @@ def test_volume_geometry_is_what_fmsegcore_reads_from_the_same_file(scene):
     assert np.array_equal(slicer.util.arrayFromVolume(node), volume.array)
 
 
+def test_a_roi_along_ras_axes_on_an_oblique_grid_keeps_its_corners(oblique):
+    from FMSegSlicerLib.scene_prompts import roi_box
+
+    node = oblique[0]
+    roi = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "ras roi")
+    roi.SetCenter(*(ijk_to_ras(node) @ np.array([60.0, 50.0, 50.0, 1.0]))[:3])
+    roi.SetSize(30.0, 20.0, 15.0)
+    lo, hi, corners = roi_box(roi, node)
+    assert corners is not None and len(corners) == 8
+    assert np.allclose(np.min(corners, axis=0), lo) and np.allclose(np.max(corners, axis=0), hi)
+    aligned = roi_on_grid(node, (50, 40, 45), (70, 60, 55), "aligned")
+    lo, hi, corners = roi_box(aligned, node)
+    assert corners is None and np.allclose(lo, (50, 40, 45)) and np.allclose(hi, (70, 60, 55))
+
+
+def test_the_logic_imports_without_torch():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    code = ("import sys; sys.modules['torch'] = None; sys.path.insert(0, sys.argv[1]); "
+            "import FMSegSlicerLib.logic, FMSegSlicerLib.dependencies, FMSegSlicerLib.scene_prompts; print('ok')")
+    result = subprocess.run([sys.executable, "-c", code, str(root / "FMSegSlicer")], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-1000:]
+
+
 def test_world_positions_map_to_the_voxels_fmsegcore_computes_on_an_oblique_grid(oblique):
     node, volume = oblique[:2]
     meta = volume_meta(node)

@@ -38,7 +38,7 @@ class Pairs:
 
 
 def _wire(prompts: SegmentPrompts) -> dict[str, Any]:
-    return {"boxes": [(b.lo, b.hi) for b in prompts.boxes], "points": [(p.ijk, p.include) for p in prompts.points]}
+    return {"boxes": [(b.lo, b.hi, b.corners) for b in prompts.boxes], "points": [(p.ijk, p.include) for p in prompts.points]}
 
 
 def run_worker_bench(client: WorkerClient, session_local: Any, case: tuple, structures: list[str],

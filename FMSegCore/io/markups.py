@@ -20,7 +20,7 @@ from typing import Optional, Union
 
 import numpy as np
 
-from FMSegCore.engines.prompting.prompts import BoxPrompt, PointPrompt, SegmentPrompts
+from FMSegCore.engines.prompting.prompts import BoxPrompt, PointPrompt, SegmentPrompts, box_from_corners
 from FMSegCore.errors import InputError
 from FMSegCore.io.jsonfile import read_json
 from FMSegCore.io.volume import LPS_TO_RAS, PathLike, Volume
@@ -167,16 +167,18 @@ def _above(ijk: np.ndarray, shape: np.ndarray) -> bool:
 
 
 def _box(markup: Markup, volume: Volume) -> BoxPrompt:
-    """Axis-aligned IJK box around the ROI's corners, clipped to the image; flat axes snap to one slice."""
+    """IJK box around the ROI's corners, clipped to the image; flat axes snap to one slice. A ROI not aligned
+    with the voxel grid keeps its corners (the session then uses its extent on each slice)."""
     shape = np.asarray(volume.shape_ijk, dtype=float)
-    corners = volume.lps_to_ijk(markup.roi_corners())
-    lo, hi = corners.min(axis=0), corners.max(axis=0)
+    oriented = box_from_corners(volume.lps_to_ijk(markup.roi_corners()))
+    lo, hi = np.asarray(oriented.lo), np.asarray(oriented.hi)
     flat = hi - lo <= 1.0
     lo[flat] = hi[flat] = np.round((lo[flat] + hi[flat]) / 2.0)
     if _below(hi) or _above(lo, shape):
         raise InputError(markup.path, f"{markup.describe()} lies wholly outside the image")
     top = shape - 1
-    return BoxPrompt(tuple(np.clip(lo, 0, top).tolist()), tuple(np.clip(hi, 0, top).tolist()))
+    return BoxPrompt(tuple(np.clip(lo, 0, top).tolist()), tuple(np.clip(hi, 0, top).tolist()),
+                     None if flat.any() else oriented.corners)
 
 
 def _points(markup: Markup, volume: Volume) -> list[PointPrompt]:

@@ -41,6 +41,13 @@ def geometry(spacing: Sequence[float], origin: Sequence[float], direction: Any, 
             "direction": [float(v) for v in np.asarray(direction, dtype=float).reshape(9)], "name": name}
 
 
+def _box_json(lo: Sequence[float], hi: Sequence[float], corners: Optional[Sequence[Sequence[float]]] = None) -> dict:
+    box: dict[str, Any] = {"lo": [float(v) for v in lo], "hi": [float(v) for v in hi]}
+    if corners is not None:
+        box["corners"] = [[float(v) for v in corner] for corner in corners]
+    return box
+
+
 class WorkerClient:
     """Calls a running worker; one keep-alive connection per client."""
 
@@ -99,10 +106,11 @@ class WorkerClient:
         precision, device)."""
         return self._call("POST", "sessions", json={"volume": volume_id, **options})["session"]
 
-    def prompt(self, session_id: str, name: str, boxes: Sequence[tuple[Sequence[float], Sequence[float]]] = (),
+    def prompt(self, session_id: str, name: str, boxes: Sequence[Sequence[Any]] = (),
                points: Sequence[tuple[Sequence[float], bool]] = ()) -> tuple[np.ndarray, dict[str, Any]]:
-        """Segment one structure: boxes as (lo, hi) IJK corners, points as (ijk, include); (KJI mask, timings)."""
-        body = {"name": name, "boxes": [{"lo": list(map(float, lo)), "hi": list(map(float, hi))} for lo, hi in boxes],
+        """Segment one structure: boxes as (lo, hi) IJK corners, or (lo, hi, corners) for an oriented ROI with
+        its 8 IJK corners; points as (ijk, include). Returns (KJI mask, timings)."""
+        body = {"name": name, "boxes": [_box_json(*box) for box in boxes],
                 "points": [{"ijk": list(map(float, ijk)), "include": bool(include)} for ijk, include in points]}
         data = self._call("POST", f"sessions/{session_id}/prompt", json=body, binary=True)
         mask, info = decode_mask(data)

@@ -427,7 +427,13 @@ def _segment_prompts(fields: Fields, shape_ijk: tuple[int, int, int]) -> Segment
         lo, hi = np.asarray(item.vector("lo")), np.asarray(item.vector("hi"))
         if np.any(np.maximum(lo, hi) < low) or np.any(np.minimum(lo, hi) > high):
             raise RequestError(400, f"{item.where}: the box lies outside the volume")
-        boxes.append(BoxPrompt(tuple(lo), tuple(hi)))
+        corners = None
+        if item.body.get("corners") is not None:  # an oriented ROI: its 8 corners (IJK)
+            points = item.items("corners", max_items=8)
+            if len(points) != 8:
+                raise RequestError(400, f"{item.where}: field 'corners' must hold 8 corners")
+            corners = tuple(Fields({"c": c}, f"{item.where}.corners").vector("c") for c in points)
+        boxes.append(BoxPrompt(tuple(lo), tuple(hi), corners))
     points = []
     for number, entry in enumerate(fields.items("points", [], max_items=1024)):
         item = Fields(entry, f"prompt.points[{number}]")

@@ -1,6 +1,18 @@
-"""Promptable segmentation: boxes, ROIs and points per named segment, carried through volumes."""
+"""Promptable segmentation: boxes, ROIs and points per named segment, carried through volumes.
+
+The session (torch) is imported on first use, so prompt types serve clients that have no torch (Slicer's Logic).
+"""
+
+from typing import Any
 
 from FMSegCore.engines.prompting.prompts import BoxPrompt, PointPrompt, SegmentPrompts
-from FMSegCore.engines.prompting.session import PromptSession, PropagationSettings
 
 __all__ = ["BoxPrompt", "PointPrompt", "PromptSession", "PropagationSettings", "SegmentPrompts"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("PromptSession", "PropagationSettings"):
+        from FMSegCore.engines.prompting import session
+
+        return getattr(session, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

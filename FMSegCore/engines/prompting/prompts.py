@@ -6,10 +6,16 @@ numbers. Conversion from Slicer markups (LPS/RAS millimetres) happens in :mod:`F
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Optional
 
 import numpy as np
+
+Corner = tuple[float, float, float]
+#: The 12 edges of a box whose 8 corners are ordered like itertools.product((0, 1), repeat=3) over its own axes.
+BOX_EDGES = tuple((a, b) for a, b in itertools.combinations(range(8), 2) if bin(a ^ b).count("1") == 1)
 
 
 @dataclass(frozen=True)
@@ -17,10 +23,13 @@ class BoxPrompt:
     """Axis-aligned box between corners ``lo`` and ``hi`` (continuous i, j, k; inclusive voxel centres).
 
     A box whose extent along one axis is at most one voxel is a 2D box on that slice (``slice_axis``).
+    An oriented ROI (not aligned with the voxel grid) also keeps its 8 ``corners``: ``lo``/``hi`` enclose it,
+    and :meth:`section` gives its much tighter extent on each slice.
     """
 
     lo: tuple[float, float, float]
     hi: tuple[float, float, float]
+    corners: Optional[tuple[Corner, ...]] = None
 
     def __post_init__(self) -> None:
         lo = tuple(float(min(a, b)) for a, b in zip(self.lo, self.hi))
@@ -41,10 +50,50 @@ class BoxPrompt:
         # Prefer K (axial) when several axes are flat, then J, then I.
         return max(flat)
 
+    def section(self, axis: int, index: int) -> Optional[tuple[np.ndarray, np.ndarray]]:
+        """IJK bounds (lo, hi) of the part of the box within slice ``index`` (index +- 0.5 along ``axis``), or
+        None when the box misses that slice."""
+        if self.corners is None:
+            first, last = self.voxel_range(axis)
+            if not first <= index <= last:
+                return None
+            lo, hi = np.array(self.lo), np.array(self.hi)
+            lo[axis] = hi[axis] = index
+            return lo, hi
+        corners = np.asarray(self.corners, dtype=float)
+        bottom, top = index - 0.5, index + 0.5
+        inside = [c for c in corners if bottom <= c[axis] <= top]
+        for a, b in BOX_EDGES:
+            start, end = corners[a], corners[b]
+            delta = end[axis] - start[axis]
+            if abs(delta) < 1e-12:
+                continue
+            for plane in (bottom, top):
+                t = (plane - start[axis]) / delta
+                if 0.0 <= t <= 1.0:
+                    inside.append(start + t * (end - start))
+        if not inside:
+            return None
+        points = np.asarray(inside)
+        lo, hi = points.min(axis=0), points.max(axis=0)
+        lo[axis] = hi[axis] = index
+        return lo, hi
+
     def voxel_range(self, axis: int) -> tuple[int, int]:
         """First and last whole voxel whose centre lies in the box along ``axis`` (a flat box: its slice)."""
         tolerance = 1e-3
         return int(np.ceil(self.lo[axis] - tolerance)), int(np.floor(self.hi[axis] + tolerance))
+
+
+def box_from_corners(corners: Sequence[Sequence[float]], tolerance: float = 1e-3) -> BoxPrompt:
+    """The prompt of a ROI given by its 8 IJK corners (ordered like itertools.product((0, 1), repeat=3) over
+    its own axes): the enclosing box, which keeps the corners when the ROI is not aligned with the voxel axes."""
+    points = np.asarray(corners, dtype=float).reshape(8, 3)
+    lo, hi = points.min(axis=0), points.max(axis=0)
+    edges = [points[b] - points[a] for a, b in BOX_EDGES]
+    aligned = all(np.count_nonzero(np.abs(e) > tolerance * max(1.0, float(np.abs(e).max()))) <= 1 for e in edges)
+    kept = None if aligned else tuple(tuple(float(v) for v in p) for p in points)
+    return BoxPrompt(tuple(lo.tolist()), tuple(hi.tolist()), kept)
 
 
 @dataclass(frozen=True)

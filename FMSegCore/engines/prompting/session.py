@@ -22,7 +22,7 @@ from scipy import ndimage
 
 from FMSegCore.engines.prompting.clicks import apply_clicks, refine_with_clicks
 from FMSegCore.engines.prompting.embedding_cache import EmbeddingCache
-from FMSegCore.engines.prompting.prompts import PointPrompt, SegmentPrompts
+from FMSegCore.engines.prompting.prompts import BoxPrompt, PointPrompt, SegmentPrompts
 from FMSegCore.engines.prompting.windows import SliceWindow, box_window, extract, full_window, paste
 from FMSegCore.errors import InputError
 from FMSegCore.io.volume import Volume
@@ -74,6 +74,7 @@ class SliceSeed:
     points: list[PointPrompt] = field(default_factory=list)
     limits: Optional[tuple[int, int]] = None  # slice range (inclusive) or None for unbounded
     clip: Optional[BoxRC] = None  # in-plane bounds every propagated box is clipped to (a ROI)
+    clips: Optional[dict[int, BoxRC]] = None  # per-slice bounds instead (an oriented ROI's sections)
     stops: bool = True  # whether propagation stops where the structure seems to end (else: fills the limits)
 
 
@@ -269,10 +270,14 @@ class PromptSession:
             else:
                 first, stop = box.voxel_range(axis)
                 first, stop = max(first, 0), min(stop, last)
-                index = self._best_roi_slice(axis, first, stop, in_plane)
+                clips = self._sections(box, axis, first, stop) if box.corners is not None else None
+                if clips:
+                    first, stop = min(clips), max(clips)
+                index = self._best_roi_slice(axis, first, stop, in_plane, clips)
                 # Inside a ROI the user gave the slice range: fill it (stop rules there cost more than they
                 # save: measured on the bundled cases, they cut vertebrae and pancreas short).
-                seeds[index] = SliceSeed(index, in_plane, limits=(first, stop), clip=in_plane, stops=False)
+                seeds[index] = SliceSeed(index, clips[index] if clips else in_plane, limits=(first, stop),
+                                         clip=in_plane, clips=clips, stops=False)
         for point in prompts.include_points:
             index = self._slice_of(point, axis)
             if index in seeds:
@@ -281,14 +286,32 @@ class PromptSession:
                 seeds[index] = SliceSeed(index, None, [point])
         return [seeds[k] for k in sorted(seeds)]
 
-    def _best_roi_slice(self, axis: int, first: int, last: int, box: BoxRC) -> int:
+    def _best_roi_slice(self, axis: int, first: int, last: int, box: BoxRC,
+                        clips: Optional[dict[int, BoxRC]] = None) -> int:
         """The slice a ROI starts from: of a few candidates inside it, the one where the model is most confident
         (a ROI's box is the structure's extent over all its slices, so it fits some slices far better)."""
         candidates = sorted({int(round(first + f * (last - first))) for f in (0.3, 0.5, 0.7)})
+        if clips:
+            candidates = [index for index in candidates if index in clips] or [min(clips)]
         if len(candidates) == 1:
             return candidates[0]
-        scores = [self.decode_slice(axis, index, box)[1] for index in candidates]
+        scores = [self.decode_slice(axis, index, clips[index] if clips else box)[1] for index in candidates]
         return candidates[int(np.argmax(scores))]
+
+    def _sections(self, box: BoxPrompt, axis: int, first: int, last: int) -> dict[int, BoxRC]:
+        """An oriented ROI's in-plane bounds on each slice it reaches (clipped to the slice)."""
+        rows, cols = self.slice_shape(axis)
+        sections: dict[int, BoxRC] = {}
+        for index in range(first, last + 1):
+            bounds = box.section(axis, index)
+            if bounds is None:
+                continue
+            lo, hi = self._to_slice(bounds[0], axis), self._to_slice(bounds[1], axis)
+            r0, c0 = max(lo[1], 0.0), max(lo[2], 0.0)
+            r1, c1 = min(hi[1], rows - 1.0), min(hi[2], cols - 1.0)
+            if r0 <= r1 and c0 <= c1:
+                sections[index] = (r0, c0, r1, c1)
+        return sections
 
     def _slice_of(self, point: PointPrompt, axis: int) -> int:
         return int(np.clip(round(self._to_slice(point.ijk, axis)[0]), 0, self.num_slices(axis) - 1))
@@ -335,7 +358,12 @@ class PromptSession:
             previous = mask
             index = seed.index + step
             while low <= index <= high and index not in stop_at and not (only_empty and index in records):
-                box = self._padded(mask_box_rc(previous), axis, seed.clip)
+                clip = seed.clips.get(index) if seed.clips else seed.clip
+                if seed.clips and clip is None:
+                    break
+                box = self._padded(mask_box_rc(previous), axis, clip)
+                if box[0] > box[2] or box[1] > box[3]:  # the structure left this slice's part of the ROI
+                    box = self._padded(clip, axis, None, margin=False)
                 current, quality, _ = self.decode_slice(axis, index, box)
                 area = current.sum()
                 if not area:

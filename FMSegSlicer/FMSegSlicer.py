@@ -515,8 +515,8 @@ class FMSegSlicerTest(ScriptedLoadableModuleTest):
         # The ROI follows the volume's axes (as one drawn in slice views rotated to the volume plane): 2 mm around
         # the sphere in-plane, over the middle 80 % of its slices. The promptable model segments what the box
         # holds on every slice the ROI covers, even a slice the sphere does not reach (measured with the local
-        # worker on CPU: Dice 0.95 like this, 0.83 with 2 mm margins along the slices too, 0.29 with a 4 mm
-        # margin ROI along the RAS axes, whose enclosing voxel box on this rotated grid is much larger).
+        # worker on CPU: Dice 0.95 like this, 0.83 with 2 mm margins along the slices too, about 0.3 with a 4 mm
+        # margin ROI along the RAS axes: even followed slice by slice, such a ROI is much looser on this grid).
         roi = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "FMSegTestROI")
         axes = vtk.vtkMatrix4x4()
         for r in range(3):

@@ -404,3 +404,20 @@ def test_a_remote_worker_is_reached_with_its_url_token_and_the_chosen_device(sce
         assert len(server.service.volumes) == 1 and len(server.service.sessions) == 1
         remote.shutdown()
         assert server.service.info()["version"]  # disconnecting leaves a remote worker running
+
+
+def test_the_worker_python_is_the_environment_variable_else_slicers_own_else_this_one(monkeypatch, tmp_path):
+    import sys
+    import types
+
+    from FMSegSlicerLib.logic import default_worker_python
+
+    monkeypatch.delenv("FMSEG_WORKER_PYTHON", raising=False)
+    monkeypatch.setattr(slicer, "app", types.SimpleNamespace(), raising=False)
+    assert default_worker_python() == sys.executable
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "PythonSlicer").write_text("#!/bin/sh\n")
+    monkeypatch.setattr(slicer, "app", types.SimpleNamespace(slicerHome=str(tmp_path)), raising=False)
+    assert default_worker_python() == str(tmp_path / "bin" / "PythonSlicer")
+    monkeypatch.setenv("FMSEG_WORKER_PYTHON", "/opt/fmseg-worker/bin/python")
+    assert default_worker_python() == "/opt/fmseg-worker/bin/python"

@@ -58,9 +58,11 @@ def default_worker_python() -> str:
     else Slicer's PythonSlicer when running inside Slicer, else this interpreter."""
     if os.environ.get(PYTHON_ENV):
         return os.environ[PYTHON_ENV]
-    python_slicer = shutil.which("PythonSlicer")
-    if python_slicer and hasattr(slicer, "app") and hasattr(slicer.app, "slicerHome"):
-        return python_slicer
+    home = getattr(getattr(slicer, "app", None), "slicerHome", None)
+    if home:  # inside Slicer: its Python launcher (sys.executable there is the application itself)
+        name = "PythonSlicer.exe" if os.name == "nt" else "PythonSlicer"
+        bundled = Path(str(home)) / "bin" / name
+        return str(bundled) if bundled.exists() else (shutil.which("PythonSlicer") or sys.executable)
     return sys.executable
 
 

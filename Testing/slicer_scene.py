@@ -43,3 +43,19 @@ def new_scene():
                                        _keep=keep)
     slicer.modules = modules
     return scene
+
+
+def roi_on_grid(volume_node, lo, hi, name="roi"):
+    """A ROI aligned with a volume's voxel axes covering the IJK box lo..hi, placed in RAS as Slicer stores it."""
+    import numpy as np
+    from FMSegSlicerLib.scene_geometry import ijk_to_ras, to_vtk_matrix
+
+    matrix = ijk_to_ras(volume_node)
+    spacing = np.asarray(volume_node.GetSpacing())
+    roi = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsROINode", name)
+    orientation = np.eye(4)
+    orientation[:3, :3] = matrix[:3, :3] / spacing
+    roi.SetAndObserveObjectToNodeMatrix(to_vtk_matrix(orientation))
+    roi.SetCenter(*(matrix @ np.r_[(np.asarray(lo) + np.asarray(hi)) / 2, 1.0])[:3])
+    roi.SetSize(*((np.asarray(hi) - np.asarray(lo)) * spacing))
+    return roi

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from worker_fixtures import ct_case
 
-from FMSegCore.engines.prompting.prompts import BoxPrompt, SegmentPrompts, box_from_corners
+from FMSegCore.engines.prompting.prompts import CORNER_SIGNS, BoxPrompt, SegmentPrompts, box_from_corners
 from FMSegCore.engines.prompting.session import PromptSession
 from FMSegCore.models.factory import load_model
 
@@ -19,8 +19,7 @@ def _tilted_box(size, degrees, centre):
     """Corners (IJK) of a box of ``size`` voxels tilted by ``degrees`` about the I axis, in product order."""
     t = math.radians(degrees)
     rotation = np.array([[1, 0, 0], [0, math.cos(t), -math.sin(t)], [0, math.sin(t), math.cos(t)]])
-    unit = np.array(list(itertools.product((-0.5, 0.5), repeat=3)))
-    return (unit * size) @ rotation.T + centre
+    return (CORNER_SIGNS * 0.5 * np.asarray(size)) @ rotation.T + centre
 
 
 def test_aligned_corners_give_a_plain_box_and_tilted_ones_keep_their_corners():

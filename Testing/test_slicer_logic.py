@@ -18,8 +18,8 @@ import slicer.util  # noqa: E402
 import vtk  # noqa: E402
 from FMSegSlicerLib.logic import Cancelled, FMSegLogic, WorkerCrashed  # noqa: E402
 from FMSegSlicerLib.scene_geometry import ijk_to_ras, to_vtk_matrix, volume_meta, world_to_ijk  # noqa: E402
-from slicer_scene import new_scene  # noqa: E402
-from worker_fixtures import CT_CASE, ct_case  # noqa: E402
+from slicer_scene import new_scene, roi_on_grid  # noqa: E402
+from worker_fixtures import CT_CASE, ct_case, kidney_roi  # noqa: E402
 
 from FMSegCore.engines.prompting.prompts import BoxPrompt, PointPrompt, SegmentPrompts  # noqa: E402
 from FMSegCore.engines.prompting.session import PromptSession  # noqa: E402
@@ -47,21 +47,6 @@ def add_oblique_volume(array: np.ndarray, spacing, name: str, degrees=(20.0, 10.
     volume = Volume(np.ascontiguousarray(array), tuple(spacing), tuple(LPS @ ijk_to_ras_matrix[:3, 3]),
                     LPS @ direction_ras)
     return node, volume
-
-
-def roi_on_grid(node, lo, hi, name="roi"):
-    """A ROI aligned with the volume's voxel axes covering the IJK box lo..hi (made from the grid, in RAS)."""
-    matrix = ijk_to_ras(node)
-    spacing = np.asarray(node.GetSpacing())
-    roi = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsROINode", name)
-    center = matrix @ np.r_[(np.asarray(lo) + np.asarray(hi)) / 2, 1.0]
-    axes = matrix[:3, :3] / spacing
-    orientation = np.eye(4)
-    orientation[:3, :3] = axes
-    roi.SetAndObserveObjectToNodeMatrix(to_vtk_matrix(orientation))
-    roi.SetCenter(*center[:3])
-    roi.SetSize(*((np.asarray(hi) - np.asarray(lo)) * spacing))
-    return roi
 
 
 def point_list(node, points_ijk, name):
@@ -102,14 +87,6 @@ def oblique(scene, case):
 @pytest.fixture(scope="module")
 def local_model():
     return load_model("litemedsam", "cpu")
-
-
-def _kidney_box(labels, names, slices=4):
-    kidney = labels == names["kidney_left"]
-    k, j, i = np.nonzero(kidney)
-    middle = int(np.median(k))
-    return (i.min() - 2.0, j.min() - 2.0, float(middle - slices // 2)), \
-        (i.max() + 2.0, j.max() + 2.0, float(middle + slices // 2 - 1))
 
 
 def _segment_array(segmentation, name, volume_node):
@@ -184,7 +161,7 @@ def test_world_positions_map_to_the_voxels_fmsegcore_computes_on_an_oblique_grid
 def test_roi_prompt_gives_fmsegcores_result_voxel_for_voxel_with_names_colours_and_terminology(
         logic, oblique, local_model):
     node, volume, labels, names = oblique
-    lo, hi = _kidney_box(labels, names)
+    lo, hi = kidney_roi(labels, names)
     roi = roi_on_grid(node, lo, hi)
     segmentation = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "result")
     segment_id = logic.prompt(node, segmentation, "kidney_left", rois=[roi])
@@ -229,7 +206,7 @@ def test_users_segments_are_never_lost_and_one_undo_restores_each_step(logic, ob
     drawn = np.zeros(labels.shape, dtype=np.uint8)
     drawn[40:44, 30:60, 30:60] = 1
     slicer.util.updateSegmentBinaryLabelmapFromArray(drawn, segmentation, mine, node)
-    lo, hi = _kidney_box(labels, names, slices=2)
+    lo, hi = kidney_roi(labels, names, slices=2)
     roi = roi_on_grid(node, lo, hi, "undo roi")
 
     logic.prompt(node, segmentation, "kidney_left", rois=[roi])
@@ -249,7 +226,7 @@ def test_users_segments_are_never_lost_and_one_undo_restores_each_step(logic, ob
 
 def test_async_prompt_touches_the_scene_only_when_its_result_is_collected(logic, oblique):
     node, _, labels, names = oblique
-    lo, hi = _kidney_box(labels, names, slices=2)
+    lo, hi = kidney_roi(labels, names, slices=2)
     segmentation = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "async")
     pending = logic.prompt_async(node, segmentation, "kidney_left", rois=[roi_on_grid(node, lo, hi, "a")])
     deadline = time.monotonic() + 120
@@ -339,7 +316,7 @@ def test_adaptation_reports_progress_cancels_then_saves_loads_and_segments(logic
     while (not seen or seen[-1][0] < 2) and time.monotonic() < deadline:
         time.sleep(0.05)
     node, _, volume_labels, volume_names = oblique  # prompting stays interactive while the job trains
-    lo, hi = _kidney_box(volume_labels, volume_names, slices=2)
+    lo, hi = kidney_roi(volume_labels, volume_names, slices=2)
     prompt = logic.prompt_async(node, target, "kidney_left", rois=[roi_on_grid(node, lo, hi, "during")])
     while not prompt.done() and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -369,7 +346,7 @@ def test_adaptation_reports_progress_cancels_then_saves_loads_and_segments(logic
 
 def test_a_crashed_worker_is_reported_restarted_and_the_scene_is_kept(logic, oblique):
     node, _, labels, names = oblique
-    lo, hi = _kidney_box(labels, names, slices=2)
+    lo, hi = kidney_roi(labels, names, slices=2)
     roi = roi_on_grid(node, lo, hi, "crash roi")
     segmentation = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "crash")
     logic.prompt(node, segmentation, "kidney_left", rois=[roi])
@@ -388,7 +365,7 @@ def test_a_remote_worker_is_reached_with_its_url_token_and_the_chosen_device(sce
     from worker_fixtures import TOKEN, running_worker
 
     node, _, labels, names = oblique
-    lo, hi = _kidney_box(labels, names, slices=2)
+    lo, hi = kidney_roi(labels, names, slices=2)
     with running_worker() as server:
         remote = FMSegLogic(scene)
         with pytest.raises(Exception, match="token"):
@@ -396,7 +373,10 @@ def test_a_remote_worker_is_reached_with_its_url_token_and_the_chosen_device(sce
         info = remote.connect(server.url, TOKEN, device="cpu")
         assert info["device"] == "cpu" and remote.local is None
         segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "remote")
+        assert not np.shares_memory(remote._volume_data(node)[0], slicer.util.arrayFromVolume(node))  # to send
         remote.prompt(node, segmentation, "kidney_left", rois=[roi_on_grid(node, lo, hi, "remote roi")])
+        # sent: later prompts no longer copy the volume on the GUI thread
+        assert np.shares_memory(remote._volume_data(node)[0], slicer.util.arrayFromVolume(node))
         (entry,) = server.service.sessions.values()
         assert str(entry.session.device) == "cpu"
         assert len(server.service.volumes) == 1  # sent once

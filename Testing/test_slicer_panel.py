@@ -1066,6 +1066,7 @@ def test_the_panel_segments_through_the_real_logic_and_worker_and_undo_restores(
     """Stand-in UI, real everything else: the controller, FMSegLogic, a worker process, slicer-core MRML."""
     import slicer.util
     from FMSegSlicerLib.scene_geometry import to_vtk_matrix as vtk_matrix
+    from slicer_scene import roi_on_grid
     from worker_fixtures import ct_case
 
     logic_errors = logic_module()
@@ -1080,14 +1081,8 @@ def test_the_panel_segments_through_the_real_logic_and_worker_and_undo_restores(
     kidney = labels == names["kidney_left"]
     k, j, i = np.nonzero(kidney)
     middle = int(np.median(k))
-    roi = mrml.roi("FMSeg ROI")
     lo, hi = np.array([i.min() - 2, j.min() - 2, middle - 1]), np.array([i.max() + 2, j.max() + 2, middle + 1])
-    centre = matrix @ np.r_[(lo + hi) / 2, 1.0]
-    orientation = np.eye(4)
-    orientation[:3, :3] = matrix[:3, :3] / np.asarray(image.spacing)
-    roi.SetAndObserveObjectToNodeMatrix(vtk_matrix(orientation))
-    roi.SetCenter(*centre[:3])
-    roi.SetSize(*((hi - lo) * np.asarray(image.spacing)))
+    roi = roi_on_grid(volume, lo, hi, "FMSeg ROI")
 
     real = logic_errors.FMSegLogic(mrml.scene, device="cpu")
     real.executor = real._executor  # the fixture's clean-up shuts this down

@@ -13,7 +13,7 @@ import time
 import numpy as np
 import pytest
 import requests
-from worker_fixtures import TOKEN, ct_case, running_worker, sub_volume, upload
+from worker_fixtures import TOKEN, ct_case, kidney_roi, running_worker, sub_volume, upload
 
 from FMSegCore.engines.prompting.prompts import BoxPrompt, PointPrompt, SegmentPrompts
 from FMSegCore.engines.prompting.session import PromptSession
@@ -42,16 +42,6 @@ def client(worker):
 @pytest.fixture(scope="module")
 def case():
     return ct_case()
-
-
-def _kidney_roi(labels, names, slices=4):
-    """A 3D ROI (IJK corners) around the left kidney, a few slices thick."""
-    kidney = labels == names["kidney_left"]
-    k, j, i = np.nonzero(kidney)
-    middle = int(np.median(k))
-    lo = (i.min() - 2.0, j.min() - 2.0, middle - slices // 2)
-    hi = (i.max() + 2.0, j.max() + 2.0, middle + slices // 2 - 1)
-    return lo, hi, kidney
 
 
 # ------------------------------------------------------------------------------------------------ wire
@@ -91,7 +81,8 @@ def test_damaged_frames_are_refused_with_the_reason(damage, problem):
 
 def test_prompt_round_trip_equals_the_in_process_session_and_clicks_reuse_the_embeddings(client, case):
     image, labels, names = case
-    lo, hi, kidney = _kidney_roi(labels, names)
+    lo, hi = kidney_roi(labels, names)
+    kidney = labels == names["kidney_left"]
     volume_id = upload(client, image)
     session_id = client.open_session(volume_id, model="litemedsam", precision="fp32")
     mask, info = client.prompt(session_id, "kidney", boxes=[(lo, hi)])

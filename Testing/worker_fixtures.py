@@ -42,6 +42,14 @@ def ct_case() -> tuple[Volume, np.ndarray, dict[str, int]]:
     return image, labels, names
 
 
+def kidney_roi(labels: np.ndarray, names: dict[str, int], slices: int = 4) -> tuple[tuple, tuple]:
+    """IJK corners (lo, hi) of a ROI around the left kidney, 2 voxels of margin in-plane, ``slices`` thick."""
+    k, j, i = np.nonzero(labels == names["kidney_left"])
+    middle = int(np.median(k))
+    return (i.min() - 2.0, j.min() - 2.0, float(middle - slices // 2)), \
+        (i.max() + 2.0, j.max() + 2.0, float(middle + slices // 2 - 1))
+
+
 def sub_volume(volume: Volume, slices: np.ndarray) -> Volume:
     """The given K slices of a volume as a volume of their own (same spacing and direction)."""
     return Volume(np.ascontiguousarray(volume.array[slices]), volume.spacing, volume.origin, volume.direction)

@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from FMSegCore.cli.prompt_cmd import AXES, PromptResult, check_not_input, check_output, report
+from FMSegCore.cli.prompt_cmd import PromptResult, check_not_input, check_output, report
 from FMSegCore.errors import InputError
 from FMSegCore.io.labelmap import SEGMENTATION_SUFFIX, SegmentInfo, write_labelmap
 from FMSegCore.io.volume import read_volume
@@ -44,10 +44,8 @@ def segment_to_file(image_path: str, adapter_path: str, output: str, device: str
 
     from FMSegCore.device import inference_dtype, resolve_device, tune_cpu_runtime
     from FMSegCore.engines.adaptation.adapter_file import load_adapter
-    from FMSegCore.engines.adaptation.auto_segment import segment_volume_auto
+    from FMSegCore.engines.adaptation.auto_segment import segment_with_adapter
     from FMSegCore.engines.adaptation.engine import build_adapted
-    from FMSegCore.io.overlay import anatomical_axes
-    from FMSegCore.preprocessing.intensity import normalize
 
     began = time.perf_counter()
     output_path = check_output(output, overwrite)
@@ -58,25 +56,21 @@ def segment_to_file(image_path: str, adapter_path: str, output: str, device: str
                                        "'fmseg prompt --adapter', or train one with --mode auto")
     torch_device = resolve_device(device)
     image = read_volume(image_path)
-    meta = adapter.metadata
-    window = meta.get("window", "abdomen")
-    normalised = normalize(image, modality=meta.get("modality", "auto"),
-                           window=tuple(window) if isinstance(window, list) else window)
     if torch_device.type == "cpu":
         tune_cpu_runtime()
     model = build_adapted(adapter, torch_device)
-    axis = anatomical_axes(image.direction)[AXES[meta.get("axis", "axial")]]
-    structures = meta["structures"]
+    structures = adapter.metadata["structures"]
     show = progress and sys.stderr.isatty()
-    bar = tqdm(total=image.shape_ijk[axis], unit="slice", desc="Segmenting", disable=not show, file=sys.stderr)
+    bar = tqdm(total=None, unit="slice", desc="Segmenting", disable=not show, file=sys.stderr)
 
-    def advance(done: int, _total: int) -> None:
+    def advance(done: int, total: int) -> None:
+        bar.total = total
         bar.n = done
         bar.refresh()
 
     try:
-        labels = segment_volume_auto(model, normalised, axis, image.spacing, [s["value"] for s in structures],
-                                     torch_device, inference_dtype(torch_device, precision), progress=advance)
+        labels = segment_with_adapter(model, adapter.metadata, image, torch_device,
+                                      inference_dtype(torch_device, precision), progress=advance)
     finally:
         bar.close()
     infos = [SegmentInfo(int(s["value"]), str(s["name"]), tuple(float(c) for c in s["color"])) for s in structures]

@@ -27,34 +27,9 @@ import slicerio
 
 from FMSegCore.errors import InputError
 from FMSegCore.io.atomic import atomic_output
+from FMSegCore.io.colors import Color, default_color
 from FMSegCore.io.jsonfile import read_json
 from FMSegCore.io.volume import PathLike, Volume, read_volume
-
-Color = tuple[float, float, float]
-
-#: Typical colours (Slicer's generic anatomy colours) for common structures, matched on the name's words.
-ANATOMY_COLORS: dict[str, Color] = {
-    "liver": (0.867, 0.510, 0.396),
-    "spleen": (0.616, 0.424, 0.635),
-    "kidney": (0.725, 0.400, 0.325),
-    "aorta": (0.847, 0.396, 0.310),
-    "artery": (0.847, 0.396, 0.310),
-    "vena": (0.000, 0.592, 0.808),
-    "vein": (0.000, 0.592, 0.808),
-    "gallbladder": (0.545, 0.588, 0.384),
-    "pancreas": (0.976, 0.706, 0.435),
-    "stomach": (0.847, 0.518, 0.412),
-    "lung": (0.773, 0.647, 0.569),
-    "bladder": (0.871, 0.604, 0.518),
-}
-
-#: Distinct colours (Tableau 10 then lighter variants) for everything else, chosen by label value.
-PALETTE: tuple[Color, ...] = (
-    (0.122, 0.467, 0.706), (1.000, 0.498, 0.055), (0.173, 0.627, 0.173), (0.839, 0.153, 0.157),
-    (0.580, 0.404, 0.741), (0.549, 0.337, 0.294), (0.890, 0.467, 0.761), (0.498, 0.498, 0.498),
-    (0.737, 0.741, 0.133), (0.090, 0.745, 0.812), (0.682, 0.780, 0.910), (1.000, 0.733, 0.471),
-    (0.596, 0.875, 0.541), (1.000, 0.596, 0.588), (0.773, 0.690, 0.835), (0.969, 0.714, 0.824),
-)
 
 LABELMAP_SUFFIXES = (".nii", ".nii.gz", ".nrrd")
 SEGMENTATION_SUFFIX = ".seg.nrrd"
@@ -70,15 +45,6 @@ class SegmentInfo:
     value: int
     name: str
     color: Color
-
-
-def default_color(name: str, value: int) -> Color:
-    """A typical colour for a known structure name (e.g. ``kidney_left``), else a palette colour by value."""
-    words = name.lower().replace("-", "_").replace(" ", "_").split("_")
-    for key, color in ANATOMY_COLORS.items():
-        if key in words:
-            return color
-    return PALETTE[(value - 1) % len(PALETTE)]
 
 
 def check_labelled_arrays(image: np.ndarray, labels: np.ndarray, source: str) -> tuple[np.ndarray, np.ndarray]:

@@ -20,7 +20,13 @@ from typing import Optional, Union
 
 import numpy as np
 
-from FMSegCore.engines.prompting.prompts import BoxPrompt, PointPrompt, SegmentPrompts, box_from_corners
+from FMSegCore.engines.prompting.prompts import (
+    CORNER_SIGNS,
+    BoxPrompt,
+    PointPrompt,
+    SegmentPrompts,
+    box_from_corners,
+)
 from FMSegCore.errors import InputError
 from FMSegCore.io.jsonfile import read_json
 from FMSegCore.io.volume import LPS_TO_RAS, PathLike, Volume
@@ -62,8 +68,7 @@ class Markup:
 
     def roi_corners(self) -> np.ndarray:
         """The 8 corners (LPS, shape (8, 3)) of a ROI box."""
-        signs = np.array([[x, y, z] for x in (-1, 1) for y in (-1, 1) for z in (-1, 1)], dtype=float)
-        half = signs * (np.asarray(self.size) / 2.0)
+        half = CORNER_SIGNS * (np.asarray(self.size) / 2.0)
         return np.asarray(self.center) + half @ np.asarray(self.orientation).T
 
 

@@ -16,7 +16,7 @@ import numpy as np
 
 from FMSegCore.errors import FMSegError, InputError
 from FMSegCore.io.atomic import atomic_output
-from FMSegCore.io.labelmap import PALETTE, Color, default_color
+from FMSegCore.io.colors import PALETTE, Color, default_color
 from FMSegCore.io.volume import PathLike, Volume
 
 Names = Union[Sequence[str], Mapping[int, str]]

@@ -93,7 +93,7 @@ class Service:
         self.max_sessions = max_sessions
         self.jobs = JobRunner()
         self._workdir = tempfile.TemporaryDirectory(prefix="fmseg-worker-")
-        self._models: dict[tuple, torch.nn.Module] = {}
+        self._models: dict[tuple[str, str], torch.nn.Module] = {}  # adapted models by (adapter, device)
         self._models_lock = threading.Lock()
 
     # ------------------------------------------------------------------ state
@@ -186,16 +186,15 @@ class Service:
         return self.device if not name else resolve_device(name)
 
     def model(self, name: str, device: torch.device, adapter_id: Optional[str] = None) -> torch.nn.Module:
-        """A zoo model (or an adapted one), loaded once and kept."""
-        key = (name, str(device), adapter_id)
-        with self._models_lock:
+        """A zoo model (kept by the factory), or one adapted by an uploaded adapter, built once and kept here."""
+        with self._models_lock:  # request threads and the job thread may ask at once: load once
+            if not adapter_id:
+                return load_model(name, device)
+            key = (adapter_id, str(device))
             if key not in self._models:
-                if adapter_id:
-                    from FMSegCore.engines.adaptation.engine import build_adapted
+                from FMSegCore.engines.adaptation.engine import build_adapted
 
-                    self._models[key] = build_adapted(self.adapter(adapter_id), device, model_name=name)
-                else:
-                    self._models[key] = load_model(name, device)
+                self._models[key] = build_adapted(self.adapter(adapter_id), device, model_name=name)
             return self._models[key]
 
     # ------------------------------------------------------------------ prompting
@@ -348,8 +347,7 @@ class Service:
         return self.jobs.submit("adapt", work)
 
     def start_auto_segmentation(self, body: Any) -> Job:
-        from FMSegCore.engines.adaptation.auto_segment import segment_volume_auto
-        from FMSegCore.preprocessing.intensity import normalize
+        from FMSegCore.engines.adaptation.auto_segment import segment_with_adapter
 
         fields = Fields(body, "segment")
         volume = self.volume(fields.text("volume"))
@@ -358,21 +356,14 @@ class Service:
             raise RequestError(400, "segment: this adapter adapts a promptable model; use it in a prompt session")
         device = self._device(fields)
         precision = fields.text("precision", "auto", choices=PRECISIONS)
-        meta = adapter.metadata
-        structures = meta["structures"]
-        axis = anatomical_axes(volume.direction)[AXIS_NAMES[meta.get("axis", "axial")]]
 
         def work(job: Job) -> dict[str, Any]:
-            job.progress(0, volume.shape_ijk[axis], "loading")
+            job.progress(0, 1, "loading")
             model = self.model(adapter.base_model, device, body["adapter"])
-            window = meta.get("window", "abdomen")
-            image = normalize(volume, modality=meta.get("modality", "auto"),
-                              window=tuple(window) if isinstance(window, list) else window)
-            labels = segment_volume_auto(model, image, axis, volume.spacing, [s["value"] for s in structures], device,
-                                         inference_dtype(device, precision),
-                                         progress=lambda done, total: job.progress(done, total, "segmenting"))
+            labels = segment_with_adapter(model, adapter.metadata, volume, device, inference_dtype(device, precision),
+                                          progress=lambda done, total: job.progress(done, total, "segmenting"))
             job.frames["labels"] = encode_array(labels.astype(np.uint16), compress=True)
-            return {"segments": structures}
+            return {"segments": adapter.metadata["structures"]}
 
         return self.jobs.submit("segment", work)
 

@@ -62,14 +62,12 @@ def decode_array(frame: bytes, max_elements: Optional[int] = None) -> tuple[np.n
     if max_elements is not None and elements > max_elements:
         raise WireError(f"array of {elements} elements exceeds the limit of {max_elements}")
     data = frame[start + length:]
+    expected = elements * np.dtype(dtype).itemsize
     if encoding == "zlib":
-        expected = elements * np.dtype(dtype).itemsize
-        try:
-            inflater = zlib.decompressobj()
-            data = inflater.decompress(data, expected + 1)
+        try:  # never inflate past what the header announces (a small frame must not become a huge array)
+            data = zlib.decompressobj().decompress(data, expected + 1)
         except zlib.error as error:
             raise WireError(f"frame data does not decompress ({error})") from None
-    expected = elements * np.dtype(dtype).itemsize
     if len(data) != expected:
         raise WireError(f"frame holds {len(data)} bytes of data, the header announces {expected}")
     array = np.frombuffer(data, dtype=np.dtype(dtype).newbyteorder("<")).reshape(shape)

@@ -32,7 +32,7 @@ for dist in metadata.distributions():
 for line in json.loads(sys.argv[1]):
     requirement = Requirement(line)
     version = report["installed"].get(requirement.name.lower().replace("_", "-"))
-    report["requirements"][line] = {"installed": version,
+    report["requirements"][line] = {"name": requirement.name, "installed": version,
         "satisfied": version is not None and requirement.specifier.contains(version, prereleases=True)}
 try:
     import torch  # only in this throw-away process
@@ -94,8 +94,7 @@ def check(python: str, requirements: Optional[list[str]] = None, timeout: float 
         if state["installed"] is None:
             report.missing.append(line)
         elif not state["satisfied"]:
-            report.conflicts.append(f"{line.split('>')[0].split('=')[0].split('<')[0]} {state['installed']} "
-                                    f"(needs {line})")
+            report.conflicts.append(f"{state['name']} {state['installed']} (needs {line})")
     return report
 
 

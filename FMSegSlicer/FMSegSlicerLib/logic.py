@@ -23,6 +23,7 @@ import numpy as np
 import slicer
 import slicer.util
 
+from FMSegCore.io.colors import default_color
 from FMSegCore.server.client import JobCancelledError, WorkerClient, WorkerError, WorkerUnavailable
 from FMSegCore.server.launcher import PYTHON_ENV, LocalWorker
 from FMSegSlicerLib import scene_segments
@@ -121,7 +122,7 @@ class FMSegLogic:
         self.adapter = AdapterState()
         self.check_dependencies = check_dependencies
         self._ready_pythons: set[str] = set()
-        self._uploads: dict[tuple, Upload] = {}
+        self._uploads: dict[str, Upload] = {}  # by volume node id
         self._sessions: dict[tuple, str] = {}
         self._undo: dict[str, list[Any]] = {}
         # Two lanes: prompts stay interactive while a long job (adaptation, in-context) runs in the other.
@@ -237,17 +238,16 @@ class FMSegLogic:
             lane.shutdown(wait=False, cancel_futures=True)
 
     # ------------------------------------------------------------------ uploads
-    def _volume_id(self, node: Any, array: np.ndarray, meta: dict[str, Any], key: tuple = ()) -> str:
+    def _volume_id(self, node: Any, array: np.ndarray, meta: dict[str, Any]) -> str:
         """The worker's id for a node's array, uploading it only when new or modified."""
-        cache_key = (node.GetID(), *key)
-        mtime = int(node.GetImageData().GetMTime()) if node.IsA("vtkMRMLVolumeNode") else int(node.GetMTime())
-        known = self._uploads.get(cache_key)
+        mtime = _image_mtime(node)
+        known = self._uploads.get(node.GetID())
         if known is None or known.mtime != mtime:
             # zlib pays off over a network, not on this machine's loopback
             volume_id = self._worker().upload_volume(array, meta, compress=bool(self.url))
             if known is not None:  # the node changed: the worker no longer needs its old copy
                 self._discard([known.volume_id])
-            self._uploads[cache_key] = known = Upload(volume_id, mtime)
+            self._uploads[node.GetID()] = known = Upload(volume_id, mtime)
         return known.volume_id
 
     def _discard(self, volume_ids: Sequence[str]) -> None:
@@ -258,14 +258,18 @@ class FMSegLogic:
             except WorkerError:
                 pass
 
-    @staticmethod
-    def _volume_data(volume_node: Any) -> tuple[np.ndarray, dict[str, Any]]:
+    def _volume_data(self, volume_node: Any) -> tuple[np.ndarray, dict[str, Any]]:
+        """A volume's voxels and grid, read on the calling (GUI) thread for the request to send. A volume the
+        worker holds already is not copied again on every prompt: its array is then Slicer's own view, read only
+        if the worker has lost its copy meanwhile (restarted or evicted)."""
         if volume_node is None or not volume_node.IsA("vtkMRMLScalarVolumeNode"):
             raise ValueError("choose a scalar volume to segment")
         array = slicer.util.arrayFromVolume(volume_node)
         if array.ndim != 3:
             raise ValueError(f"{volume_node.GetName()}: FMSeg segments single-component 3D volumes")
-        return np.array(array), volume_meta(volume_node)
+        known = self._uploads.get(volume_node.GetID())
+        sent = known is not None and known.mtime == _image_mtime(volume_node)
+        return (array if sent else np.array(array)), volume_meta(volume_node)
 
     # ------------------------------------------------------------------ results
     def _remember(self, segmentation_node: Any) -> None:
@@ -330,8 +334,8 @@ class FMSegLogic:
         scene_segments.prepare(segmentation_node, volume_node)
         segmentation = segmentation_node.GetSegmentation()
         color = None
-        if not segmentation.GetSegmentIdBySegmentName(name):
-            color = _distinct_color(segmentation.GetNumberOfSegments())
+        if not segmentation.GetSegmentIdBySegmentName(name):  # FMSeg's colour for the structure, as in its files
+            color = default_color(name, segmentation.GetNumberOfSegments() + 1)
         return scene_segments.write_segment(segmentation_node, volume_node, name, mask, color)
 
     def prompt(self, volume_node: Any, segmentation_node: Any, segment_name: str, include_points: Any = None,
@@ -528,14 +532,13 @@ def _prompt_arguments(volume_node: Any, segmentation_node: Any, segment_name: st
     return volume_node, segmentation_node, segment_name, include_points, exclude_points, rois, model, use_adapter
 
 
+def _image_mtime(volume_node: Any) -> int:
+    """When a volume's voxels last changed (VTK's modification time of its image data)."""
+    return int(volume_node.GetImageData().GetMTime())
+
+
 def _job_progress(progress: Optional[Progress]) -> Optional[Callable[[dict[str, Any]], None]]:
     if progress is None:
         return None
     return lambda status: progress(status["done"], status["total"], status["message"])
 
-
-def _distinct_color(index: int) -> tuple[float, float, float]:
-    """A colour per new segment, spread around the hue circle (golden angle)."""
-    import colorsys
-
-    return colorsys.hsv_to_rgb((0.08 + index * 0.618034) % 1.0, 0.65, 0.95)

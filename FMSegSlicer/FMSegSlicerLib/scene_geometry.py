@@ -8,6 +8,8 @@ from typing import Any
 import numpy as np
 import vtk
 
+from FMSegCore.server.client import geometry
+
 LPS_FLIP = np.diag([-1.0, -1.0, 1.0])
 
 
@@ -49,10 +51,7 @@ def volume_meta(volume_node: Any) -> dict[str, Any]:
     matrix = ijk_to_ras(volume_node)
     spacing = np.asarray(volume_node.GetSpacing(), dtype=float)
     direction_ras = matrix[:3, :3] / spacing
-    return {"spacing": [float(s) for s in spacing],
-            "origin": [float(v) for v in LPS_FLIP @ matrix[:3, 3]],
-            "direction": [float(v) for v in (LPS_FLIP @ direction_ras).reshape(9)],
-            "name": volume_node.GetName() or ""}
+    return geometry(spacing, LPS_FLIP @ matrix[:3, 3], LPS_FLIP @ direction_ras, volume_node.GetName() or "")
 
 
 def world_to_ijk(volume_node: Any, points_ras: np.ndarray) -> np.ndarray:

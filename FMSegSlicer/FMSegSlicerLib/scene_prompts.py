@@ -8,7 +8,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from FMSegCore.engines.prompting.prompts import box_from_corners
+from FMSegCore.engines.prompting.prompts import CORNER_SIGNS, box_from_corners
 from FMSegSlicerLib.scene_geometry import from_vtk_matrix, world_to_ijk
 
 Box = tuple[tuple[float, float, float], tuple[float, float, float], Optional[tuple]]  # lo, hi, corners
@@ -20,8 +20,7 @@ def roi_box(roi_node: Any, volume_node: Any) -> Box:
     """A ROI as a voxel-index box: (lo, hi) enclosing its 8 corners, and the corners themselves when the ROI is
     not aligned with the volume's grid (the worker then uses its extent on each slice)."""
     half = np.asarray(roi_node.GetSize(), dtype=float) / 2.0
-    signs = np.array([[sx, sy, sz] for sx in (-1, 1) for sy in (-1, 1) for sz in (-1, 1)], dtype=float)
-    corners = np.c_[signs * half, np.ones(8)] @ from_vtk_matrix(roi_node.GetObjectToWorldMatrix()).T
+    corners = np.c_[CORNER_SIGNS * half, np.ones(8)] @ from_vtk_matrix(roi_node.GetObjectToWorldMatrix()).T
     box = box_from_corners(world_to_ijk(volume_node, corners[:, :3]))
     return box.lo, box.hi, box.corners
 

@@ -10,7 +10,10 @@ import torch
 
 from FMSegCore.engines.adaptation.auto_learner import AutoSegmenter2D
 from FMSegCore.engines.prompting.windows import SliceWindow, extract, full_window, paste
-from FMSegCore.preprocessing.slicing import get_slice, in_plane_axes, put_slice
+from FMSegCore.io.overlay import anatomical_axes
+from FMSegCore.io.volume import Volume
+from FMSegCore.preprocessing.intensity import normalize
+from FMSegCore.preprocessing.slicing import AXIS_NAMES, get_slice, in_plane_axes, put_slice
 
 
 @torch.no_grad()
@@ -60,3 +63,16 @@ def segment_volume_auto(segmenter: AutoSegmenter2D, image: np.ndarray, axis: int
         if progress is not None:
             progress(indices[-1] + 1, count)
     return labels
+
+
+def segment_with_adapter(segmenter: AutoSegmenter2D, metadata: dict, volume: Volume, device: torch.device,
+                         autocast: Optional[torch.dtype] = None,
+                         progress: Optional[Callable[[int, int], None]] = None) -> np.ndarray:
+    """Label map (KJI, uint16) of a raw volume from an automatic adapter's model, normalised and sliced as the
+    adapter was trained (its metadata: modality, CT window, slicing direction, structures' values)."""
+    window = metadata.get("window", "abdomen")
+    image = normalize(volume, modality=metadata.get("modality", "auto"),
+                      window=tuple(window) if isinstance(window, list) else window)
+    axis = anatomical_axes(volume.direction)[AXIS_NAMES[metadata.get("axis", "axial")]]
+    values = [structure["value"] for structure in metadata["structures"]]
+    return segment_volume_auto(segmenter, image, axis, volume.spacing, values, device, autocast, progress=progress)

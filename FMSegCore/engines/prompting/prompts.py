@@ -14,7 +14,10 @@ from typing import Optional
 import numpy as np
 
 Corner = tuple[float, float, float]
-#: The 12 edges of a box whose 8 corners are ordered like itertools.product((0, 1), repeat=3) over its own axes.
+#: The corners of a box about its centre, in units of its half size along its own axes: the order every ROI's
+#: 8 corners follow (that of itertools.product((0, 1), repeat=3) over the box's axes).
+CORNER_SIGNS = np.array(list(itertools.product((-1.0, 1.0), repeat=3)))
+#: The 12 edges of a box whose corners follow that order (corners differing along one axis).
 BOX_EDGES = tuple((a, b) for a, b in itertools.combinations(range(8), 2) if bin(a ^ b).count("1") == 1)
 
 
@@ -86,8 +89,8 @@ class BoxPrompt:
 
 
 def box_from_corners(corners: Sequence[Sequence[float]], tolerance: float = 1e-3) -> BoxPrompt:
-    """The prompt of a ROI given by its 8 IJK corners (ordered like itertools.product((0, 1), repeat=3) over
-    its own axes): the enclosing box, which keeps the corners when the ROI is not aligned with the voxel axes."""
+    """The prompt of a ROI given by its 8 IJK corners (in the order of :data:`CORNER_SIGNS`): the enclosing box,
+    which keeps the corners when the ROI is not aligned with the voxel axes."""
     points = np.asarray(corners, dtype=float).reshape(8, 3)
     lo, hi = points.min(axis=0), points.max(axis=0)
     edges = [points[b] - points[a] for a, b in BOX_EDGES]

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from worker_fixtures import ct_case
 
+from FMSegCore.bench.roi_bench import tilted_roi
 from FMSegCore.engines.prompting.prompts import CORNER_SIGNS, BoxPrompt, SegmentPrompts, box_from_corners
 from FMSegCore.engines.prompting.session import PromptSession
 from FMSegCore.models.factory import load_model
@@ -51,13 +52,7 @@ def test_the_section_of_a_tilted_box_follows_its_slope():
 def test_a_tilted_roi_keeps_each_slice_inside_its_own_section_and_finds_the_kidney():
     image, labels, names = ct_case()
     truth = labels == names["kidney_left"]
-    lps = image.ijk_to_lps(np.argwhere(truth)[:, ::-1].astype(float))
-    t = math.radians(35.0)
-    rotation = np.array([[1, 0, 0], [0, math.cos(t), -math.sin(t)], [0, math.sin(t), math.cos(t)]])
-    local = lps @ rotation
-    lo, hi = local.min(axis=0) - 2.0, local.max(axis=0) + 2.0
-    corners = [[(lo, hi)[a][0], (lo, hi)[b][1], (lo, hi)[c][2]] for a, b, c in itertools.product((0, 1), repeat=3)]
-    roi = box_from_corners(image.lps_to_ijk(np.asarray(corners) @ rotation.T))
+    roi = tilted_roi(image, truth, 35.0)
     assert roi.corners is not None
     session = PromptSession(image, load_model("litemedsam", "cpu"), "cpu")
     mask = session.segment(SegmentPrompts("kidney", [roi]))

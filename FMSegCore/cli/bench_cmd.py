@@ -43,6 +43,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     from FMSegCore.cli import bench_worker
 
     bench_worker.add_parser(kinds)
+    from FMSegCore.cli import bench_roi
+
+    bench_roi.add_parser(kinds)
     bench.set_defaults(func=lambda args: bench.print_help() or 1)
 
 

@@ -1,7 +1,11 @@
 """``fmseg incontext``: segment a query scan like labelled examples (a support set), with no training.
 
-Every input is read and checked before the model is loaded; the result (and the optional uncertainty map) is
-written atomically, never over an existing file without ``--overwrite``, and never over an input.
+Supports from other scans are aligned to the query in physical space first (``--match anatomy``, what ``auto``
+picks for them); supports on the query's own grid (labelled slices of the same scan) and 2-D examples keep
+matching by relative slice position (``index``). ``--method registration`` gives the registration baseline:
+the supports' labels warped onto the query. Every input is read and checked before the model is loaded; the
+result (and the optional uncertainty map and preview) is written atomically, never over an existing file
+without ``--overwrite``, and never over an input.
 """
 
 from __future__ import annotations
@@ -12,16 +16,23 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Union
+from typing import TYPE_CHECKING, Optional, Union
 
 from FMSegCore.cli.prompt_cmd import AXES, PromptResult, check_not_input, check_output, report
 from FMSegCore.errors import InputError
-from FMSegCore.io.labelmap import SEGMENTATION_SUFFIX
-from FMSegCore.io.volume import VOLUME_SUFFIXES, PathLike, read_volume, write_volume
+from FMSegCore.io.labelmap import SEGMENTATION_SUFFIX, SegmentInfo, write_labelmap
+from FMSegCore.io.volume import VOLUME_SUFFIXES, PathLike, Volume, read_volume, write_volume
 from FMSegCore.zoo.registry import DEFAULT_INCONTEXT, get_card
+
+if TYPE_CHECKING:
+    from FMSegCore.engines.incontext.session import InContextResult
+    from FMSegCore.engines.incontext.support import SupportScan
+    from FMSegCore.preprocessing.alignment import Alignment
 
 #: --axis accepts x/y/z as well as the anatomical names.
 AXIS_ALIASES = {"x": "sagittal", "y": "coronal", "z": "axial", **{name: name for name in AXES}}
+MATCHES = ("auto", "anatomy", "index")
+METHODS = ("model", "registration")
 
 
 @dataclass
@@ -39,15 +50,21 @@ class InContextOptions:
     precision: str = "auto"
     seed: int = 0
     progress: Optional[bool] = None
+    match: str = "auto"
+    method: str = "model"
+    prior_margin_mm: Optional[float] = 20.0
+    deformable: bool = False
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "incontext", help="segment a scan like a few labelled examples (support set), no training",
         description="Segment the structures labelled in the support examples (all of them, or those named by "
-                    "--labels) in the query image. Each class is predicted slice by slice with supports from "
-                    "the same relative position along --axis; the output keeps the support's label values and "
-                    f"names ({SEGMENTATION_SUFFIX}, or a label map plus <name>.labels.json).")
+                    "--labels) in the query image. Supports from other scans are first aligned to the query "
+                    "(registration in world coordinates), then each class is predicted slice by slice with "
+                    "the support slices at the same anatomical position, near where the aligned labels put "
+                    "it. The output keeps the support's label values and names "
+                    f"({SEGMENTATION_SUFFIX}, or a label map plus <name>.labels.json).")
     parser.add_argument("--image", required=True, help="the query volume (NIfTI, NRRD, MetaImage or DICOM folder)")
     parser.add_argument("--support", required=True, nargs=2, action="append", metavar=("IMAGE", "LABELS"),
                         help="a labelled example: image and label map (.seg.nrrd, or NIfTI/NRRD with a "
@@ -62,9 +79,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--uncertainty", default=None, metavar="VOLUME",
                         help="also write the per-voxel uncertainty (spread of the ensemble; needs --ensemble >= 2)")
     parser.add_argument("--axis", default="z", choices=tuple(AXIS_ALIASES), help="slicing direction (default: z, axial)")
+    parser.add_argument("--method", default="model", choices=METHODS,
+                        help="model: the in-context model (default); registration: the supports' labels warped "
+                             "onto the query by the alignment (multi-atlas baseline, no model)")
+    parser.add_argument("--match", default="auto", choices=MATCHES,
+                        help="how support slices are matched to query slices: anatomy (align each support to "
+                             "the query, then match by position in mm), index (by relative slice position: "
+                             "right only for supports covering the query's field of view), auto (default: "
+                             "index for 2-D examples and supports on the query's own grid, else anatomy)")
+    parser.add_argument("--prior-margin", type=float, default=20.0, metavar="MM",
+                        help="with anatomy matching, keep a structure only within this distance of where the "
+                             "aligned supports put it (default 20; 0 or less: no spatial prior)")
+    parser.add_argument("--deformable", action="store_true",
+                        help="refine each alignment with a coarse B-spline (kept only when it improves the fit)")
     parser.add_argument("--tolerance", type=float, default=0.05,
-                        help="how far (fraction of the axis) a support slice may lie from the query slice's "
-                             "relative position (default 0.05)")
+                        help="index matching: how far (fraction of the axis) a support slice may lie from the "
+                             "query slice's relative position (default 0.05)")
+    parser.add_argument("--preview", default=None, metavar="PNG",
+                        help="also write a PNG of three slices with the result overlaid")
     parser.add_argument("--modality", default="auto", help="CT, MR or auto (default)")
     parser.add_argument("--window", default="abdomen", help="CT window: abdomen (default), lung or bone")
     parser.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto")
@@ -79,9 +111,12 @@ def run(args: argparse.Namespace) -> int:
     options = InContextOptions(
         model=args.model, device=args.device, axis=AXIS_ALIASES[args.axis], support_size=args.support_size,
         ensemble=args.ensemble, tolerance=args.tolerance, modality=args.modality, window=args.window,
-        precision=args.precision, seed=args.seed, progress=False if args.no_progress else None)
+        precision=args.precision, seed=args.seed, progress=False if args.no_progress else None,
+        match=args.match, method=args.method,
+        prior_margin_mm=args.prior_margin if args.prior_margin > 0 else None, deformable=args.deformable)
     incontext_to_file(args.image, [tuple(pair) for pair in args.support], args.output, labels=args.labels,
-                      uncertainty=args.uncertainty, options=options, overwrite=args.overwrite)
+                      uncertainty=args.uncertainty, options=options, overwrite=args.overwrite,
+                      preview=args.preview)
     return 0
 
 
@@ -104,16 +139,10 @@ def _check_options(options: InContextOptions, uncertainty: Optional[PathLike]) -
 
 def incontext_to_file(image_path: PathLike, supports: Sequence[tuple[PathLike, PathLike]], output: PathLike,
                       labels: Optional[Sequence[Union[str, int]]] = None, uncertainty: Optional[PathLike] = None,
-                      options: Optional[InContextOptions] = None, overwrite: bool = False) -> PromptResult:
-    """What ``fmseg incontext`` does: check everything, segment, write atomically, print a report."""
-    from tqdm import tqdm
-
-    from FMSegCore.device import inference_dtype, resolve_device, tune_cpu_runtime
-    from FMSegCore.engines.incontext.session import InContextSession, InContextSettings
-    from FMSegCore.engines.incontext.support import load_support_set
-    from FMSegCore.io.labelmap import write_labelmap
-    from FMSegCore.io.overlay import anatomical_axes
-    from FMSegCore.models.factory import load_model
+                      options: Optional[InContextOptions] = None, overwrite: bool = False,
+                      preview: Optional[PathLike] = None) -> PromptResult:
+    """What ``fmseg incontext`` does: check everything, align, segment, write atomically, print a report."""
+    from FMSegCore.engines.incontext.support import SupportSet, read_support_scan
 
     began = time.perf_counter()
     options = options or InContextOptions()
@@ -125,23 +154,47 @@ def incontext_to_file(image_path: PathLike, supports: Sequence[tuple[PathLike, P
         check_not_input(uncertainty, inputs)
         if Path(uncertainty).resolve() == Path(output).resolve():
             raise InputError(uncertainty, "the uncertainty map and the result need different file names")
+    if preview is not None:
+        preview = check_output(preview, overwrite, (".png",))
+        check_not_input(preview, inputs)
     _check_options(options, uncertainty)
-    device = resolve_device(options.device)
     image = read_volume(image_path)
-    support = load_support_set(supports, options.modality, options.window)
-    classes = support.resolve(labels)
-    show = sys.stderr.isatty() if options.progress is None else options.progress
-    if device.type == "cpu":
-        tune_cpu_runtime()
-    if show:
-        print(f"Loading {options.model} on {device}...", file=sys.stderr, flush=True)
-    model = load_model(options.model, device)
-    settings = InContextSettings(support_size=options.support_size, ensemble=options.ensemble,
-                                 match_tolerance=options.tolerance, seed=options.seed)
-    axis = anatomical_axes(image.direction)[AXES[options.axis]]
-    session = InContextSession(model, support, [c.value for c in classes], axis=axis, settings=settings,
-                               device=device, autocast_dtype=inference_dtype(device, options.precision),
-                               modality=options.modality, window=options.window)
+    scans = [read_support_scan(image_file, labels_file) for image_file, labels_file in supports]
+    classes = SupportSet([scan.example(options.modality, options.window) for scan in scans]).resolve(labels)
+    match = choose_match(options.match, image, scans)
+    if options.method == "registration" and match != "anatomy":
+        raise InputError(None, "--method registration needs supports from other scans (--match anatomy)")
+    result = (_segment_by_index(image, scans, classes, options, uncertainty is not None) if match == "index"
+              else _segment_by_anatomy(image, scans, classes, options, uncertainty is not None))
+    write_labelmap(result.labels.astype("uint16"), image, output, result.segments, overwrite=overwrite)
+    if uncertainty is not None and result.uncertainty is not None:
+        write_volume(image.with_array(result.uncertainty.astype("float32")), uncertainty)
+    if preview is not None:
+        from FMSegCore.io.overlay import write_overlay_png
+
+        write_overlay_png(image, result.labels, {s.value: s.name for s in result.segments}, preview,
+                          {s.value: s.color for s in result.segments}, overwrite=overwrite)
+    done = PromptResult(image, result.labels, result.segments, output, time.perf_counter() - began)
+    report(done)
+    if uncertainty is not None:
+        print(f"Wrote {uncertainty} (uncertainty: spread of {options.ensemble} ensemble members)")
+    if preview is not None:
+        print(f"Wrote {preview} (preview)")
+    return done
+
+
+def choose_match(match: str, image: Volume, scans: Sequence[SupportScan]) -> str:
+    """``auto``: index matching when every support lies on the query's own grid (labelled slices of the same
+    scan) or is one slice thick; anatomy (alignment) otherwise."""
+    if match != "auto":
+        return match
+    own = all(scan.volume.same_grid(image) or min(scan.volume.array.shape) == 1 for scan in scans)
+    return "index" if own else "anatomy"
+
+
+def _progress_bar(show: bool):
+    from tqdm import tqdm
+
     bar = tqdm(total=None, unit="block", desc="Segmenting", disable=not show, file=sys.stderr)
 
     def progress(name: str, done: int, total: int) -> None:
@@ -149,15 +202,88 @@ def incontext_to_file(image_path: PathLike, supports: Sequence[tuple[PathLike, P
         bar.set_description(name)
         bar.update(done - bar.n)
 
+    return bar, progress
+
+
+def _model(options: InContextOptions, show: bool):
+    from FMSegCore.device import inference_dtype, resolve_device, tune_cpu_runtime
+    from FMSegCore.models.factory import load_model
+
+    device = resolve_device(options.device)
+    if device.type == "cpu":
+        tune_cpu_runtime()
+    if show:
+        print(f"Loading {options.model} on {device}...", file=sys.stderr, flush=True)
+    return load_model(options.model, device), device, inference_dtype(device, options.precision)
+
+
+def _settings(options: InContextOptions):
+    from FMSegCore.engines.incontext.session import InContextSettings
+
+    return InContextSettings(support_size=options.support_size, ensemble=options.ensemble,
+                             match_tolerance=options.tolerance, seed=options.seed)
+
+
+def _show(options: InContextOptions) -> bool:
+    return sys.stderr.isatty() if options.progress is None else options.progress
+
+
+def _segment_by_index(image: Volume, scans: Sequence[SupportScan], classes: Sequence[SegmentInfo],
+                      options: InContextOptions, uncertainty: bool) -> InContextResult:
+    """The query sliced as it is, supports matched by relative slice position."""
+    from FMSegCore.engines.incontext.session import InContextSession
+    from FMSegCore.engines.incontext.support import SupportSet
+    from FMSegCore.io.overlay import anatomical_axes
+
+    show = _show(options)
+    model, device, dtype = _model(options, show)
+    support = SupportSet([scan.example(options.modality, options.window) for scan in scans])
+    axis = anatomical_axes(image.direction)[AXES[options.axis]]
+    session = InContextSession(model, support, [c.value for c in classes], axis=axis, settings=_settings(options),
+                               device=device, autocast_dtype=dtype, modality=options.modality,
+                               window=options.window)
+    bar, progress = _progress_bar(show)
     try:
-        result = session.segment_volume(image.array, uncertainty=uncertainty is not None, progress=progress)
+        return session.segment_volume(image.array, uncertainty=uncertainty, progress=progress)
     finally:
         bar.close()
-    write_labelmap(result.labels.astype("uint16"), image, output, result.segments, overwrite=overwrite)
-    if uncertainty is not None and result.uncertainty is not None:
-        write_volume(image.with_array(result.uncertainty), uncertainty)
-    done = PromptResult(image, result.labels, result.segments, output, time.perf_counter() - began)
-    report(done)
-    if uncertainty is not None:
-        print(f"Wrote {uncertainty} (uncertainty: spread of {options.ensemble} ensemble members)")
-    return done
+
+
+def _segment_by_anatomy(image: Volume, scans: Sequence[SupportScan], classes: Sequence[SegmentInfo],
+                        options: InContextOptions, uncertainty: bool) -> InContextResult:
+    """Supports aligned to the query first: the model on the common work grid, or the registration baseline."""
+    from FMSegCore.engines.incontext.anatomical import AnatomicalSettings, align_supports, registration_labels
+    from FMSegCore.engines.incontext.session import InContextResult
+
+    show = _show(options)
+    anatomical = AnatomicalSettings(prior_margin_mm=options.prior_margin_mm, deformable=options.deformable)
+    if options.method == "registration":
+        if uncertainty:
+            raise InputError(None, "--method registration gives no uncertainty map (use the model with --ensemble)")
+        began = time.perf_counter()
+        aligned = align_supports(image, scans, 128, options.axis, options.modality, options.window, anatomical)
+        _report_alignments(scans, aligned.alignments)
+        labels = registration_labels(image, scans, aligned, classes)
+        return InContextResult(labels, list(classes), seconds=time.perf_counter() - began)
+    from FMSegCore.engines.incontext.anatomical import AnatomicalInContext
+
+    model, device, dtype = _model(options, show)
+    engine = AnatomicalInContext(model, scans, [c.value for c in classes], options.axis, _settings(options),
+                                 anatomical, device, dtype, options.modality, options.window)
+    if show:
+        print(f"Aligning {len(scans)} support{'s' * (len(scans) != 1)} to the query...", file=sys.stderr,
+              flush=True)
+    aligned = engine.align(image)
+    _report_alignments(scans, aligned.alignments)
+    bar, progress = _progress_bar(show)
+    try:
+        result, _ = engine.segment(image, uncertainty=uncertainty, progress=progress, aligned=aligned)
+    finally:
+        bar.close()
+    return result
+
+
+def _report_alignments(scans: Sequence[SupportScan], alignments: Sequence[Alignment]) -> None:
+    for scan, alignment in zip(scans, alignments):
+        print(f"Aligned {scan.source}: {alignment.describe()} ({'+'.join(alignment.stages)}, "
+              f"{alignment.seconds:.1f} s)")

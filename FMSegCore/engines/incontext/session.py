@@ -24,6 +24,7 @@ from FMSegCore.engines.incontext.slice_matching import (
     SupportSlice,
     choose_supports,
     query_blocks,
+    slice_position,
 )
 from FMSegCore.engines.incontext.support import SupportSet
 from FMSegCore.errors import InputError
@@ -43,7 +44,8 @@ class InContextSettings:
     support_size: int = 8
     #: ensemble members (support subsets / mirrored copies) averaged per query slice
     ensemble: int = 1
-    #: largest difference of relative position (0..1 along the axis) between a query and its supports
+    #: largest difference of position between a query and its supports: relative (0..1 along the axis), or in
+    #: mm for supports aligned to the query (:mod:`.anatomical`, which sets it from its own margin)
     match_tolerance: float = 0.05
     #: consecutive query slices sharing one support set (one batch)
     block_slices: int = 8
@@ -90,8 +92,13 @@ class InContextSession:
     def __init__(self, model: InContextModel2D, support: SupportSet, classes: Optional[Sequence[Union[str, int]]] = None,
                  axis: Axis = 2, settings: Optional[InContextSettings] = None,
                  device: Optional[torch.device] = None, autocast_dtype: Optional[torch.dtype] = None,
-                 modality: str = "auto", window: Window = DEFAULT_CT_WINDOW) -> None:
+                 modality: str = "auto", window: Window = DEFAULT_CT_WINDOW,
+                 slice_spacing_mm: Optional[float] = None) -> None:
+        """``slice_spacing_mm``: support examples and queries lie on one physical grid with this slice spacing
+        (aligned supports, :mod:`.anatomical`); slices match by millimetres and ``match_tolerance`` is in mm.
+        Otherwise they match by relative position along the axis."""
         self.model, self.support = model, support
+        self.slice_spacing_mm = slice_spacing_mm
         self.settings = settings or InContextSettings()
         if self.settings.support_size < 1 or self.settings.ensemble < 1:
             raise InputError(None, "support size and ensemble must be at least 1")
@@ -118,7 +125,7 @@ class InContextSession:
             areas = mask.sum(axis=tuple(a for a in range(3) if a != 2 - self.axis))
             for index in np.flatnonzero(areas):
                 # a single-slice example has no position along the axis: it matches every query slice
-                position = int(index) / (count - 1) if count > 1 else None
+                position = slice_position(int(index), count, self.slice_spacing_mm) if count > 1 else None
                 slices.append(SupportSlice(number, int(index), position, float(areas[index])))
         return slices
 
@@ -166,14 +173,16 @@ class InContextSession:
         return np.stack(members)
 
     def segment_volume(self, volume: np.ndarray, uncertainty: bool = False, keep_probabilities: bool = False,
-                       progress: Optional[ProgressCallback] = None) -> InContextResult:
-        """Segment every class in a query volume (KJI array of raw intensities); a query one slice thick along
-        the axis is a lone slice and takes supports from anywhere."""
+                       progress: Optional[ProgressCallback] = None, normalised: bool = False) -> InContextResult:
+        """Segment every class in a query volume (KJI array of raw intensities, or of values already in [0, 1]
+        when ``normalised``); a query one slice thick along the axis is a lone slice and takes supports from
+        anywhere."""
         volume = np.asarray(volume)
+        image = volume if normalised else normalize(volume, self.modality, self.window)
         if volume.ndim == 3 and volume.shape[2 - self.axis] == 1:
-            return self._segment(volume, self.axis, self._position_free(), uncertainty, keep_probabilities,
+            return self._segment(image, self.axis, self._position_free(), uncertainty, keep_probabilities,
                                  progress)
-        return self._segment(volume, self.axis, self._slices, uncertainty, keep_probabilities, progress)
+        return self._segment(image, self.axis, self._slices, uncertainty, keep_probabilities, progress)
 
     def _position_free(self) -> dict[int, list[SupportSlice]]:
         return {value: [SupportSlice(s.example, s.index, None, s.area) for s in slices]
@@ -184,23 +193,24 @@ class InContextSession:
         image = np.asarray(image)
         if image.ndim != 2:
             raise InputError(None, f"the query slice must be 2-D, got {image.ndim} dimensions")
-        result = self._segment(image[None], 2, self._position_free(), uncertainty, False, None)
+        result = self._segment(normalize(image[None], self.modality, self.window), 2, self._position_free(),
+                               uncertainty, False, None)
         result.labels = result.labels[0]
         if result.uncertainty is not None:
             result.uncertainty = result.uncertainty[0]
         return result
 
-    def _segment(self, volume: np.ndarray, query_axis: int, support_slices: dict[int, list[SupportSlice]],
+    def _segment(self, image: np.ndarray, query_axis: int, support_slices: dict[int, list[SupportSlice]],
                  uncertainty: bool, keep_probabilities: bool,
                  progress: Optional[ProgressCallback]) -> InContextResult:
+        """Segment a normalised query volume."""
         started = time.perf_counter()
         self._passes = 0
-        volume = np.asarray(volume)
+        volume = image
         if volume.ndim != 3:
             raise InputError(None, f"the query must be a 3-D volume, got {volume.ndim} dimensions")
         if uncertainty and self.settings.ensemble < 2:
             raise InputError(None, "an uncertainty map needs an ensemble of at least 2 members (--ensemble 2)")
-        image = normalize(volume, self.modality, self.window)
         count = volume.shape[2 - query_axis]
         size = self.model.input_size
         fits, fitted = [], np.zeros((count, size, size), dtype=np.float32)
@@ -212,7 +222,8 @@ class InContextSession:
         spread = np.zeros(volume.shape, dtype=np.float32) if uncertainty else None
         result = InContextResult(labels, list(self.classes), spread)
         plans = [(segment, query_blocks(support_slices[segment.value], count, self.settings.match_tolerance,
-                                        self.settings.block_slices)) for segment in self.classes]
+                                        self.settings.block_slices, self.slice_spacing_mm))
+                 for segment in self.classes]
         total, done = sum(len(blocks) for _, blocks in plans), 0
         for segment, blocks in plans:
             rng = np.random.default_rng([self.settings.seed, segment.value])

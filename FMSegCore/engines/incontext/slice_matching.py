@@ -1,8 +1,10 @@
 """Which support slices serve which query slices, for 2-D in-context models applied to volumes.
 
-Slices are matched by relative position along the chosen axis (0 at the first slice, 1 at the last): a query
-slice at position ``r`` draws its supports from the support volumes whose labelled extent of the structure
-(widened by ``tolerance``) covers ``r``, nearest slices first; elsewhere it stays background. Support examples given as single 2-D slices have no position and match every
+Slices are matched by position along the chosen axis: by relative position (0 at the first slice, 1 at the
+last) when support and query are the same scan or share its extent, or in millimetres when supports were
+aligned to the query and resampled onto its grid (:mod:`.anatomical`). A query slice at position ``r`` draws
+its supports from the support volumes whose labelled extent of the structure (widened by ``tolerance``, in the
+same unit) covers ``r``, nearest slices first; elsewhere it stays background. Support examples given as single 2-D slices have no position and match every
 query slice. Consecutive query slices are grouped into blocks that share one support set, so the model runs them
 in one batch and computes the support part of its first layer once per block.
 """
@@ -38,6 +40,12 @@ def relative_position(index: int, count: int) -> float:
     return index / max(1, count - 1)
 
 
+def slice_position(index: int, count: int, spacing_mm: Optional[float] = None) -> float:
+    """Where slice ``index`` of ``count`` lies: millimetres along the axis when ``spacing_mm`` is given (slices
+    on a common physical grid), else its relative position."""
+    return index * spacing_mm if spacing_mm else relative_position(index, count)
+
+
 def labelled_extents(slices: list[SupportSlice]) -> dict[int, tuple[float, float]]:
     """Per example, the positions of its first and last labelled slice (position-free slices are left out)."""
     extents: dict[int, tuple[float, float]] = {}
@@ -60,17 +68,19 @@ def candidates_near(slices: list[SupportSlice], position: float, tolerance: floa
     return [s for s in slices if s.position is None or s.example in covering]
 
 
-def query_blocks(slices: list[SupportSlice], query_count: int, tolerance: float, block_size: int) -> list[QueryBlock]:
-    """Group the query slices that have candidates into blocks of up to ``block_size`` consecutive slices."""
+def query_blocks(slices: list[SupportSlice], query_count: int, tolerance: float, block_size: int,
+                 spacing_mm: Optional[float] = None) -> list[QueryBlock]:
+    """Group the query slices that have candidates into blocks of up to ``block_size`` consecutive slices
+    (positions in millimetres when ``spacing_mm`` is given, see :func:`slice_position`)."""
     extents = labelled_extents(slices)
-    candidates = [candidates_near(slices, relative_position(q, query_count), tolerance, extents)
-                  for q in range(query_count)]
+    positions = [slice_position(q, query_count, spacing_mm) for q in range(query_count)]
+    candidates = [candidates_near(slices, positions[q], tolerance, extents) for q in range(query_count)]
     blocks: list[QueryBlock] = []
     current: list[int] = []
 
     def close() -> None:
         if current:
-            centre = float(np.mean([relative_position(q, query_count) for q in current]))
+            centre = float(np.mean([positions[q] for q in current]))
             pool = {s: None for q in current for s in candidates[q]}
             blocks.append(QueryBlock(list(current), list(pool), centre))
             current.clear()

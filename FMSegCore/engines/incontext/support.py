@@ -17,7 +17,7 @@ import numpy as np
 
 from FMSegCore.errors import InputError
 from FMSegCore.io.labelmap import SegmentInfo, check_labelled_arrays, default_segment, read_labelmap
-from FMSegCore.io.volume import read_volume
+from FMSegCore.io.volume import Volume, read_volume
 from FMSegCore.preprocessing.intensity import DEFAULT_CT_WINDOW, Window, normalize
 
 PathLike = Union[str, Path]
@@ -81,14 +81,33 @@ def _match(item: Union[str, int], segments: dict[int, SegmentInfo], present: lis
     raise InputError(None, f"unknown label {text!r}; the supports name: {known or 'no structures'}")
 
 
-def load_support_example(image_path: PathLike, labels_path: PathLike, modality: str = "auto",
-                         window: Window = DEFAULT_CT_WINDOW) -> SupportExample:
+@dataclass
+class SupportScan:
+    """A labelled support scan as read: raw intensities with their geometry, the label map on its grid."""
+
+    volume: Volume
+    labels: np.ndarray
+    segments: list[SegmentInfo]
+    source: str
+
+    def example(self, modality: str = "auto", window: Window = DEFAULT_CT_WINDOW) -> SupportExample:
+        """The normalised support example of this scan (its own grid)."""
+        return example_from_arrays(self.volume.array, self.labels, self.segments, self.source, modality, window)
+
+
+def read_support_scan(image_path: PathLike, labels_path: PathLike) -> SupportScan:
     """Read one (image, label map) pair, check they share a grid and that the labels are not empty."""
     image = read_volume(image_path)
     labels, segments = read_labelmap(labels_path, reference=image)
     if not np.any(labels.array):
         raise InputError(labels_path, "the label map is empty (no labelled voxel)")
-    return example_from_arrays(image.array, labels.array, segments, str(labels_path), modality, window)
+    return SupportScan(image, labels.array.astype(np.int32), segments, str(labels_path))
+
+
+def load_support_example(image_path: PathLike, labels_path: PathLike, modality: str = "auto",
+                         window: Window = DEFAULT_CT_WINDOW) -> SupportExample:
+    """Read one (image, label map) pair as a normalised support example."""
+    return read_support_scan(image_path, labels_path).example(modality, window)
 
 
 def example_from_arrays(image: np.ndarray, labels: np.ndarray, segments: Optional[list[SegmentInfo]] = None,

@@ -99,11 +99,12 @@ def test_aligned_supports_find_what_index_matching_misses_in_any_orientation(mod
     assert dice(index == mr.value_of("liver"), shifted.mask("liver")) < scores["liver"] - 0.3
     # the same query stored RAS instead of LAS gives the same voxels (up to resampling)
     ras = shifted_copy(mr, keep=(0.35, 1.0), spacing=(1.5, 1.5, 3.0), flip_lr=False)
-    assert np.array_equal(ras.labels, shifted.labels[:, :, ::-1])
+    assert np.sign(ras.volume.direction[0, 0]) != np.sign(shifted.volume.direction[0, 0])
     again, _ = engine.segment(ras.volume)
+    on_las_grid = resample_onto(ras.volume, again.labels, shifted.volume, nearest=True)
     for name in STRUCTURES:
         value = mr.value_of(name)
-        assert dice(again.labels[:, :, ::-1] == value, result.labels == value) > 0.97
+        assert dice(on_las_grid == value, result.labels == value) > 0.95
     # the registration baseline from the same alignment
     baseline = registration_labels(shifted.volume, [support], aligned, engine.classes)
     assert dice(baseline == mr.value_of("liver"), shifted.mask("liver")) > 0.9

@@ -277,7 +277,8 @@ def test_incontext_from_scene_pairs_with_uncertainty_matches_fmsegcore(logic, sc
     support = _pair(scene, image, labels, names, support_slices, ["liver", "spleen"], "support")
     query_node, query_volume = add_oblique_volume(image.array[query_slices], image.spacing, "query")
     target = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "incontext")
-    result = logic.run_incontext(query_node, target, [support], support_size=4, ensemble=2, uncertainty=True)
+    result = logic.run_incontext(query_node, target, [support], support_size=4, ensemble=2, uncertainty=True,
+                                 match="index")
 
     support_labels = np.zeros(support_slices.shape + labels.shape[1:], dtype=np.int32)
     support_labels[labels[support_slices] == names["liver"]] = 1
@@ -292,7 +293,7 @@ def test_incontext_from_scene_pairs_with_uncertainty_matches_fmsegcore(logic, sc
         assert np.array_equal(_segment_array(target, segment.name, query_node), expected.labels == segment.value)
     assert len(result["segments"]) == len(present)
     held = logic.client.info()["volumes"]
-    logic.run_incontext(query_node, target, [support], support_size=4)
+    logic.run_incontext(query_node, target, [support], support_size=4, match="index")
     assert logic.client.info()["volumes"] == held  # supports' label maps are dropped once read, images reused
     uncertainty = result["uncertainty_node"]
     assert uncertainty is not None and uncertainty.IsA("vtkMRMLScalarVolumeNode")

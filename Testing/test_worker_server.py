@@ -199,7 +199,7 @@ def test_incontext_job_matches_the_in_process_session_and_reports_progress(clien
     query_id = upload(client, query_volume)
     seen = []
     job = client.start_job("incontext", {"volume": query_id, "supports": [{"image": image_id, "labels": labels_id}],
-                                         "support_size": 4, "ensemble": 2, "uncertainty": True})
+                                         "support_size": 4, "ensemble": 2, "uncertainty": True, "match": "index"})
     status = client.wait(job["id"], progress=seen.append, interval=0.05)
     assert status["result"]["segments"] == [{"value": 1, "name": "liver", "color": [0.8, 0.4, 0.3]}]
     assert seen[-1]["state"] == "done" and seen[-1]["total"] >= 1

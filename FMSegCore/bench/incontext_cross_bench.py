@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Optional
 
 import numpy as np
@@ -23,7 +24,9 @@ from FMSegCore.bench.metrics import dice
 from FMSegCore.engines.incontext.anatomical import (
     AnatomicalInContext,
     AnatomicalSettings,
+    most_probable,
     registration_labels,
+    registration_probability,
     resolve_modality,
 )
 from FMSegCore.engines.incontext.session import InContextSession, InContextSettings
@@ -53,8 +56,9 @@ def _scores(labels: np.ndarray, scenario: Scenario, values: dict[str, int]) -> d
 
 def run_scenario(model, scenario: Scenario, methods: Sequence[str] = METHODS, support_size: int = 8,
                  device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None,
-                 anatomical: Optional[AnatomicalSettings] = None) -> dict:
-    """Dice per structure and seconds of every method on one scenario."""
+                 anatomical: Optional[AnatomicalSettings] = None, preview: Optional[Path] = None) -> dict:
+    """Dice per structure and seconds of every method on one scenario (and an overlay PNG of the aligned
+    model's result when ``preview`` is given)."""
     structures = scenario.structures
     support = support_scan(scenario, structures)
     values = {name: scenario.support.value_of(name) for name in structures}
@@ -77,6 +81,11 @@ def run_scenario(model, scenario: Scenario, methods: Sequence[str] = METHODS, su
         if method == "aligned":
             result, _ = engine.segment(query, aligned=aligned)
             labels = result.labels
+            if preview is not None:
+                from FMSegCore.io.overlay import write_overlay_png
+
+                preview.parent.mkdir(parents=True, exist_ok=True)
+                write_overlay_png(query, labels, {values[n]: n for n in structures}, preview)
         elif method == "registration":
             labels = registration_labels(query, [support], aligned, engine.classes)
         elif method == "copy":
@@ -98,3 +107,58 @@ def run_scenario(model, scenario: Scenario, methods: Sequence[str] = METHODS, su
                                   "mean_large_organs": float(np.mean(large)) if large else None,
                                   "seconds": seconds}
     return out
+
+
+def prior_sweep(model, scenario: Scenario, margins: Sequence[Optional[float]],
+                weights: Sequence[float] = (0.0,), support_size: int = 8, device: Optional[torch.device] = None,
+                dtype: Optional[torch.dtype] = None) -> dict:
+    """Mean Dice of the aligned model for each spatial-prior margin (None: no prior) and each weight of the
+    registration prior, on one scenario; for choosing defaults on development scenarios. The model runs once
+    without a prior; each margin then keeps a class only within that distance (mm, on the query grid) of the
+    support labels warped by the alignment, and each weight ``w`` mixes ``(1 - w) * model + w * warped``."""
+    from scipy import ndimage
+
+    structures = scenario.structures
+    support = support_scan(scenario, structures)
+    values = {name: scenario.support.value_of(name) for name in structures}
+    query = scenario.query.volume
+    engine = AnatomicalInContext(model, [support], [values[n] for n in structures],
+                                 settings=InContextSettings(support_size=support_size),
+                                 anatomical=AnatomicalSettings(prior_margin_mm=None), device=device,
+                                 autocast_dtype=dtype)
+    aligned = engine.align(query)
+    result, _ = engine.segment(query, keep_probabilities=True, aligned=aligned)
+    spacing = query.spacing[::-1]
+    distances, warped = {}, {}
+    for segment in engine.classes:
+        warped[segment.value] = registration_probability(query, [support], aligned, segment.value)
+        inside = warped[segment.value] >= 0.5
+        distances[segment.value] = (ndimage.distance_transform_edt(~inside, sampling=spacing) if inside.any()
+                                    else np.full(query.array.shape, np.inf, np.float32))
+    rows = []
+    for margin in margins:
+        for weight in weights:
+            kept = {}
+            for value, probability in result.probabilities.items():
+                mixed = (1 - weight) * probability + weight * warped[value]
+                kept[value] = mixed * (distances[value] <= margin) if margin is not None else mixed
+            scores = _scores(most_probable(kept, query.array.shape, 0.5), scenario, values)
+            rows.append({"margin_mm": margin, "registration_weight": weight,
+                         "mean": float(np.mean(list(scores.values()))), "dice": scores})
+    return {"scenario": scenario.name, "rows": rows}
+
+
+def time_large_alignment(shape: tuple[int, int, int] = (300, 512, 512)) -> dict:
+    """Seconds to align the bundled CT (support) to a copy of it resampled to ``shape`` (KJI), the size of a
+    typical diagnostic CT."""
+    from FMSegCore.bench.cross_scenarios import sample_scan, shifted_copy
+    from FMSegCore.preprocessing.alignment import align
+
+    ct = sample_scan("ct_abdomen_pelvis")
+    extent = np.array(ct.volume.shape_ijk, float) * np.array(ct.volume.spacing)
+    spacing = extent / np.array(shape[::-1], float)
+    query = shifted_copy(ct, spacing=tuple(spacing), flip_lr=True)
+    began = time.perf_counter()
+    alignment = align(ct.volume, query.volume, "CT", "CT")
+    return {"shape": list(query.volume.array.shape), "seconds": time.perf_counter() - began,
+            "body_dice": alignment.body_dice, "threads": torch.get_num_threads()}

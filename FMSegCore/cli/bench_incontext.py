@@ -24,6 +24,20 @@ def add_parser(kinds: argparse._SubParsersAction) -> None:
     parser.add_argument("--no-speed", action="store_true", help="Dice only")
     parser.add_argument("--large", action="store_true",
                         help="also segment 10 structures in the CT resampled to 512x512x100 with 16 supports")
+    parser.add_argument("--cross", action="store_true",
+                        help="across subjects instead: support and query from different scans (field of view, "
+                             "CT<->MR, brain), Dice per structure of the aligned model, the old index matching, "
+                             "the registration and copy baselines; seconds per query")
+    parser.add_argument("--scenarios", nargs="+", default=None,
+                        help="cross scenarios to run (default: the reported ones; dev_* are for tuning)")
+    parser.add_argument("--margins", type=float, nargs="*", default=None, metavar="MM",
+                        help="with --cross: instead, sweep the spatial-prior margin (and none) on the scenarios")
+    parser.add_argument("--registration-weights", type=float, nargs="+", default=[0.0], metavar="W",
+                        help="with --margins: also sweep the weight of the registration prior (default 0)")
+    parser.add_argument("--align-speed", action="store_true",
+                        help="with --cross: also time aligning the bundled CT to a 512x512x300 copy of itself")
+    parser.add_argument("--preview-dir", type=Path, default=None,
+                        help="with --cross: write an overlay PNG of the aligned model's result per scenario")
     parser.add_argument("--json", type=Path, default=None, help="write all figures to this JSON file")
     parser.add_argument("--plot", type=Path, default=None, help="write the Dice-vs-support-size plot (PNG)")
     parser.set_defaults(func=run)
@@ -44,6 +58,8 @@ def run(args: argparse.Namespace) -> int:
         tune_cpu_runtime()
     dtype = inference_dtype(device, args.precision)
     model = load_model(args.model, device)
+    if args.cross:
+        return run_cross(args, model, device, dtype)
     sizes = tuple(args.sizes or bench.SUPPORT_SIZES)
     figures: dict = {"model": args.model, "device": str(device), "precision": args.precision,
                      "threads": torch.get_num_threads()}
@@ -77,6 +93,57 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         args.json.write_text(json.dumps(figures, indent=1, default=float))
     return 0
+
+
+def run_cross(args: argparse.Namespace, model, device, dtype) -> int:
+    """``--cross``: the cross-subject scenarios (or a margin sweep on them), printed and written as JSON."""
+    import torch
+
+    from FMSegCore.bench import cross_scenarios
+    from FMSegCore.bench import incontext_cross_bench as cross
+
+    names = args.scenarios or list(cross_scenarios.REPORTED)
+    figures: dict = {"model": args.model, "device": str(device), "precision": args.precision,
+                     "threads": torch.get_num_threads(), "support_size": 8, "scenarios": []}
+    for name in names:
+        scenario = cross_scenarios.build_scenario(name)
+        if args.margins is not None:
+            margins = [*args.margins, None]
+            sweep = cross.prior_sweep(model, scenario, margins, args.registration_weights, device=device,
+                                      dtype=dtype)
+            figures["scenarios"].append(sweep)
+            for row in sweep["rows"]:
+                print(f"{name:<16} margin {str(row['margin_mm']):>5}  registration weight "
+                      f"{row['registration_weight']:.2f}  mean Dice {row['mean']:.3f}", flush=True)
+            continue
+        result = cross.run_scenario(model, scenario, device=device, dtype=dtype,
+                                    preview=args.preview_dir / f"{name}.png" if args.preview_dir else None)
+        figures["scenarios"].append(result)
+        _print_cross(result)
+    if args.align_speed:
+        figures["align_speed"] = cross.time_large_alignment()
+        speed = figures["align_speed"]
+        print(f"\naligning the bundled CT to a {'x'.join(map(str, speed['shape'][::-1]))} copy: "
+              f"{speed['seconds']:.1f} s ({speed['threads']} threads), body Dice {speed['body_dice']:.3f}")
+    if args.json:
+        args.json.write_text(json.dumps(figures, indent=1, default=float))
+    return 0
+
+
+def _print_cross(result: dict) -> None:
+    methods = result["methods"]
+    alignment = result["alignment"]
+    print(f"\n{result['scenario']}: {result['description']}")
+    print(f"alignment: {alignment['seconds']:.1f} s, body Dice {alignment['body_dice']:.3f}, "
+          f"query covered {100 * alignment['overlap']:.0f} %")
+    print(f"{'structure':<24} " + " ".join(f"{m:>12}" for m in methods))
+    for name in result["structures"]:
+        print(f"{name:<24} " + " ".join(f"{methods[m]['dice'][name]:>12.3f}" for m in methods))
+    print(f"{'mean':<24} " + " ".join(f"{methods[m]['mean']:>12.3f}" for m in methods))
+    large = " ".join(f"{methods[m]['mean_large_organs']:>12.3f}" if methods[m]["mean_large_organs"] is not None
+                     else f"{'-':>12}" for m in methods)
+    print(f"{'mean, large organs':<24} {large}")
+    print(f"{'seconds':<24} " + " ".join(f"{methods[m]['seconds']:>12.1f}" for m in methods), flush=True)
 
 
 def _print_dice(rows, summary: dict, ensemble: int) -> None:

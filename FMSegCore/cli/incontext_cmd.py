@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 
 #: --axis accepts x/y/z as well as the anatomical names.
 AXIS_ALIASES = {"x": "sagittal", "y": "coronal", "z": "axial", **{name: name for name in AXES}}
-MATCHES = ("auto", "anatomy", "index")
+MATCHES = ("auto", "anatomy", "index")  # FMSegCore.engines.incontext.anatomical.MATCHES, without importing torch
 METHODS = ("model", "registration")
 
 
@@ -161,7 +161,9 @@ def incontext_to_file(image_path: PathLike, supports: Sequence[tuple[PathLike, P
     image = read_volume(image_path)
     scans = [read_support_scan(image_file, labels_file) for image_file, labels_file in supports]
     classes = SupportSet([scan.example(options.modality, options.window) for scan in scans]).resolve(labels)
-    match = choose_match(options.match, image, scans)
+    from FMSegCore.engines.incontext.anatomical import choose_match
+
+    match = choose_match(options.match, image, [scan.volume for scan in scans])
     if options.method == "registration" and match != "anatomy":
         raise InputError(None, "--method registration needs supports from other scans (--match anatomy)")
     result = (_segment_by_index(image, scans, classes, options, uncertainty is not None) if match == "index"
@@ -181,15 +183,6 @@ def incontext_to_file(image_path: PathLike, supports: Sequence[tuple[PathLike, P
     if preview is not None:
         print(f"Wrote {preview} (preview)")
     return done
-
-
-def choose_match(match: str, image: Volume, scans: Sequence[SupportScan]) -> str:
-    """``auto``: index matching when every support lies on the query's own grid (labelled slices of the same
-    scan) or is one slice thick; anatomy (alignment) otherwise."""
-    if match != "auto":
-        return match
-    own = all(scan.volume.same_grid(image) or min(scan.volume.array.shape) == 1 for scan in scans)
-    return "index" if own else "anatomy"
 
 
 def _progress_bar(show: bool):

@@ -37,6 +37,12 @@ MIN_BODY_DICE = 0.6
 #: Share of the query's body that must lie inside the aligned support's field of view.
 MIN_OVERLAP = 0.05
 CT_BODY_HU = -400.0
+#: The support is registered onto the query unless it is shorter (head-foot) than this share of it.
+SWAP_RATIO = 0.8
+#: Starting points optimised after the head-foot search (the best distinct ones).
+STARTS = 4
+#: CT intensities (HU) mutual information is computed on.
+CT_SOFT_TISSUE_HU = (-250.0, 350.0)
 #: MR body threshold: this fraction of the way from the 1st to the 99th intensity percentile.
 MR_BODY_FRACTION = 0.1
 
@@ -61,9 +67,19 @@ def _sitk():
     return sitk
 
 
-def working_image(volume: Volume, spacing_mm: float) -> sitk.Image:
-    """The volume as float32, smoothed (anti-aliasing) and resampled to isotropic ``spacing_mm``."""
+def registration_intensities(array: np.ndarray, modality: str) -> np.ndarray:
+    """Intensities clipped to the soft-tissue range, so that mutual information sees organs, not only air and
+    bone (CT: -250..350 HU; MR: the 0.5..99.5 percentiles)."""
+    low, high = CT_SOFT_TISSUE_HU if modality.upper() == "CT" else np.percentile(array, [0.5, 99.5])
+    return np.clip(array.astype(np.float32), low, high)
+
+
+def working_image(volume: Volume, spacing_mm: float, modality: Optional[str] = None) -> sitk.Image:
+    """The volume as float32 (clipped by :func:`registration_intensities` when ``modality`` is given),
+    smoothed (anti-aliasing) and resampled to isotropic ``spacing_mm``."""
     sitk = _sitk()
+    if modality is not None:
+        volume = volume.with_array(registration_intensities(volume.array, modality))
     image = sitk.Cast(volume.to_sitk(), sitk.sitkFloat32)
     sigmas = [max(0.0, (spacing_mm - s) / 2) for s in image.GetSpacing()]
     if max(sigmas) > 0:
@@ -111,7 +127,7 @@ def _registration(fixed_mask: sitk.Image, moving_mask: sitk.Image, iterations: i
     method = sitk.ImageRegistrationMethod()
     method.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
     method.SetMetricSamplingStrategy(method.RANDOM)
-    method.SetMetricSamplingPercentage(0.5, seed)
+    method.SetMetricSamplingPercentage(0.25, seed)
     method.SetMetricFixedMask(fixed_mask)
     method.SetMetricMovingMask(moving_mask)
     method.SetInterpolator(sitk.sitkLinear)
@@ -157,6 +173,20 @@ def _initial_transforms(fixed: sitk.Image, moving: sitk.Image, fixed_body: np.nd
     return candidates
 
 
+def _distinct_best(scored: list[tuple[float, sitk.Similarity3DTransform]], count: int,
+                   separation_mm: float) -> list[sitk.Similarity3DTransform]:
+    """The ``count`` best-scoring candidates whose head-foot offsets lie ``separation_mm`` apart (so that the
+    starts are distinct local optima, not neighbours of one)."""
+    chosen: list[sitk.Similarity3DTransform] = []
+    for _, candidate in sorted(scored, key=lambda item: item[0]):
+        z = candidate.GetTranslation()[2]
+        if all(abs(z - other.GetTranslation()[2]) >= separation_mm for other in chosen):
+            chosen.append(candidate)
+        if len(chosen) == count:
+            break
+    return chosen
+
+
 def _coverage(transform: sitk.Transform, fixed: sitk.Image, fixed_body: np.ndarray, moving: sitk.Image,
               moving_body: np.ndarray) -> tuple[float, float]:
     """(body Dice where the support has voxels, share of the query body inside the support's field of view)."""
@@ -172,20 +202,28 @@ def _coverage(transform: sitk.Transform, fixed: sitk.Image, fixed_body: np.ndarr
     return body_dice, float(query.sum()) / max(1, int(fixed_body.sum()))
 
 
-def align(support: Volume, query: Volume, support_modality: str, query_modality: str, working_mm: float = 4.0,
-          affine: bool = True, deformable: bool = False, iterations: int = 120, seed: int = 0) -> Alignment:
-    """The transform from ``query`` points to ``support`` points (raw intensities; modality CT or MR each)."""
+def _as_affine(transform: sitk.Transform) -> sitk.AffineTransform:
+    """The one linear transform inside an optimiser's result, as an affine transform (invertible)."""
     sitk = _sitk()
-    began = time.perf_counter()
-    fixed, moving = working_image(query, working_mm), working_image(support, working_mm)
-    fixed_body = body_mask_array(sitk.GetArrayFromImage(fixed), query_modality)
-    moving_body = body_mask_array(sitk.GetArrayFromImage(moving), support_modality)
-    if not fixed_body.any() or not moving_body.any():
-        empty = query if not fixed_body.any() else support
-        raise InputError(empty.path, "no body found in the scan (nothing to align)")
+    inner = transform
+    if transform.GetName() == "CompositeTransform":
+        inner = sitk.CompositeTransform(transform).GetNthTransform(0)
+    kinds = {"Similarity3DTransform": sitk.Similarity3DTransform, "AffineTransform": sitk.AffineTransform}
+    linear = kinds[inner.GetName()](inner)
+    affine = sitk.AffineTransform(3)
+    affine.SetMatrix(linear.GetMatrix())
+    affine.SetTranslation(linear.GetTranslation())
+    affine.SetCenter(linear.GetCenter())
+    return affine
+
+
+def _linear_alignment(fixed: sitk.Image, moving: sitk.Image, fixed_body: np.ndarray, moving_body: np.ndarray,
+                      affine: bool, iterations: int, seed: int, working_mm: float,
+                      source: Optional[str]) -> tuple[sitk.AffineTransform, float, list[str]]:
+    """Fixed points -> moving points: head-foot search, similarity from the best distinct starts, then affine."""
+    sitk = _sitk()
     fixed_mask = _mask_image(ndimage.binary_dilation(fixed_body, iterations=2), fixed)
     moving_mask = _mask_image(ndimage.binary_dilation(moving_body, iterations=2), moving)
-    # exhaustive head-foot search at the coarsest level, then a few candidates optimised
     probe = _registration(fixed_mask, moving_mask, 1, seed, [2], [1.0])
     scored = []
     for candidate in _initial_transforms(fixed, moving, fixed_body, moving_body, step_mm=2 * working_mm):
@@ -195,45 +233,85 @@ def align(support: Volume, query: Volume, support_modality: str, query_modality:
         except RuntimeError:  # too few samples overlap
             continue
     if not scored:
-        raise InputError(support.path, "does not overlap the query anywhere (no common anatomy to align)")
-    scored.sort(key=lambda item: item[0])
+        raise InputError(source, "does not overlap the query anywhere (no common anatomy to align)")
     best_metric, best = np.inf, None
-    for _, candidate in scored[:3]:
-        method = _registration(fixed_mask, moving_mask, iterations, seed, [4, 2, 1], [2.0, 1.0, 0.0])
+    for candidate in _distinct_best(scored, STARTS, 8 * working_mm):
+        method = _registration(fixed_mask, moving_mask, iterations, seed, [4, 2], [2.0, 1.0])
         method.SetInitialTransform(sitk.Similarity3DTransform(candidate), inPlace=False)
         try:
             transform = method.Execute(fixed, moving)
         except RuntimeError:
             continue
-        metric = method.GetMetricValue()
-        if metric < best_metric:
-            best_metric, best = metric, transform
+        if method.GetMetricValue() < best_metric:
+            best_metric, best = method.GetMetricValue(), _as_affine(transform)
     if best is None:
-        raise InputError(support.path, "alignment to the query failed (no overlap kept during optimisation)")
+        raise InputError(source, "alignment to the query failed (no overlap kept during optimisation)")
+    # the best start refined at full working resolution: affine, or similarity again
     stages = ["similarity"]
-    final = best
+    method = _registration(fixed_mask, moving_mask, iterations, seed, [2, 1], [1.0, 0.0])
     if affine:
-        similarity = sitk.Similarity3DTransform(sitk.CompositeTransform(best).GetNthTransform(0))
-        start = sitk.AffineTransform(3)
-        start.SetMatrix(similarity.GetMatrix())
-        start.SetTranslation(similarity.GetTranslation())
-        start.SetCenter(similarity.GetCenter())
-        method = _registration(fixed_mask, moving_mask, iterations, seed, [2, 1], [1.0, 0.0])
-        method.SetInitialTransform(start, inPlace=False)
-        try:
-            candidate = method.Execute(fixed, moving)
-            if method.GetMetricValue() <= best_metric:
-                final, best_metric = candidate, method.GetMetricValue()
-                stages.append("affine")
-        except RuntimeError:
-            pass
+        method.SetInitialTransform(sitk.AffineTransform(best), inPlace=False)
+    else:
+        similarity = sitk.Similarity3DTransform()
+        similarity.SetCenter(best.GetCenter())
+        similarity.SetMatrix(best.GetMatrix(), 1e-3)
+        similarity.SetTranslation(best.GetTranslation())
+        method.SetInitialTransform(similarity, inPlace=False)
+    try:
+        candidate = method.Execute(fixed, moving)
+        best, best_metric = _as_affine(candidate), method.GetMetricValue()
+        if affine:
+            stages.append("affine")
+    except RuntimeError:
+        pass
+    return best, float(best_metric), stages
+
+
+def _height(body: np.ndarray, image: sitk.Image) -> float:
+    """Head-foot extent (mm) of a body mask."""
+    z = _physical_points(body, image)[:, 2]
+    return float(np.ptp(z)) if z.size else 0.0
+
+
+def align(support: Volume, query: Volume, support_modality: str, query_modality: str, working_mm: float = 4.0,
+          affine: bool = True, deformable: bool = False, iterations: int = 120, seed: int = 0) -> Alignment:
+    """The transform from ``query`` points to ``support`` points (raw intensities; modality CT or MR each).
+
+    The scan with the shorter head-foot extent is registered onto the longer one (mutual information on a
+    small overlap is unreliable the other way round); the transform is inverted when that is the support."""
+    sitk = _sitk()
+    began = time.perf_counter()
+    fixed_body = body_mask_array(sitk.GetArrayFromImage(working_image(query, working_mm)), query_modality)
+    moving_body = body_mask_array(sitk.GetArrayFromImage(working_image(support, working_mm)), support_modality)
+    fixed = working_image(query, working_mm, query_modality)
+    moving = working_image(support, working_mm, support_modality)
+    if not fixed_body.any() or not moving_body.any():
+        empty = query if not fixed_body.any() else support
+        raise InputError(empty.path, "no body found in the scan (nothing to align)")
+    swap = _height(moving_body, moving) < SWAP_RATIO * _height(fixed_body, fixed)
+    if swap:
+        inverse, metric, stages = _linear_alignment(moving, fixed, moving_body, fixed_body, affine, iterations,
+                                                    seed, working_mm, support.path)
+        final: sitk.Transform = inverse.GetInverse()
+    else:
+        final, metric, stages = _linear_alignment(fixed, moving, fixed_body, moving_body, affine, iterations, seed,
+                                                  working_mm, support.path)
     if deformable:
-        final, best_metric, refined = _bspline_refinement(final, fixed, moving, fixed_mask, moving_mask, seed,
-                                                          best_metric)
+        fixed_mask = _mask_image(ndimage.binary_dilation(fixed_body, iterations=2), fixed)
+        moving_mask = _mask_image(ndimage.binary_dilation(moving_body, iterations=2), moving)
+        final, metric, refined = _bspline_refinement(final, fixed, moving, fixed_mask, moving_mask, seed,
+                                                     _metric(final, fixed, moving, fixed_mask, moving_mask, seed))
         if refined:
             stages.append("b-spline")
     body_dice, overlap = _coverage(final, fixed, fixed_body, moving, moving_body)
-    return Alignment(final, float(best_metric), body_dice, overlap, time.perf_counter() - began, tuple(stages))
+    return Alignment(final, float(metric), body_dice, overlap, time.perf_counter() - began, tuple(stages))
+
+
+def _metric(transform: sitk.Transform, fixed: sitk.Image, moving: sitk.Image, fixed_mask: sitk.Image,
+            moving_mask: sitk.Image, seed: int) -> float:
+    probe = _registration(fixed_mask, moving_mask, 1, seed, [1], [0.0])
+    probe.SetInitialTransform(transform, inPlace=False)
+    return float(probe.MetricEvaluate(fixed, moving))
 
 
 def _bspline_refinement(initial: sitk.Transform, fixed: sitk.Image, moving: sitk.Image,

@@ -252,17 +252,25 @@ class Service:
 
     # ------------------------------------------------------------------ jobs
     def start_incontext(self, body: Any) -> Job:
+        from FMSegCore.engines.incontext.anatomical import (
+            MATCHES,
+            PRIOR_MARGIN_MM,
+            AnatomicalInContext,
+            AnatomicalSettings,
+            choose_match,
+        )
         from FMSegCore.engines.incontext.session import InContextSession, InContextSettings
-        from FMSegCore.engines.incontext.support import SupportSet, example_from_arrays
+        from FMSegCore.engines.incontext.support import SupportScan, SupportSet, example_from_arrays
 
         fields = Fields(body, "incontext")
         query = self.volume(fields.text("volume"))
         modality = fields.text("modality", "auto", choices=("auto", "CT", "MR"))
         window = fields.text("window", "abdomen")
-        examples = []
+        examples, support_volumes = [], []
         for number, entry in enumerate(fields.items("supports", max_items=256)):
             item = Fields(entry, f"incontext.supports[{number}]")
             image = self.volume(item.text("image"), f"{item.where}.image")
+            support_volumes.append(image)
             labels = self.volume(item.text("labels"), f"{item.where}.labels")
             segments = self.segments.get(item.body["labels"], [])
             examples.append(example_from_arrays(image.array, labels.array, segments, f"support {number + 1}",
@@ -276,23 +284,41 @@ class Service:
         name = fields.text("model", DEFAULT_INCONTEXT)
         _check_card(name, "incontext")
         uncertainty = fields.flag("uncertainty", False)
-        axis = anatomical_axes(query.direction)[AXIS_NAMES[fields.text("axis", "axial", choices=tuple(AXIS_NAMES))]]
+        axis_name = fields.text("axis", "axial", choices=tuple(AXIS_NAMES))
+        axis = anatomical_axes(query.direction)[AXIS_NAMES[axis_name]]
         device = self._device(fields)
         precision = fields.text("precision", "auto", choices=PRECISIONS)
+
+        match = choose_match(fields.text("match", "auto", choices=MATCHES), query, support_volumes)
+        margin = fields.number("prior_margin_mm", PRIOR_MARGIN_MM, 0.0, 500.0)
 
         def work(job: Job) -> dict[str, Any]:
             job.progress(0, 1, f"loading {name}")
             model = self.model(name, device)
-            session = InContextSession(model, support, [c.value for c in classes], axis=axis, settings=settings,
-                                       device=device, autocast_dtype=inference_dtype(device, precision),
-                                       modality=modality, window=window)
-            result = session.segment_volume(query.array, uncertainty=uncertainty,
-                                            progress=lambda message, done, total: job.progress(done, total, message))
+            autocast = inference_dtype(device, precision)
+            report = lambda message, done, total: job.progress(done, total, message)  # noqa: E731
+            alignments = []
+            if match == "anatomy":
+                scans = [SupportScan(volume, example.labels, example.segments, example.source)
+                         for volume, example in zip(support_volumes, examples)]
+                engine = AnatomicalInContext(model, scans, [c.value for c in classes], axis_name, settings,
+                                             AnatomicalSettings(prior_margin_mm=margin or None), device, autocast,
+                                             modality, window)
+                job.progress(0, 1, "aligning supports to the query")
+                result, aligned = engine.segment(query, uncertainty=uncertainty, progress=report)
+                alignments = [{"support": scan.source, "body_dice": round(a.body_dice, 3),
+                               "overlap": round(a.overlap, 3), "stages": list(a.stages)}
+                              for scan, a in zip(scans, aligned.alignments)]
+            else:
+                session = InContextSession(model, support, [c.value for c in classes], axis=axis,
+                                           settings=settings, device=device, autocast_dtype=autocast,
+                                           modality=modality, window=window)
+                result = session.segment_volume(query.array, uncertainty=uncertainty, progress=report)
             job.frames["labels"] = encode_array(result.labels.astype(np.uint16), compress=True)
             if result.uncertainty is not None:
                 job.frames["uncertainty"] = encode_array(result.uncertainty.astype(np.float32), compress=True)
             return {"segments": [_segment_json(s) for s in result.segments], "seconds": round(result.seconds, 2),
-                    "model_passes": result.model_passes}
+                    "model_passes": result.model_passes, "match": match, "alignments": alignments}
 
         return self.jobs.submit("incontext", work)
 

@@ -388,14 +388,16 @@ class FMSegLogic:
     def _prepare_incontext(self, volume_node: Any, segmentation_node: Any, supports: Sequence[Pair],
                            support_size: int = 8, ensemble: int = 1, uncertainty: bool = False,
                            model: str = DEFAULT_INCONTEXT_MODEL, progress: Optional[Progress] = None,
-                           cancel: Optional[Callable[[], bool]] = None) -> dict[str, Any]:
+                           cancel: Optional[Callable[[], bool]] = None, match: str = "auto") -> dict[str, Any]:
+        """``match``: ``anatomy`` aligns each support to the query first, ``index`` matches slices by relative
+        position (supports on the query's own grid), ``auto`` picks (the worker decides)."""
         if segmentation_node is None:
             raise ValueError("choose the segmentation that receives the result")
         array, meta = self._volume_data(volume_node)
         pairs, _ = self._prepare_pairs(supports, "support example")
         return {"volume_node": volume_node, "segmentation_node": segmentation_node, "array": array, "meta": meta,
                 "pairs": pairs, "body": {"support_size": int(support_size), "ensemble": int(ensemble),
-                                         "uncertainty": bool(uncertainty), "model": model},
+                                         "uncertainty": bool(uncertainty), "model": model, "match": match},
                 "progress": progress, "cancel": cancel}
 
     def _request_incontext(self, job: dict[str, Any]) -> dict[str, Any]:

@@ -47,6 +47,8 @@ from FMSegCore.preprocessing.intensity import DEFAULT_CT_WINDOW, Window, guess_m
 
 #: Default distance (mm) from the aligned support labels beyond which a class is not looked for.
 PRIOR_MARGIN_MM = 20.0
+#: Default weight of the warped support labels mixed into the model's probabilities.
+REGISTRATION_WEIGHT = 0.0
 #: Margin (mm) around the query's body in the work grid's square.
 BODY_MARGIN_MM = 10.0
 #: Thinnest slice (mm) of the work grid: finer queries are sliced at this spacing (the cost grows with the
@@ -61,6 +63,8 @@ class AnatomicalSettings:
     """How supports are aligned and how far from their aligned labels a class may appear."""
 
     prior_margin_mm: Optional[float] = PRIOR_MARGIN_MM  # None: no spatial prior
+    #: weight of the registration prior mixed into the model's probabilities: (1 - w) model + w warped labels
+    registration_weight: float = REGISTRATION_WEIGHT
     affine: bool = True
     deformable: bool = False
     working_mm: float = 4.0
@@ -76,6 +80,21 @@ class AlignedQuery:
     examples: list[SupportExample]
     seconds: float = 0.0
     notes: dict = field(default_factory=dict)
+
+
+#: How support slices are matched to query slices.
+MATCHES = ("auto", "anatomy", "index")
+
+
+def choose_match(match: str, query: Volume, supports: Sequence[Volume]) -> str:
+    """``auto``: ``index`` (relative slice position) when every support lies on the query's own grid (labelled
+    slices of the same scan) or is one slice thick; ``anatomy`` (alignment) otherwise."""
+    if match not in MATCHES:
+        raise InputError(None, f"unknown matching {match!r} (use {', '.join(MATCHES)})")
+    if match != "auto":
+        return match
+    own = all(volume.same_grid(query) or min(volume.array.shape) == 1 for volume in supports)
+    return "index" if own else "anatomy"
 
 
 def resolve_modality(volume: Volume, modality: str) -> str:
@@ -223,8 +242,12 @@ class AnatomicalInContext:
         work = session.segment_volume(aligned.grid.array, uncertainty=uncertainty, keep_probabilities=True,
                                       progress=progress, normalised=True)
         probabilities: dict[int, np.ndarray] = {}
+        weight = self.anatomical.registration_weight
         for segment in self.classes:
             probability = work.probabilities[segment.value]
+            if weight > 0:
+                warped = np.mean([example.labels == segment.value for example in aligned.examples], axis=0)
+                probability = (1 - weight) * probability + weight * warped
             prior = _prior(aligned, segment.value, margin)
             if prior is not None:
                 probability = probability * prior
@@ -237,17 +260,23 @@ class AnatomicalInContext:
         return result, aligned
 
 
+def registration_probability(query: Volume, supports: Sequence[SupportScan], aligned: AlignedQuery,
+                             value: int) -> np.ndarray:
+    """On the query grid, the share of supports whose label ``value`` covers each voxel after alignment
+    (masks warped linearly, so boundaries are fractional)."""
+    reference = query.with_array(np.zeros(query.array.shape, np.uint8))
+    total = np.zeros(query.array.shape, np.float32)
+    for scan, alignment in zip(supports, aligned.alignments):
+        mask = (scan.labels == value).astype(np.float32)
+        if mask.any():
+            total += resample_onto(scan.volume, mask, reference, alignment.transform)
+    return total / max(1, len(supports))
+
+
 def registration_labels(query: Volume, supports: Sequence[SupportScan], aligned: AlignedQuery,
                         classes: Sequence[SegmentInfo], threshold: float = 0.5) -> np.ndarray:
     """The registration (multi-atlas) baseline on the query grid: each support's class masks warped onto the
-    query through its alignment (linear, so a mask becomes a fraction), averaged over supports, the most
-    probable class at or above ``threshold``."""
-    reference = query.with_array(np.zeros(query.array.shape, np.uint8))
-    probabilities = {}
-    for segment in classes:
-        total = np.zeros(query.array.shape, np.float32)
-        for scan, alignment in zip(supports, aligned.alignments):
-            mask = (scan.labels == segment.value).astype(np.float32)
-            total += resample_onto(scan.volume, mask, reference, alignment.transform) if mask.any() else 0.0
-        probabilities[segment.value] = total / max(1, len(supports))
+    query through its alignment, averaged over supports, the most probable class at or above ``threshold``."""
+    probabilities = {segment.value: registration_probability(query, supports, aligned, segment.value)
+                     for segment in classes}
     return most_probable(probabilities, query.array.shape, threshold)

@@ -10,7 +10,12 @@ import torch
 from FMSegCore.bench.cross_scenarios import sample_scan, shifted_copy
 from FMSegCore.bench.metrics import dice
 from FMSegCore.cli.main import main
-from FMSegCore.engines.incontext.anatomical import AnatomicalInContext, align_supports, registration_labels, work_grid
+from FMSegCore.engines.incontext.anatomical import (
+    AnatomicalInContext,
+    align_supports,
+    registration_labels,
+    work_grid,
+)
 from FMSegCore.engines.incontext.session import InContextSession, InContextSettings
 from FMSegCore.engines.incontext.support import SupportScan, SupportSet
 from FMSegCore.errors import InputError

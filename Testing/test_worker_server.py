@@ -216,6 +216,32 @@ def test_incontext_job_matches_the_in_process_session_and_reports_progress(clien
     assert 2 * ((result_labels == 1) & truth).sum() / ((result_labels == 1).sum() + truth.sum()) > 0.7
 
 
+def test_incontext_job_aligns_a_support_from_another_scan_like_the_cli_engine(client):
+    from FMSegCore.bench.cross_scenarios import sample_scan, shifted_copy
+    from FMSegCore.engines.incontext.anatomical import AnatomicalInContext
+    from FMSegCore.engines.incontext.session import InContextSettings
+    from FMSegCore.engines.incontext.support import SupportScan
+    from FMSegCore.io.labelmap import SegmentInfo
+
+    mr = sample_scan("mr_abdomen")
+    query = shifted_copy(mr, keep=(0.35, 1.0), spacing=(1.5, 1.5, 3.0))  # another grid, LAS, another frame
+    liver = (mr.labels == mr.value_of("liver")).astype(np.uint16)
+    image_id = upload(client, mr.volume)
+    labels_id = upload(client, mr.volume, liver, segments=[{"value": 1, "name": "liver", "color": [0.8, 0.4, 0.3]}])
+    job = client.start_job("incontext", {"volume": upload(client, query.volume), "support_size": 2,
+                                         "supports": [{"image": image_id, "labels": labels_id}]})
+    status = client.wait(job["id"], interval=0.05)
+    assert status["result"]["match"] == "anatomy"
+    assert status["result"]["alignments"][0]["body_dice"] > 0.9
+    result_labels, _ = client.job_array(job["id"], "labels")
+    support = SupportScan(mr.volume, liver.astype(np.int32), [SegmentInfo(1, "liver", (0.8, 0.4, 0.3))], "mr")
+    expected, _ = AnatomicalInContext(load_model("universeg-fmseg", "cpu"), [support], [1],
+                                      settings=InContextSettings(support_size=2), device="cpu").segment(query.volume)
+    assert np.array_equal(result_labels, expected.labels)
+    truth = query.mask("liver")
+    assert 2 * ((result_labels == 1) & truth).sum() / ((result_labels == 1).sum() + truth.sum()) > 0.85
+
+
 def test_adaptation_job_is_cancelled_between_steps_then_a_short_one_gives_a_usable_adapter(client, case):
     from FMSegCore.engines.adaptation.adapter_file import load_adapter
 

@@ -1,7 +1,9 @@
 """Cross-subject in-context benchmark (``fmseg bench incontext --cross``): support and query from different
 scans (:mod:`FMSegCore.bench.cross_scenarios`), Dice per structure on the whole query volume for
 
-- ``aligned``: the in-context model with supports aligned in physical space (:mod:`.anatomical`, the default);
+- ``aligned``: the in-context model with supports aligned in physical space (:mod:`.anatomical`, the default
+  settings: spatial prior and registration prior);
+- ``aligned_model_only``: the same model output without the registration prior (spatial prior kept);
 - ``index``: the in-context model with the old matching by relative slice index (no alignment);
 - ``registration``: the support labels warped onto the query by the same alignment (multi-atlas baseline);
 - ``copy``: the support labels copied through world coordinates, no alignment (the scanners' frames trusted).
@@ -35,7 +37,7 @@ from FMSegCore.io.labelmap import default_segment
 from FMSegCore.io.overlay import anatomical_axes
 from FMSegCore.preprocessing.alignment import resample_onto
 
-METHODS = ("aligned", "index", "registration", "copy")
+METHODS = ("aligned", "aligned_model_only", "index", "registration", "copy")
 
 
 def support_scan(scenario: Scenario, structures: Sequence[str]) -> SupportScan:
@@ -78,7 +80,12 @@ def run_scenario(model, scenario: Scenario, methods: Sequence[str] = METHODS, su
                         "metric": alignment.metric, "stages": list(alignment.stages)}
     for method in methods:
         began = time.perf_counter()
-        if method == "aligned":
+        if method == "aligned_model_only":
+            alone = AnatomicalSettings(**{**engine.anatomical.__dict__, "registration_weight": 0.0})
+            model_only = AnatomicalInContext(model, [support], [values[n] for n in structures], settings=settings,
+                                             anatomical=alone, device=device, autocast_dtype=dtype)
+            labels = model_only.segment(query, aligned=aligned)[0].labels
+        elif method == "aligned":
             result, _ = engine.segment(query, aligned=aligned)
             labels = result.labels
             if preview is not None:
@@ -99,8 +106,8 @@ def run_scenario(model, scenario: Scenario, methods: Sequence[str] = METHODS, su
         else:
             raise KeyError(method)
         seconds = time.perf_counter() - began
-        if method in ("aligned", "registration"):
-            seconds += align_seconds
+        if method in ("aligned", "aligned_model_only", "registration"):
+            seconds += align_seconds  # (the model-only variant reuses the model's output: its time is aligned's)
         scores = _scores(labels, scenario, values)
         large = [scores[n] for n in LARGE_ORGANS if n in scores]
         out["methods"][method] = {"dice": scores, "mean": float(np.mean(list(scores.values()))),

@@ -127,7 +127,7 @@ def _registration(fixed_mask: sitk.Image, moving_mask: sitk.Image, iterations: i
     method = sitk.ImageRegistrationMethod()
     method.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
     method.SetMetricSamplingStrategy(method.RANDOM)
-    method.SetMetricSamplingPercentage(0.25, seed)
+    method.SetMetricSamplingPercentage(0.25, seed + 1)  # SimpleITK takes seed 0 as "from the clock"
     method.SetMetricFixedMask(fixed_mask)
     method.SetMetricMovingMask(moving_mask)
     method.SetInterpolator(sitk.sitkLinear)

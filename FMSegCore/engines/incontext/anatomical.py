@@ -80,6 +80,8 @@ class AlignedQuery:
     examples: list[SupportExample]
     seconds: float = 0.0
     notes: dict = field(default_factory=dict)
+    #: the model's outputs on the work grid, by settings (reused when only the priors change)
+    model_outputs: dict = field(default_factory=dict, repr=False)
 
 
 #: How support slices are matched to query slices.
@@ -236,11 +238,16 @@ class AnatomicalInContext:
         margin = self.anatomical.prior_margin_mm
         settings = InContextSettings(**{**self.settings.__dict__,
                                         "match_tolerance": margin if margin is not None else 1e9})
-        session = InContextSession(self.model, SupportSet(aligned.examples), [c.value for c in self.classes],
-                                   axis=aligned.axis, settings=settings, device=self.device,
-                                   autocast_dtype=self.autocast_dtype, slice_spacing_mm=aligned.grid.spacing[2])
-        work = session.segment_volume(aligned.grid.array, uncertainty=uncertainty, keep_probabilities=True,
-                                      progress=progress, normalised=True)
+        key = (tuple(sorted(settings.__dict__.items())), tuple(c.value for c in self.classes), uncertainty)
+        work = aligned.model_outputs.get(key)
+        if work is None:  # the model's output on the work grid is kept: other priors reuse it
+            session = InContextSession(self.model, SupportSet(aligned.examples), [c.value for c in self.classes],
+                                       axis=aligned.axis, settings=settings, device=self.device,
+                                       autocast_dtype=self.autocast_dtype,
+                                       slice_spacing_mm=aligned.grid.spacing[2])
+            work = session.segment_volume(aligned.grid.array, uncertainty=uncertainty, keep_probabilities=True,
+                                          progress=progress, normalised=True)
+            aligned.model_outputs[key] = work
         probabilities: dict[int, np.ndarray] = {}
         weight = self.anatomical.registration_weight
         for segment in self.classes:

@@ -4,6 +4,7 @@ scans (:mod:`FMSegCore.bench.cross_scenarios`), Dice per structure on the whole 
 - ``aligned``: the in-context model with supports aligned in physical space (:mod:`.anatomical`, the default
   settings: spatial prior and registration prior);
 - ``aligned_model_only``: the same model output without the registration prior (spatial prior kept);
+- ``aligned_wW``: the same model output mixed with the warped labels at weight W (``(1 - W) model + W warped``);
 - ``index``: the in-context model with the old matching by relative slice index (no alignment);
 - ``registration``: the support labels warped onto the query by the same alignment (multi-atlas baseline);
 - ``copy``: the support labels copied through world coordinates, no alignment (the scanners' frames trusted).
@@ -37,7 +38,7 @@ from FMSegCore.io.labelmap import default_segment
 from FMSegCore.io.overlay import anatomical_axes
 from FMSegCore.preprocessing.alignment import resample_onto
 
-METHODS = ("aligned", "aligned_model_only", "index", "registration", "copy")
+METHODS = ("aligned", "aligned_model_only", "aligned_w0.25", "aligned_w0.5", "index", "registration", "copy")
 
 
 def support_scan(scenario: Scenario, structures: Sequence[str]) -> SupportScan:
@@ -80,8 +81,9 @@ def run_scenario(model, scenario: Scenario, methods: Sequence[str] = METHODS, su
                         "metric": alignment.metric, "stages": list(alignment.stages)}
     for method in methods:
         began = time.perf_counter()
-        if method == "aligned_model_only":
-            alone = AnatomicalSettings(**{**engine.anatomical.__dict__, "registration_weight": 0.0})
+        if method == "aligned_model_only" or method.startswith("aligned_w"):
+            weight = 0.0 if method == "aligned_model_only" else float(method[len("aligned_w"):])
+            alone = AnatomicalSettings(**{**engine.anatomical.__dict__, "registration_weight": weight})
             model_only = AnatomicalInContext(model, [support], [values[n] for n in structures], settings=settings,
                                              anatomical=alone, device=device, autocast_dtype=dtype)
             labels = model_only.segment(query, aligned=aligned)[0].labels
@@ -106,8 +108,8 @@ def run_scenario(model, scenario: Scenario, methods: Sequence[str] = METHODS, su
         else:
             raise KeyError(method)
         seconds = time.perf_counter() - began
-        if method in ("aligned", "aligned_model_only", "registration"):
-            seconds += align_seconds  # (the model-only variant reuses the model's output: its time is aligned's)
+        if method.startswith("aligned") or method == "registration":
+            seconds += align_seconds  # (aligned_* variants reuse the model's output: their model time is aligned's)
         scores = _scores(labels, scenario, values)
         large = [scores[n] for n in LARGE_ORGANS if n in scores]
         out["methods"][method] = {"dice": scores, "mean": float(np.mean(list(scores.values()))),

@@ -25,9 +25,9 @@ from FMSegCore.io.volume import VOLUME_SUFFIXES, PathLike, Volume, read_volume, 
 from FMSegCore.zoo.registry import DEFAULT_INCONTEXT, get_card
 
 if TYPE_CHECKING:
+    from FMSegCore.engines.incontext.anatomical import AlignedQuery
     from FMSegCore.engines.incontext.session import InContextResult
     from FMSegCore.engines.incontext.support import SupportScan
-    from FMSegCore.preprocessing.alignment import Alignment
 
 #: --axis accepts x/y/z as well as the anatomical names.
 AXIS_ALIASES = {"x": "sagittal", "y": "coronal", "z": "axial", **{name: name for name in AXES}}
@@ -133,6 +133,10 @@ def _check_options(options: InContextOptions, uncertainty: Optional[PathLike]) -
         raise InputError(uncertainty, "an uncertainty map needs --ensemble 2 or more")
     if not 0 < options.tolerance <= 1:
         raise InputError(None, f"--tolerance must be in (0, 1], got {options.tolerance}")
+    if options.method not in METHODS:
+        raise InputError(None, f"unknown method {options.method!r} (use {', '.join(METHODS)})")
+    if options.match not in MATCHES:
+        raise InputError(None, f"unknown matching {options.match!r} (use {', '.join(MATCHES)})")
     if options.modality.upper() not in ("AUTO", "CT", "MR"):
         raise InputError(None, f"unknown modality {options.modality!r} (use CT, MR or auto)")
 
@@ -255,7 +259,7 @@ def _segment_by_anatomy(image: Volume, scans: Sequence[SupportScan], classes: Se
             raise InputError(None, "--method registration gives no uncertainty map (use the model with --ensemble)")
         began = time.perf_counter()
         aligned = align_supports(image, scans, 128, options.axis, options.modality, options.window, anatomical)
-        _report_alignments(scans, aligned.alignments)
+        _report_alignments(scans, aligned)
         labels = registration_labels(image, scans, aligned, classes)
         return InContextResult(labels, list(classes), seconds=time.perf_counter() - began)
     from FMSegCore.engines.incontext.anatomical import AnatomicalInContext
@@ -267,7 +271,7 @@ def _segment_by_anatomy(image: Volume, scans: Sequence[SupportScan], classes: Se
         print(f"Aligning {len(scans)} support{'s' * (len(scans) != 1)} to the query...", file=sys.stderr,
               flush=True)
     aligned = engine.align(image)
-    _report_alignments(scans, aligned.alignments)
+    _report_alignments(scans, aligned, model=True)
     bar, progress = _progress_bar(show)
     try:
         result, _ = engine.segment(image, uncertainty=uncertainty, progress=progress, aligned=aligned)
@@ -276,7 +280,11 @@ def _segment_by_anatomy(image: Volume, scans: Sequence[SupportScan], classes: Se
     return result
 
 
-def _report_alignments(scans: Sequence[SupportScan], alignments: Sequence[Alignment]) -> None:
-    for scan, alignment in zip(scans, alignments):
+def _report_alignments(scans: Sequence[SupportScan], aligned: AlignedQuery, model: bool = False) -> None:
+    query_modality = aligned.notes["query_modality"]
+    for scan, alignment, modality in zip(scans, aligned.alignments, aligned.notes["support_modalities"]):
         print(f"Aligned {scan.source}: {alignment.describe()} ({'+'.join(alignment.stages)}, "
               f"{alignment.seconds:.1f} s)")
+        if model and modality != query_modality:
+            print(f"Note: {scan.source} is {modality} and the query {query_modality}: the model compares "
+                  "appearances across modalities and is weaker there (compare with --method registration)")

@@ -163,9 +163,10 @@ def align_supports(query: Volume, supports: Sequence[SupportScan], size: int, ax
     query_modality = resolve_modality(query, modality)
     grid, grid_axis = work_grid(query, query_modality, size, axis)
     grid = grid.with_array(resample_onto(query, normalize(query, query_modality, window), grid))
-    alignments, examples = [], []
+    alignments, examples, modalities = [], [], []
     for scan in supports:
         support_modality = resolve_modality(scan.volume, modality)
+        modalities.append(support_modality)
         alignment = align(scan.volume, query, support_modality, query_modality, settings.working_mm,
                           settings.affine, settings.deformable)
         check_alignment(alignment, scan.source)
@@ -176,7 +177,7 @@ def align_supports(query: Volume, supports: Sequence[SupportScan], size: int, ax
         examples.append(SupportExample(image.astype(np.float32), labels.astype(np.int32), scan.segments,
                                        scan.source))
     return AlignedQuery(grid, grid_axis, alignments, examples, time.perf_counter() - began,
-                        {"query_modality": query_modality})
+                        {"query_modality": query_modality, "support_modalities": modalities})
 
 
 def _prior(aligned: AlignedQuery, value: int, margin_mm: Optional[float]) -> Optional[np.ndarray]:

@@ -23,6 +23,7 @@ from FMSegCore.io.labelmap import default_segment, read_labelmap
 from FMSegCore.io.overlay import anatomical_axes
 from FMSegCore.io.volume import write_volume
 from FMSegCore.preprocessing.alignment import Alignment, align, check_alignment, resample_onto
+from FMSegCore.zoo.cache import resources_dir
 
 STRUCTURES = ("liver", "spleen")
 
@@ -150,3 +151,9 @@ def test_cli_registration_baseline_and_refusals(tmp_path, capsys, mr, shifted):
                  "--method", "registration", "--match", "index", "--output", str(refused), "--no-progress"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "--match anatomy" in err[0] and not refused.exists()
+    ct = resources_dir() / "SampleData" / "ct_abdomen_pelvis"
+    code = main(["incontext", "--image", str(query), "--support", str(ct / "image.nii.gz"), str(ct / "label.nii.gz"),
+                 "--labels", "liver", "--output", str(refused), "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and not refused.exists()
+    assert "label.nii.gz: is CT and the query MR" in err[0] and "--method registration" in err[0]

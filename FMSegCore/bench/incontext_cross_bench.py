@@ -67,6 +67,7 @@ def run_scenario(model, scenario: Scenario, methods: Sequence[str] = METHODS, su
     values = {name: scenario.support.value_of(name) for name in structures}
     query = scenario.query.volume
     settings = InContextSettings(support_size=support_size)
+    anatomical = anatomical or AnatomicalSettings(allow_cross_modality=True)  # CT <-> MR is measured, not refused
     out: dict = {"scenario": scenario.name, "description": scenario.description, "reported": scenario.reported,
                  "query_shape": list(query.array.shape), "query_spacing": list(query.spacing),
                  "structures": list(structures), "methods": {}}
@@ -133,7 +134,8 @@ def prior_sweep(model, scenario: Scenario, margins: Sequence[Optional[float]],
     query = scenario.query.volume
     engine = AnatomicalInContext(model, [support], [values[n] for n in structures],
                                  settings=InContextSettings(support_size=support_size),
-                                 anatomical=AnatomicalSettings(prior_margin_mm=None), device=device,
+                                 anatomical=AnatomicalSettings(prior_margin_mm=None, allow_cross_modality=True),
+                                 device=device,
                                  autocast_dtype=dtype)
     aligned = engine.align(query)
     result, _ = engine.segment(query, keep_probabilities=True, aligned=aligned)

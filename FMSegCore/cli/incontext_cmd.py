@@ -54,6 +54,7 @@ class InContextOptions:
     method: str = "model"
     prior_margin_mm: Optional[float] = 20.0
     deformable: bool = False
+    cross_modality: bool = False
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -92,6 +93,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              "aligned supports put it (default 20; 0 or less: no spatial prior)")
     parser.add_argument("--deformable", action="store_true",
                         help="refine each alignment with a coarse B-spline (kept only when it improves the fit)")
+    parser.add_argument("--cross-modality", action="store_true",
+                        help="run the model although a support's modality (CT/MR) differs from the query's "
+                             "(refused by default: the model is weak there; --method registration is not)")
     parser.add_argument("--tolerance", type=float, default=0.05,
                         help="index matching: how far (fraction of the axis) a support slice may lie from the "
                              "query slice's relative position (default 0.05)")
@@ -113,7 +117,8 @@ def run(args: argparse.Namespace) -> int:
         ensemble=args.ensemble, tolerance=args.tolerance, modality=args.modality, window=args.window,
         precision=args.precision, seed=args.seed, progress=False if args.no_progress else None,
         match=args.match, method=args.method,
-        prior_margin_mm=args.prior_margin if args.prior_margin > 0 else None, deformable=args.deformable)
+        prior_margin_mm=args.prior_margin if args.prior_margin > 0 else None, deformable=args.deformable,
+        cross_modality=args.cross_modality)
     incontext_to_file(args.image, [tuple(pair) for pair in args.support], args.output, labels=args.labels,
                       uncertainty=args.uncertainty, options=options, overwrite=args.overwrite,
                       preview=args.preview)
@@ -253,7 +258,8 @@ def _segment_by_anatomy(image: Volume, scans: Sequence[SupportScan], classes: Se
     from FMSegCore.engines.incontext.session import InContextResult
 
     show = _show(options)
-    anatomical = AnatomicalSettings(prior_margin_mm=options.prior_margin_mm, deformable=options.deformable)
+    anatomical = AnatomicalSettings(prior_margin_mm=options.prior_margin_mm, deformable=options.deformable,
+                                    allow_cross_modality=options.cross_modality)
     if options.method == "registration":
         if uncertainty:
             raise InputError(None, "--method registration gives no uncertainty map (use the model with --ensemble)")

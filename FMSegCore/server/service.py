@@ -291,6 +291,7 @@ class Service:
 
         match = choose_match(fields.text("match", "auto", choices=MATCHES), query, support_volumes)
         margin = fields.number("prior_margin_mm", PRIOR_MARGIN_MM, 0.0, 500.0)
+        cross_modality = fields.flag("cross_modality", False)
 
         def work(job: Job) -> dict[str, Any]:
             job.progress(0, 1, f"loading {name}")
@@ -302,7 +303,9 @@ class Service:
                 scans = [SupportScan(volume, example.labels, example.segments, example.source)
                          for volume, example in zip(support_volumes, examples)]
                 engine = AnatomicalInContext(model, scans, [c.value for c in classes], axis_name, settings,
-                                             AnatomicalSettings(prior_margin_mm=margin or None), device, autocast,
+                                             AnatomicalSettings(prior_margin_mm=margin or None,
+                                                                allow_cross_modality=cross_modality),
+                                             device, autocast,
                                              modality, window)
                 job.progress(0, 1, "aligning supports to the query")
                 result, aligned = engine.segment(query, uncertainty=uncertainty, progress=report)

@@ -68,6 +68,9 @@ class AnatomicalSettings:
     affine: bool = True
     deformable: bool = False
     working_mm: float = 4.0
+    #: run the model with supports of another modality than the query (CT <-> MR): refused by default, as the
+    #: model compares appearances (measured: Dice 0.07 against 0.41 for the registration baseline, CT -> MR)
+    allow_cross_modality: bool = False
 
 
 @dataclass
@@ -227,6 +230,15 @@ class AnatomicalInContext:
         self.modality, self.window = modality, window
 
     def align(self, query: Volume) -> AlignedQuery:
+        """Align the supports to ``query``; a support of another modality is refused unless allowed."""
+        if not self.anatomical.allow_cross_modality:
+            query_modality = resolve_modality(query, self.modality)
+            for scan in self.supports:
+                modality = resolve_modality(scan.volume, self.modality)
+                if modality != query_modality:
+                    raise InputError(scan.source, f"is {modality} and the query {query_modality}: the in-context "
+                                                  "model needs supports of the query's modality (use "
+                                                  "--method registration, or --cross-modality to try anyway)")
         return align_supports(query, self.supports, self.model.input_size, self.axis, self.modality, self.window,
                               self.anatomical)
 

@@ -29,7 +29,6 @@ from FMSegCore.engines.incontext.anatomical import (
     AnatomicalSettings,
     most_probable,
     registration_labels,
-    registration_probability,
     resolve_modality,
 )
 from FMSegCore.engines.incontext.session import InContextSession, InContextSettings
@@ -70,7 +69,9 @@ def run_scenario(model, scenario: Scenario, methods: Sequence[str] = METHODS, su
     anatomical = anatomical or AnatomicalSettings(allow_cross_modality=True)  # CT <-> MR is measured, not refused
     out: dict = {"scenario": scenario.name, "description": scenario.description, "reported": scenario.reported,
                  "query_shape": list(query.array.shape), "query_spacing": list(query.spacing),
-                 "structures": list(structures), "methods": {}}
+                 "structures": list(structures), "methods": {},
+                 "aligned_settings": {"prior_margin_mm": anatomical.prior_margin_mm,
+                                      "registration_weight": anatomical.registration_weight}}
     engine = AnatomicalInContext(model, [support], [values[n] for n in structures], settings=settings,
                                  anatomical=anatomical, device=device, autocast_dtype=dtype,
                                  modality="auto")
@@ -141,8 +142,9 @@ def prior_sweep(model, scenario: Scenario, margins: Sequence[Optional[float]],
     result, _ = engine.segment(query, keep_probabilities=True, aligned=aligned)
     spacing = query.spacing[::-1]
     distances, warped = {}, {}
+    nearest = resample_onto(support.volume, support.labels, query, aligned.alignments[0].transform, nearest=True)
     for segment in engine.classes:
-        warped[segment.value] = registration_probability(query, [support], aligned, segment.value)
+        warped[segment.value] = (nearest == segment.value).astype(np.float32)  # as the engine mixes them
         inside = warped[segment.value] >= 0.5
         distances[segment.value] = (ndimage.distance_transform_edt(~inside, sampling=spacing) if inside.any()
                                     else np.full(query.array.shape, np.inf, np.float32))

@@ -55,6 +55,7 @@ class InContextOptions:
     prior_margin_mm: Optional[float] = 20.0
     deformable: bool = False
     cross_modality: bool = False
+    registration_weight: float = 0.5
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -91,6 +92,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--prior-margin", type=float, default=20.0, metavar="MM",
                         help="with anatomy matching, keep a structure only within this distance of where the "
                              "aligned supports put it (default 20; 0 or less: no spatial prior)")
+    parser.add_argument("--registration-weight", type=float, default=0.5, metavar="W",
+                        help="with anatomy matching, mix the aligned supports' labels into the model's "
+                             "probabilities: (1 - W) model + W labels (default 0.5; 0: the model alone)")
     parser.add_argument("--deformable", action="store_true",
                         help="refine each alignment with a coarse B-spline (kept only when it improves the fit)")
     parser.add_argument("--cross-modality", action="store_true",
@@ -118,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
         precision=args.precision, seed=args.seed, progress=False if args.no_progress else None,
         match=args.match, method=args.method,
         prior_margin_mm=args.prior_margin if args.prior_margin > 0 else None, deformable=args.deformable,
-        cross_modality=args.cross_modality)
+        cross_modality=args.cross_modality, registration_weight=args.registration_weight)
     incontext_to_file(args.image, [tuple(pair) for pair in args.support], args.output, labels=args.labels,
                       uncertainty=args.uncertainty, options=options, overwrite=args.overwrite,
                       preview=args.preview)
@@ -138,6 +142,8 @@ def _check_options(options: InContextOptions, uncertainty: Optional[PathLike]) -
         raise InputError(uncertainty, "an uncertainty map needs --ensemble 2 or more")
     if not 0 < options.tolerance <= 1:
         raise InputError(None, f"--tolerance must be in (0, 1], got {options.tolerance}")
+    if not 0 <= options.registration_weight <= 1:
+        raise InputError(None, f"--registration-weight must be in [0, 1], got {options.registration_weight}")
     if options.method not in METHODS:
         raise InputError(None, f"unknown method {options.method!r} (use {', '.join(METHODS)})")
     if options.match not in MATCHES:
@@ -259,7 +265,8 @@ def _segment_by_anatomy(image: Volume, scans: Sequence[SupportScan], classes: Se
 
     show = _show(options)
     anatomical = AnatomicalSettings(prior_margin_mm=options.prior_margin_mm, deformable=options.deformable,
-                                    allow_cross_modality=options.cross_modality)
+                                    allow_cross_modality=options.cross_modality,
+                                    registration_weight=options.registration_weight)
     if options.method == "registration":
         if uncertainty:
             raise InputError(None, "--method registration gives no uncertainty map (use the model with --ensemble)")

@@ -255,6 +255,7 @@ class Service:
         from FMSegCore.engines.incontext.anatomical import (
             MATCHES,
             PRIOR_MARGIN_MM,
+            REGISTRATION_WEIGHT,
             AnatomicalInContext,
             AnatomicalSettings,
             choose_match,
@@ -292,6 +293,7 @@ class Service:
         match = choose_match(fields.text("match", "auto", choices=MATCHES), query, support_volumes)
         margin = fields.number("prior_margin_mm", PRIOR_MARGIN_MM, 0.0, 500.0)
         cross_modality = fields.flag("cross_modality", False)
+        weight = fields.number("registration_weight", REGISTRATION_WEIGHT, 0.0, 1.0)
 
         def work(job: Job) -> dict[str, Any]:
             job.progress(0, 1, f"loading {name}")
@@ -304,7 +306,8 @@ class Service:
                          for volume, example in zip(support_volumes, examples)]
                 engine = AnatomicalInContext(model, scans, [c.value for c in classes], axis_name, settings,
                                              AnatomicalSettings(prior_margin_mm=margin or None,
-                                                                allow_cross_modality=cross_modality),
+                                                                allow_cross_modality=cross_modality,
+                                                                registration_weight=weight),
                                              device, autocast,
                                              modality, window)
                 job.progress(0, 1, "aligning supports to the query")

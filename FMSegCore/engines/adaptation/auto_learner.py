@@ -3,12 +3,18 @@ with one output per structure, so new scans are segmented with no prompt at all.
 
 Works with any 2D encoder that runs in named stages (``stages``, ``run_stages``, ``forward_stem``, ``stem_map``,
 ``forward_trunk``, and the name patterns of its attention projections and MLPs): LiteMedSAM's TinyViT here. When
-the method leaves the whole encoder frozen, its outputs are computed once per training slice; otherwise the
-output of the stages before the first trainable one is.
+the method leaves the whole encoder frozen, its outputs are computed once per training input; otherwise the
+output of the stages before the first trainable one is (by a BatchNorm-folded copy of the frozen encoder).
+
+Training inputs: with a :class:`~FMSegCore.engines.adaptation.geometry.SliceGeometry` (physical units, the
+default of ``fmseg adapt``), a fixed number of augmented views spread over the annotated slices of the cases in
+canonical orientation; without one (adapters from before physical units, and the same-scan benchmark), every
+annotated slice once, whole, as stored.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from typing import Any, Callable, Optional
 
@@ -17,6 +23,7 @@ import torch
 from torch import nn
 
 from FMSegCore.engines.adaptation.cases import Structure, TrainingCase
+from FMSegCore.engines.adaptation.geometry import SliceGeometry, canonical_case
 from FMSegCore.engines.adaptation.heads import HEAD_FOR_METHOD, build_head
 from FMSegCore.engines.adaptation.losses import masked_dice_ce
 from FMSegCore.engines.adaptation.methods import (
@@ -27,6 +34,10 @@ from FMSegCore.engines.adaptation.methods import (
     first_trainable_stage,
 )
 from FMSegCore.engines.adaptation.slice_inputs import WindowedSlice, whole_slice_window, windowed_slice
+from FMSegCore.engines.adaptation.views import Augmentation, ViewMaker, spread_views
+
+#: Training views a physical-units adaptation encodes (spread over the annotated slices): what bounds its cost.
+DEFAULT_VIEWS = 48
 
 
 class AutoSegmenter2D(nn.Module):
@@ -80,17 +91,26 @@ class AutoLearner2D:
 
     def __init__(self, base: nn.Module, cases: Sequence[TrainingCase], structures: Sequence[Structure],
                  settings: MethodSettings, device: torch.device, cache_dtype: torch.dtype = torch.float32,
-                 feature_cache: Optional[dict] = None) -> None:
+                 feature_cache: Optional[dict] = None, geometry: Optional[SliceGeometry] = None,
+                 views: int = DEFAULT_VIEWS, augmentation: Optional[Augmentation] = None, seed: int = 0) -> None:
         self.root = build_auto_segmenter(base, len(structures), settings.method).to(device)
         self.settings = settings
         self.report: MethodReport = apply_method(auto_parts(self.root), settings)
-        self.cases, self.structures, self.device, self.cache_dtype = list(cases), list(structures), device, cache_dtype
-        self.items = [(c, i) for c, case in enumerate(self.cases) for i in case.annotated_slices()]
+        self.structures, self.device, self.cache_dtype = list(structures), device, cache_dtype
+        self.geometry = geometry
+        if geometry is not None and geometry.orientation == "LPS":
+            cases = [canonical_case(case) for case in cases]
+        self.cases = list(cases)
+        slices = [(c, i) for c, case in enumerate(self.cases) for i in case.annotated_slices()]
+        self.items = slices if geometry is None else spread_views(slices, views)
+        self._views = None if geometry is None else ViewMaker(geometry, structures, self.root.preprocess,
+                                                              augmentation, seed)
         # Stages before the first trainable one run once per slice: their output is cached.
         self.first_trainable = first_trainable_stage(auto_parts(self.root))
         self.frozen_encoder = self.first_trainable >= len(self.root.encoder.stages)
         if self.first_trainable <= self.root.encoder.stem_stage:
             self.first_trainable = 0  # nothing worth caching
+        self._frozen: Optional[nn.Module] = None
         self._slices: dict[int, WindowedSlice] = {}
         # (item, first trainable stage) -> cached encoder output; may be shared by learners on the same cases
         self._cached: dict[tuple[int, int], tuple[torch.Tensor, ...]] = feature_cache if feature_cache is not None else {}
@@ -105,16 +125,25 @@ class AutoLearner2D:
         if item not in self._slices:
             case_index, index = self.items[item]
             case = self.cases[case_index]
-            window = whole_slice_window(case, index, self.root.input_size)
-            self._slices[item] = windowed_slice(case, index, self.structures, window, self.root.preprocess)
+            if self._views is not None:
+                self._slices[item] = self._views.view(case, index, item)
+            else:
+                window = whole_slice_window(case, index, self.root.input_size)
+                self._slices[item] = windowed_slice(case, index, self.structures, window, self.root.preprocess)
         return self._slices[item]
+
+    def _frozen_encoder(self) -> nn.Module:
+        """A BatchNorm-folded copy of the encoder for its frozen stages (same outputs, faster on CPU)."""
+        if self._frozen is None:
+            self._frozen = copy.deepcopy(self.root.encoder).fuse_for_inference()
+        return self._frozen
 
     @torch.no_grad()
     def _cache(self, item: int) -> tuple[torch.Tensor, ...]:
         key = (item, self.first_trainable)
         if key not in self._cached:
-            image = self._slice(item).image[None].to(self.device)
-            encoder = self.root.encoder
+            image = self._slice(item).image[None].to(self.device).contiguous(memory_format=torch.channels_last)
+            encoder = self._frozen_encoder()
             with torch.autocast(self.device.type, enabled=False):
                 stem = encoder.forward_stem(image)
                 stem_map = encoder.stem_map(stem)

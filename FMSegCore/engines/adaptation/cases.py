@@ -38,6 +38,8 @@ class TrainingCase:
     axis: int = 2  # the ijk axis slices are taken across
     digest: str = ""
     modality: str = "CT"  # how the image was normalised (CT window or MR percentiles)
+    #: the volume's direction matrix (columns: I, J, K in LPS); None: unknown (a 2-D case, or arrays only)
+    direction: Optional[np.ndarray] = None
 
     def value_of(self, name: str) -> Optional[int]:
         """The label value this case gives the structure ``name`` (None: not in its label set)."""
@@ -78,8 +80,10 @@ def _digest(image: np.ndarray, labels: np.ndarray) -> str:
 
 def case_from_arrays(image: np.ndarray, labels: np.ndarray, segments: Optional[list[SegmentInfo]] = None,
                      source: str = "case", spacing: Sequence[float] = (1.0, 1.0, 1.0), axis: int = 2,
-                     modality: str = "auto", window: Window = DEFAULT_CT_WINDOW) -> TrainingCase:
-    """A case from arrays in raw intensities: a 2-D slice (rows, cols) or a 3-D KJI volume."""
+                     modality: str = "auto", window: Window = DEFAULT_CT_WINDOW,
+                     direction: Optional[np.ndarray] = None) -> TrainingCase:
+    """A case from arrays in raw intensities: a 2-D slice (rows, cols) or a 3-D KJI volume (with its direction
+    matrix when known, so that physical-units adapters can reorient it)."""
     image, labels = check_labelled_arrays(image, labels, source)
     if not np.any(labels):
         raise InputError(source, "the label map is empty (no labelled voxel)")
@@ -89,7 +93,8 @@ def case_from_arrays(image: np.ndarray, labels: np.ndarray, segments: Optional[l
     named = {segment.value: segment for segment in segments or []}  # the label set: named + present values
     segments = list(named.values()) + [default_segment(value) for value in present if value not in named]
     return TrainingCase(normalize(image, modality, window), labels, segments, source,
-                        tuple(float(s) for s in spacing), axis, _digest(image, labels), modality)
+                        tuple(float(s) for s in spacing), axis, _digest(image, labels), modality,
+                        None if direction is None or image.ndim != 3 else np.asarray(direction, dtype=float))
 
 
 def load_case(image_path: PathLike, labels_path: PathLike, modality: str = "auto",
@@ -99,7 +104,7 @@ def load_case(image_path: PathLike, labels_path: PathLike, modality: str = "auto
     labels, segments = read_labelmap(labels_path, reference=image)
     ijk_axis = anatomical_axes(image.direction)[AXIS_NAMES[axis]]
     return case_from_arrays(image.array, labels.array, segments, str(labels_path), image.spacing, ijk_axis,
-                            modality, window)
+                            modality, window, image.direction)
 
 
 @dataclass

@@ -7,6 +7,7 @@ segmenter (foundation encoder + head) for the labelled structures.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import hashlib
 from collections.abc import Sequence
@@ -20,6 +21,7 @@ from torch import nn
 from FMSegCore import __version__
 from FMSegCore.engines.adaptation.adapter_file import Adapter
 from FMSegCore.engines.adaptation.auto_learner import (
+    DEFAULT_VIEWS,
     AutoLearner2D,
     AutoSegmenter2D,
     auto_parts,
@@ -27,8 +29,10 @@ from FMSegCore.engines.adaptation.auto_learner import (
 )
 from FMSegCore.engines.adaptation.cases import Structure, TrainingCase
 from FMSegCore.engines.adaptation.evaluation import validate
+from FMSegCore.engines.adaptation.geometry import SliceGeometry
 from FMSegCore.engines.adaptation.lora import kept_ranks, merge_lora
 from FMSegCore.engines.adaptation.methods import (
+    AUTO_DEFAULTS,
     LEARNING_RATES,
     MethodReport,
     MethodSettings,
@@ -41,6 +45,7 @@ from FMSegCore.engines.adaptation.prompt_learner import (
     prompt_parts,
 )
 from FMSegCore.engines.adaptation.trainer import FitResult, Progress, TrainSettings, autocast_dtype, fit
+from FMSegCore.engines.adaptation.views import Augmentation
 from FMSegCore.errors import InputError, ModelError
 from FMSegCore.zoo.registry import get_card
 
@@ -102,12 +107,24 @@ def _versions() -> dict[str, str]:
     return {"fmseg": __version__, "torch": torch.__version__, "monai": monai.__version__, "numpy": np.__version__}
 
 
+def auto_train_settings(method: str, steps: Optional[int] = None, batch_size: Optional[int] = None,
+                        **settings: Any) -> TrainSettings:
+    """Training settings of an automatic adaptation: the method's default steps and batch unless given."""
+    default_steps, default_batch = AUTO_DEFAULTS[method]
+    return TrainSettings(steps=steps or default_steps, batch_size=batch_size or default_batch, **settings)
+
+
 def adapt(model_name: str, mode: str, cases: Sequence[TrainingCase], structures: Sequence[Structure],
           method: MethodSettings, training: TrainSettings, device: torch.device,
           val_cases: Sequence[TrainingCase] = (), modality: str = "auto", window: Union[str, Sequence[float]] = "abdomen",
           axis: str = "axial", progress: Optional[Callable[[Progress], None]] = None,
-          cancel: Optional[Callable[[], bool]] = None, base: Optional[tuple[nn.Module, str]] = None) -> AdaptationResult:
-    """Adapt ``model_name`` to the cases with one method; the trained model and the adapter's content."""
+          cancel: Optional[Callable[[], bool]] = None, base: Optional[tuple[nn.Module, str]] = None,
+          geometry: Optional[SliceGeometry] = None, views: int = DEFAULT_VIEWS,
+          augmentation: Optional[Augmentation] = None) -> AdaptationResult:
+    """Adapt ``model_name`` to the cases with one method; the trained model and the adapter's content.
+
+    Auto mode with a ``geometry`` trains in physical units on ``views`` augmented views (see :mod:`.geometry`);
+    the geometry's orientation becomes "stored" when some 3-D case has no known direction."""
     if mode not in MODES:
         raise InputError(None, f"unknown mode {mode!r} (use {' or '.join(MODES)})")
     if not cases:
@@ -115,9 +132,14 @@ def adapt(model_name: str, mode: str, cases: Sequence[TrainingCase], structures:
     torch.manual_seed(training.seed)
     model, digest = base or load_base(model_name, device)
     cache_dtype = autocast_dtype(device, training.precision) or torch.float32
+    if mode != "auto":
+        geometry = None
+    elif geometry is not None and any(c.image.ndim == 3 and c.direction is None for c in cases):
+        geometry = dataclasses.replace(geometry, orientation="stored")
     try:
         if mode == "auto":
-            learner: Any = AutoLearner2D(model, cases, structures, method, device, cache_dtype)
+            learner: Any = AutoLearner2D(model, cases, structures, method, device, cache_dtype, geometry=geometry,
+                                         views=views, augmentation=augmentation, seed=training.seed)
         else:
             learner = PromptLearner2D(model, cases, structures, method, device, cache_dtype=cache_dtype)
     except ValueError as error:
@@ -127,13 +149,15 @@ def adapt(model_name: str, mode: str, cases: Sequence[TrainingCase], structures:
                  arena_lambda=method.arena_lambda if method.method == "arena" else 0.0,
                  progress=progress, cancel=cancel)
     root = learner.root
-    validation = validate(root, mode, val_cases, structures, device, training.precision) if val_cases else None
+    validation = validate(root, mode, val_cases, structures, device, training.precision, geometry) \
+        if val_cases else None
     metadata = {
         "base_model": model_name, "base_sha256": digest, "mode": mode, "method": method.to_json(),
         "training": training.to_json(), "structures": [s.to_json() for s in structures],
         "cases": len(cases), "cases_sha256": cases_digest(cases), "validation_cases": len(val_cases),
         "validation_dice": validation, "modality": modality,
         "window": window if isinstance(window, str) else list(window), "axis": axis,
+        **({"geometry": geometry.to_json(), "views": len(learner.items)} if geometry is not None else {}),
         "trainable_parameters": learner.report.trainable, "kept_ranks": kept_ranks(root),
         "fit": {"steps": result.steps, "seconds": round(result.seconds, 1), "final_loss": result.final_loss,
                 "stopped_early": result.stopped_early},

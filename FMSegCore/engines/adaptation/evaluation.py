@@ -7,13 +7,19 @@ depend on how many slices it happens to cross.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Optional
 
 import numpy as np
 import torch
 from torch import nn
 
-from FMSegCore.engines.adaptation.auto_segment import labels_from_probabilities, slice_probabilities
+from FMSegCore.engines.adaptation.auto_segment import (
+    labels_from_probabilities,
+    physical_probabilities,
+    slice_probabilities,
+)
 from FMSegCore.engines.adaptation.cases import Structure, TrainingCase
+from FMSegCore.engines.adaptation.geometry import SliceGeometry, body_region, canonical_case
 from FMSegCore.engines.adaptation.prompt_learner import PromptAdaptedModel, prompt_window
 from FMSegCore.engines.adaptation.trainer import autocast_dtype
 from FMSegCore.engines.prompting.windows import SliceWindow, extract, paste
@@ -48,11 +54,12 @@ def box_prompted_logits(model: PromptAdaptedModel, embedding: torch.Tensor, wind
 
 @torch.no_grad()
 def validate(model: nn.Module, mode: str, cases: Sequence[TrainingCase], structures: Sequence[Structure],
-             device: torch.device, precision: str = "auto") -> dict[str, float]:
+             device: torch.device, precision: str = "auto",
+             geometry: Optional[SliceGeometry] = None) -> dict[str, float]:
     """Dice per structure on validation cases (pooled over their annotated slices).
 
-    ``auto``: the automatic segmentation. ``prompt``: each structure prompted with its tight box on each slice
-    (each window encoded once per slice).
+    ``auto``: the automatic segmentation (in physical units with a ``geometry``). ``prompt``: each structure
+    prompted with its tight box on each slice (each window encoded once per slice).
     """
     model.eval()
     dtype = autocast_dtype(device, precision)
@@ -60,9 +67,16 @@ def validate(model: nn.Module, mode: str, cases: Sequence[TrainingCase], structu
     values = [s.value for s in structures]
     autocast = torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
     for case in cases:
+        if geometry is not None and geometry.orientation == "LPS":
+            case = canonical_case(case)
+        region = body_region(case.image, case.axis, case.spacing_rc(), geometry.margin_mm) if geometry else None
         for index in case.annotated_slices():
             image, labels = case.slice(index)
-            if mode == "auto":
+            if mode == "auto" and geometry is not None:
+                predicted = np.zeros(labels.shape, dtype=np.uint16)
+                predicted[region] = labels_from_probabilities(physical_probabilities(
+                    model, [image[region]], case.spacing_rc(), geometry, device, dtype)[0], values)
+            elif mode == "auto":
                 probabilities = slice_probabilities(model, [image], case.spacing_rc(), device, dtype)[0]
                 predicted = labels_from_probabilities(probabilities, values)
             embeddings: dict[tuple, torch.Tensor] = {}

@@ -1,0 +1,108 @@
+"""Training views in physical units: a case's slice at the adapter's pixel size, randomly placed, scaled, rotated
+and changed in contrast (MONAI random transforms), as one model input with its targets.
+
+A learner draws a fixed number of views (``views``) spread over the cases' annotated slices, so the cost of
+encoding them does not grow with the number of labelled slices: the frozen encoder stages run once per view.
+No flips: with slices in one anatomical orientation, a left-right flip would teach the left kidney as the right.
+Intensity scaling and shifting are left out too: the model's input is min-max scaled per window, which undoes them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+from FMSegCore.engines.adaptation.cases import Structure, TrainingCase, case_targets
+from FMSegCore.engines.adaptation.geometry import SliceGeometry, body_region, to_pixel_size
+from FMSegCore.engines.adaptation.slice_inputs import WindowedSlice
+from FMSegCore.engines.prompting.windows import SliceWindow
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    """Ranges of the random changes a training view gets (all off: the centred slice, as at inference)."""
+
+    rotate_deg: float = 12.0
+    scale: float = 0.15
+    shift_px: float = 24.0
+    gamma: tuple[float, float] = (0.7, 1.5)
+    gamma_probability: float = 0.5
+    noise_std: float = 0.03
+    noise_probability: float = 0.3
+    blur_probability: float = 0.2
+
+    @classmethod
+    def none(cls) -> Augmentation:
+        return cls(0.0, 0.0, 0.0, (1.0, 1.0), 0.0, 0.0, 0.0, 0.0)
+
+
+def _transforms(augmentation: Augmentation, size: int, slack: tuple[float, float], seed: int):
+    from monai.transforms import (
+        Compose,
+        RandAdjustContrastd,
+        RandAffined,
+        RandGaussianNoised,
+        RandGaussianSmoothd,
+    )
+
+    a = augmentation
+    shift = [s + a.shift_px for s in slack]
+    chain = Compose([
+        RandAffined(("image", "label"), spatial_size=(size, size), prob=1.0, rotate_range=np.deg2rad(a.rotate_deg),
+                    scale_range=(a.scale, a.scale), translate_range=shift, mode=("bilinear", "nearest"),
+                    padding_mode="zeros"),
+        RandAdjustContrastd("image", prob=a.gamma_probability, gamma=a.gamma),
+        RandGaussianSmoothd("image", sigma_x=(0.4, 1.0), sigma_y=(0.4, 1.0), prob=a.blur_probability),
+        RandGaussianNoised("image", prob=a.noise_probability, std=a.noise_std),
+    ])
+    chain.set_random_state(seed=seed)
+    return chain
+
+
+class ViewMaker:
+    """Views of cases' slices in physical units (cases already in canonical orientation)."""
+
+    def __init__(self, geometry: SliceGeometry, structures: Sequence[Structure],
+                 preprocess: Callable[[np.ndarray], torch.Tensor], augmentation: Optional[Augmentation] = None,
+                 seed: int = 0) -> None:
+        self.geometry, self.structures, self.preprocess = geometry, list(structures), preprocess
+        self.augmentation = augmentation or Augmentation()
+        self.seed = seed
+        self._regions: dict[int, tuple[slice, slice]] = {}
+
+    def region(self, case: TrainingCase) -> tuple[slice, slice]:
+        """The case's body region in its slices (computed once per case)."""
+        key = id(case)
+        if key not in self._regions:
+            self._regions[key] = body_region(case.image, case.axis, case.spacing_rc(), self.geometry.margin_mm)
+        return self._regions[key]
+
+    def view(self, case: TrainingCase, index: int, number: int) -> WindowedSlice:
+        """View ``number`` of slice ``index``: model input (3, S, S), targets (K, S, S), known (K,)."""
+        image, labels = case.slice(index)
+        rows, cols = self.region(case)
+        image, labels = image[rows, cols], labels[rows, cols]
+        masks, known = case_targets(case, labels, self.structures)
+        spacing = case.spacing_rc()
+        image = to_pixel_size(image, spacing, self.geometry.pixel_mm)
+        masks = to_pixel_size(masks.astype(np.float32), spacing, self.geometry.pixel_mm) > 0.5
+        size = self.geometry.size
+        slack = (max(0.0, (image.shape[0] - size) / 2), max(0.0, (image.shape[1] - size) / 2))
+        chain = _transforms(self.augmentation, size, slack, self.seed * 100_003 + number)
+        out = chain({"image": image[None].astype(np.float32), "label": masks.astype(np.float32)})
+        pixels = np.asarray(out["image"][0], dtype=np.float32).clip(0.0, 1.0)
+        targets = torch.as_tensor(np.asarray(out["label"]) > 0.5)
+        window = SliceWindow(0.0, 0.0, float(size), float(size), size)
+        return WindowedSlice(self.preprocess(pixels), targets, torch.from_numpy(known), window)
+
+
+def spread_views(slices: Sequence[tuple[int, int]], views: int) -> list[tuple[int, int]]:
+    """``views`` (case, slice) pairs spread evenly over the annotated slices (repeating them when fewer)."""
+    if not slices:
+        return []
+    positions = (np.arange(views) + 0.5) * len(slices) / views
+    return [slices[min(len(slices) - 1, int(p))] for p in positions]

@@ -39,7 +39,8 @@ def auto_adapter(sparse_chest, tmp_path_factory) -> tuple[Path, str]:
     labels, _ = sparse_chest
     output = tmp_path_factory.mktemp("adapter") / "lungs.fmseg-adapter.pt"
     code = main(["adapt", "--method", "decoder", "--mode", "auto", "--train", str(CHEST / "image.nii.gz"), str(labels),
-                 "--labels", "right lung", "left lung", "--steps", "120", "--output", str(output), "--no-progress"])
+                 "--labels", "right lung", "left lung", "--steps", "120", "--views", "8", "--output", str(output),
+                 "--no-progress"])
     assert code == 0
     return output, ""
 
@@ -57,6 +58,7 @@ def test_adapter_file_is_small_and_describes_itself(auto_adapter):
     assert meta["cases"] == 1 and len(meta["cases_sha256"]) == 64
     assert meta["modality"] == "CT" and {"torch", "monai", "numpy", "fmseg"} <= set(meta["versions"])
     assert 0 < meta["trainable_parameters"] < 1_000_000 and meta["fit"]["steps"] <= 120
+    assert meta["geometry"]["pixel_mm"] == 1.5 and meta["geometry"]["orientation"] == "LPS" and meta["views"] == 8
 
 
 def test_segment_learns_the_unlabelled_slices(auto_adapter, sparse_chest, tmp_path, capsys):
@@ -133,12 +135,15 @@ def _bad(name: str, tmp_path: Path):
         return ["--train", tmp_path / "nope.nii.gz", labels, "--output", output], "nope.nii.gz"
     if name == "ending":
         return ["--train", image, labels, "--output", tmp_path / "out.nii.gz"], "end in .pt"
+    if name == "pixel-size":
+        return ["--train", image, labels, "--pixel-mm", "0", "--output", output], "--pixel-mm must be positive"
     if name == "linear-probe-prompt":
         return ["--train", image, labels, "--method", "linear-probe", "--mode", "prompt", "--output", output], "--mode auto"
     raise AssertionError(name)
 
 
-@pytest.mark.parametrize("name", ["grid", "structure", "holdout", "exists", "missing", "ending", "linear-probe-prompt"])
+@pytest.mark.parametrize("name", ["grid", "structure", "holdout", "exists", "missing", "ending", "pixel-size",
+                                  "linear-probe-prompt"])
 def test_bad_input_is_refused_with_one_line_and_nothing_written(name, tmp_path, capsys):
     arguments, expected = _bad(name, tmp_path)
     before = {p: p.read_bytes() for p in tmp_path.iterdir()}

@@ -15,8 +15,9 @@ from FMSegCore.cli.prompt_cmd import check_not_input, check_output
 from FMSegCore.errors import InputError
 from FMSegCore.zoo.registry import DEFAULT_PROMPTABLE
 
-#: The method each mode uses unless told: measured best on CPU (README, `fmseg bench adapt`).
-DEFAULT_METHODS = {"auto": "spatial-adapter", "prompt": "decoder"}
+#: The method each mode uses unless told: auto mode chosen across subjects on the development scenarios (README,
+#: `fmseg bench adapt --cross`), prompt mode on the same-scan benchmark (`fmseg bench adapt`).
+DEFAULT_METHODS = {"auto": "decoder", "prompt": "decoder"}
 METHOD_CHOICES = ("lora", "arena", "bitfit", "affine", "adaptformer", "linear-probe", "spatial-adapter", "decoder",
                   "full")
 
@@ -31,8 +32,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "promptable model (use it with 'fmseg prompt --adapter').")
     parser.add_argument("--model", default=DEFAULT_PROMPTABLE, help=f"base zoo model (default: {DEFAULT_PROMPTABLE})")
     parser.add_argument("--method", choices=METHOD_CHOICES, default=None,
-                        help="adaptation method (default: spatial-adapter in auto mode, decoder (the mask decoder) "
-                             "in prompt mode: both keep the encoder frozen, fast on CPU and best measured here)")
+                        help="adaptation method (default decoder: in auto mode a light decoder on the frozen "
+                             "encoder, in prompt mode SAM's mask decoder; both fast on CPU and best measured here)")
     parser.add_argument("--mode", choices=("auto", "prompt"), default="auto",
                         help="auto: segment with no prompt (default); prompt: a better promptable model")
     parser.add_argument("--train", required=True, nargs=2, action="append", metavar=("IMAGE", "LABELS"),
@@ -43,8 +44,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="a validation case (repeat); its Dice is stored in the adapter")
     parser.add_argument("--holdout", type=int, default=0, metavar="N",
                         help="hold out the last N training cases for validation (default 0)")
-    parser.add_argument("--steps", type=int, default=150, help="training steps (default 150)")
-    parser.add_argument("--batch-size", type=int, default=4, help="slices per step (default 4)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="training steps (default: auto mode 100 for spatial-adapter, 150 for decoder and "
+                             "linear-probe, 30 for encoder methods; prompt mode 150)")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="slices per step (default 4; 2 for encoder methods in auto mode)")
+    parser.add_argument("--pixel-mm", type=float, default=1.5,
+                        help="auto mode: the pixel size (mm) slices are resampled to; windows are 256 pixels "
+                             "(default 1.5: 384 mm), larger slices are tiled; stored in the adapter")
+    parser.add_argument("--views", type=int, default=48,
+                        help="auto mode: augmented training views, spread over the annotated slices (default 48)")
+    parser.add_argument("--whole-slice", action="store_true",
+                        help="auto mode: the pipeline before physical units (each whole slice as stored, resized "
+                             "to the model input, no augmentation); for comparison")
     parser.add_argument("--rank", type=int, default=4, help="LoRA/ARENA rank (default 4)")
     parser.add_argument("--lr", type=float, default=None, help="learning rate (default: the method's)")
     parser.add_argument("--targets", nargs="+", default=None, metavar="REGEX",
@@ -78,7 +90,8 @@ def run(args: argparse.Namespace) -> int:
     from FMSegCore.device import resolve_device, tune_cpu_runtime
     from FMSegCore.engines.adaptation.adapter_file import save_adapter
     from FMSegCore.engines.adaptation.cases import load_case, resolve_structures
-    from FMSegCore.engines.adaptation.engine import adapt, split_validation
+    from FMSegCore.engines.adaptation.engine import adapt, auto_train_settings, split_validation
+    from FMSegCore.engines.adaptation.geometry import SliceGeometry
     from FMSegCore.engines.adaptation.methods import MethodSettings
     from FMSegCore.engines.adaptation.trainer import TrainSettings
     from FMSegCore.preprocessing.intensity import ct_window
@@ -90,8 +103,10 @@ def run(args: argparse.Namespace) -> int:
     check_not_input(output, inputs)
     get_card(args.model)
     ct_window(args.window)
-    if args.steps < 1 or args.batch_size < 1:
-        raise InputError(None, "--steps and --batch-size must be at least 1")
+    if any(value is not None and value < 1 for value in (args.steps, args.batch_size, args.views)):
+        raise InputError(None, "--steps, --batch-size and --views must be at least 1")
+    if not args.pixel_mm > 0:
+        raise InputError(None, "--pixel-mm must be positive")
     if args.method is None:
         args.method = DEFAULT_METHODS[args.mode]
     try:
@@ -105,12 +120,16 @@ def run(args: argparse.Namespace) -> int:
     cases, held_out = split_validation(cases, args.holdout)
     val_cases = held_out + [load_case(i, lab, args.modality, args.window, args.axis) for i, lab in args.val]
     structures = resolve_structures(cases, args.labels)
-    training = TrainSettings(steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr, seed=args.seed,
-                             precision=args.precision)
+    options = {"learning_rate": args.lr, "seed": args.seed, "precision": args.precision}
+    if args.mode == "auto":
+        training = auto_train_settings(args.method, args.steps, args.batch_size, **options)
+    else:
+        training = TrainSettings(steps=args.steps or 150, batch_size=args.batch_size or 4, **options)
+    geometry = None if args.whole_slice else SliceGeometry(pixel_mm=args.pixel_mm)
     if device.type == "cpu":
         tune_cpu_runtime()
     show = sys.stderr.isatty() and not args.no_progress
-    bar = tqdm(total=args.steps, unit="step", desc=f"Adapting ({args.method})", disable=not show, file=sys.stderr)
+    bar = tqdm(total=training.steps, unit="step", desc=f"Adapting ({args.method})", disable=not show, file=sys.stderr)
 
     def progress(update) -> None:
         bar.n = update.step
@@ -118,7 +137,8 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         result = adapt(args.model, args.mode, cases, structures, method, training, device, val_cases,
-                       modality=cases[0].modality, window=args.window, axis=args.axis, progress=progress)
+                       modality=cases[0].modality, window=args.window, axis=args.axis, progress=progress,
+                       geometry=geometry, views=args.views)
     finally:
         bar.close()
     save_adapter(output, result.metadata, result.state, overwrite=args.overwrite)
@@ -137,6 +157,10 @@ def _report(result, output: Path, seconds: float) -> None:
     if meta["kept_ranks"] and meta["method"]["method"] == "arena":
         ranks = list(meta["kept_ranks"].values())
         print(f"ARENA kept ranks: {ranks} (of {meta['method']['rank']})")
+    if "geometry" in meta:
+        geometry = meta["geometry"]
+        print(f"Physical units: {geometry['pixel_mm']:g} mm pixels, {geometry['window_mm']:g} mm windows, "
+              f"orientation {geometry['orientation']}; {meta['views']} augmented training views")
     if result.validation:
         print("Validation Dice: " + ", ".join(f"{k} {v:.3f}" for k, v in result.validation.items()))
     print(f"Wrote {output} ({output.stat().st_size / 1e6:.2f} MB) in {seconds:.0f} s")

@@ -6,11 +6,12 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 from FMSegCore.cli.prompt_cmd import PromptResult, check_not_input, check_output, report
 from FMSegCore.errors import InputError
 from FMSegCore.io.labelmap import SEGMENTATION_SUFFIX, SegmentInfo, write_labelmap
-from FMSegCore.io.volume import read_volume
+from FMSegCore.io.volume import Volume, read_volume
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -23,6 +24,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--image", required=True, help="the volume (NIfTI, NRRD, MetaImage or DICOM folder)")
     parser.add_argument("--adapter", required=True, help="an adapter file from 'fmseg adapt --mode auto'")
     parser.add_argument("--output", required=True, help=f"the result ({SEGMENTATION_SUFFIX}, .nii.gz, .nii or .nrrd)")
+    parser.add_argument("--modality", choices=("auto", "CT", "MR"), default="auto",
+                        type=lambda t: t if t == "auto" else t.upper(),
+                        help="how to normalise the scan (default auto: as the adapter was trained, and a scan "
+                             "that looks like another modality is refused)")
     parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda or mps")
     parser.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
                         help="auto (default): bf16/fp16 on CUDA, fp32 on CPU")
@@ -33,12 +38,30 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     segment_to_file(args.image, args.adapter, args.output, args.device, args.precision, args.overwrite,
-                    progress=not args.no_progress)
+                    progress=not args.no_progress, modality=args.modality)
     return 0
 
 
+def check_modality(image: Volume, image_path: str, metadata: dict, modality: str = "auto") -> Optional[str]:
+    """The modality to normalise the scan as: the given one, else the adapter's; a scan that looks like another
+    modality than the adapter's is refused (one line naming the file) unless the modality is given."""
+    from FMSegCore.preprocessing.intensity import guess_modality
+
+    if modality != "auto":
+        return modality
+    trained = str(metadata.get("modality", "auto")).upper()
+    if trained not in ("CT", "MR"):
+        return None
+    seen = guess_modality(image)
+    if seen != trained:
+        raise InputError(image_path, f"this scan looks like {seen} but the adapter was trained on {trained}: "
+                                     "automatic adapters do not carry over between modalities; train one on "
+                                     f"{seen} cases, or pass --modality {seen} to segment it anyway")
+    return None
+
+
 def segment_to_file(image_path: str, adapter_path: str, output: str, device: str = "auto", precision: str = "auto",
-                    overwrite: bool = False, progress: bool = True) -> PromptResult:
+                    overwrite: bool = False, progress: bool = True, modality: str = "auto") -> PromptResult:
     """What ``fmseg segment`` does: check, load the adapted model, segment, write atomically, report."""
     from tqdm import tqdm
 
@@ -56,6 +79,7 @@ def segment_to_file(image_path: str, adapter_path: str, output: str, device: str
                                        "'fmseg prompt --adapter', or train one with --mode auto")
     torch_device = resolve_device(device)
     image = read_volume(image_path)
+    modality = check_modality(image, image_path, adapter.metadata, modality)
     if torch_device.type == "cpu":
         tune_cpu_runtime()
     model = build_adapted(adapter, torch_device)
@@ -70,7 +94,7 @@ def segment_to_file(image_path: str, adapter_path: str, output: str, device: str
 
     try:
         labels = segment_with_adapter(model, adapter.metadata, image, torch_device,
-                                      inference_dtype(torch_device, precision), progress=advance)
+                                      inference_dtype(torch_device, precision), progress=advance, modality=modality)
     finally:
         bar.close()
     infos = [SegmentInfo(int(s["value"]), str(s["name"]), tuple(float(c) for c in s["color"])) for s in structures]

@@ -24,12 +24,27 @@ def add_parser(kinds: argparse._SubParsersAction) -> None:
     parser.add_argument("--prompt-methods", nargs="+", default=["decoder"], choices=("decoder", "spatial-adapter"),
                         help="prompt-mode methods (default: decoder)")
     parser.add_argument("--methods", nargs="+", default=None, help="only these methods")
-    parser.add_argument("--json", type=Path, default=None, help="write every figure to this JSON file")
+    parser.add_argument("--json", type=Path, default=None, help="write every figure to this JSON file (with "
+                        f"--cross, default Resources/{CROSS_JSON})")
+    parser.add_argument("--cross", action="store_true",
+                        help="cross-subject instead: adapters trained on one whole scan (the bundled CT, the MR), "
+                             "tested on other scans (fov_shift, ct_to_mr, mr_to_ct), physical units beside the "
+                             "whole-slice pipeline; and the training time of every method at its defaults")
+    parser.add_argument("--cross-method", default=None, help="with --cross: the method trained on every scenario "
+                        "(default: fmseg adapt's auto-mode default)")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: every core)")
     parser.set_defaults(func=run)
+
+
+#: Where ``--cross`` writes its figures unless told (under FMSeg's Resources).
+CROSS_JSON = Path("Benchmarks") / "adapt_cross_cpu.json"
 
 
 def run(args: argparse.Namespace) -> int:
     import torch
+
+    if args.cross:
+        return run_cross(args)
 
     from FMSegCore.bench.adapt_bench import run_benchmark
     from FMSegCore.device import resolve_device, tune_cpu_runtime
@@ -53,4 +68,69 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         args.json.write_text(json.dumps({"device": str(device), "threads": torch.get_num_threads(),
                                          "results": [asdict(r) | {"mean": r.mean} for r in results]}, indent=1))
+    return 0
+
+
+def run_cross(args: argparse.Namespace) -> int:
+    """``fmseg bench adapt --cross``: every figure of the README's cross-subject tables, written as it comes."""
+    import platform
+    import time
+
+    import torch
+
+    from FMSegCore.bench import adapt_cross_bench as cross
+    from FMSegCore.cli.adapt_cmd import DEFAULT_METHODS
+    from FMSegCore.device import resolve_device, tune_cpu_runtime
+    from FMSegCore.engines.adaptation.auto_learner import DEFAULT_VIEWS
+    from FMSegCore.engines.adaptation.engine import load_base
+    from FMSegCore.engines.adaptation.geometry import SliceGeometry
+    from FMSegCore.engines.adaptation.methods import AUTO_DEFAULTS, METHODS
+    from FMSegCore.zoo.cache import resources_dir
+
+    device = resolve_device(args.device)
+    if device.type == "cpu":
+        tune_cpu_runtime(args.threads)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    base = load_base("litemedsam", device)
+    method = args.cross_method or DEFAULT_METHODS["auto"]
+    path = args.json or resources_dir() / CROSS_JSON
+    began = time.perf_counter()
+    figures: dict = {"device": str(device), "threads": torch.get_num_threads(), "cpu": platform.processor() or
+                     platform.machine(), "geometry": SliceGeometry().to_json(), "views": DEFAULT_VIEWS,
+                     "defaults": {m: {"steps": s, "batch_size": b} for m, (s, b) in AUTO_DEFAULTS.items()},
+                     "method": method, "cross": [], "timing": []}
+    print(f"device {device} ({torch.get_num_threads()} threads); method {method}", flush=True)
+
+    def save() -> None:
+        figures["seconds"] = round(time.perf_counter() - began, 1)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(figures, indent=1))
+
+    def show(cell) -> None:
+        figures["cross"].append(asdict(cell) | {"mean": cell.mean, "mean_large": cell.mean_large})
+        dice = "  ".join(f"{k} {v:.3f}" for k, v in cell.dice.items())
+        print(f"{cell.scenario:<9} {cell.pipeline:<11} {cell.method:<15} large {cell.mean_large:.3f} mean "
+              f"{cell.mean:.3f} | {dice} | train {cell.train_seconds:.0f} s, segment {cell.segment_seconds:.0f} s",
+              flush=True)
+        save()
+
+    results = cross.run_cross(base, ("fov_shift", "ct_to_mr"), [method], cross.PIPELINES, device, report=show)
+
+    def timed(cell) -> None:
+        figures["timing"].append(asdict(cell))
+        print(f"timing {cell.method:<15} {cell.seconds:6.1f} s  {cell.steps} steps x {cell.batch_size}, "
+              f"{cell.views} views", flush=True)
+        save()
+
+    # every method at its defaults on the CT (all annotated slices, the same structures as the CT adapter above)
+    trained = next(r for r in results if r.scenario == "fov_shift" and r.pipeline == "physical")
+    timed(cross.TimingResult(method, trained.train_seconds, trained.steps, trained.batch_size, trained.views,
+                             trained.extra["trainable"], trained.extra["structures_trained"]))
+    scenarios = [cross.build_scenario(name) for name in ("fov_shift", "ct_to_mr")]
+    union = list(dict.fromkeys(s for scenario in scenarios for s in cross.scored_structures(scenario)))
+    cross.run_timing(base, scenarios[0].support, union, device, [m for m in METHODS if m != method], report=timed)
+    cross.run_cross(base, ("mr_to_ct",), [method], cross.PIPELINES, device, report=show)
+    save()
+    print(f"wrote {path} ({figures['seconds']:.0f} s)")
     return 0

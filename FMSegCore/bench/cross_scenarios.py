@@ -30,10 +30,8 @@ from FMSegCore.io.volume import Volume
 
 #: The large organs the cross-subject targets are stated on.
 LARGE_ORGANS = ("liver", "spleen", "kidney_left", "kidney_right", "stomach", "aorta")
-ABDOMEN_STRUCTURES = LARGE_ORGANS + ("pancreas", "inferior_vena_cava", "gallbladder", "autochthon_left",
-                                     "autochthon_right", "spinal_cord", "vertebrae_T12")
-BRAIN_STRUCTURES = ("Brain_Stem", "Left_Cerebellum_Exterior", "Right_Cerebellum_Exterior",
-                    "Right_Cerebral_White_Matter", "Left_Cerebral_White_Matter", "Left_Hippocampus",
+ABDOMEN_STRUCTURES = LARGE_ORGANS + ("pancreas", "inferior_vena_cava", "autochthon_left", "spinal_cord")
+BRAIN_STRUCTURES = ("Brain_Stem", "Left_Cerebellum_Exterior", "Right_Cerebral_White_Matter", "Left_Hippocampus",
                     "Right_Thalamus_Proper", "Left_Caudate", "Right_Putamen", "Left_Lateral_Ventricle")
 DEV_BRAIN_STRUCTURES = ("Left-Thalamus", "Right-Caudate", "Left-Putamen", "Right-Hippocampus",
                         "Brain-Stem", "Left-Cerebellum-Cortex", "Left-Lateral-Ventricle",

@@ -135,7 +135,8 @@ def prior_sweep(model, scenario: Scenario, margins: Sequence[Optional[float]],
     query = scenario.query.volume
     engine = AnatomicalInContext(model, [support], [values[n] for n in structures],
                                  settings=InContextSettings(support_size=support_size),
-                                 anatomical=AnatomicalSettings(prior_margin_mm=None, allow_cross_modality=True),
+                                 anatomical=AnatomicalSettings(prior_margin_mm=None, registration_weight=0.0,
+                                                               allow_cross_modality=True),
                                  device=device,
                                  autocast_dtype=dtype)
     aligned = engine.align(query)

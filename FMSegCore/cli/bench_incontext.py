@@ -30,6 +30,8 @@ def add_parser(kinds: argparse._SubParsersAction) -> None:
                              "the registration and copy baselines; seconds per query")
     parser.add_argument("--scenarios", nargs="+", default=None,
                         help="cross scenarios to run (default: the reported ones; dev_* are for tuning)")
+    parser.add_argument("--methods", nargs="+", default=None,
+                        help="with --cross: the methods to run (default: all; see incontext_cross_bench.METHODS)")
     parser.add_argument("--margins", type=float, nargs="*", default=None, metavar="MM",
                         help="with --cross: instead, sweep the spatial-prior margin (and none) on the scenarios")
     parser.add_argument("--registration-weights", type=float, nargs="+", default=[0.0], metavar="W",
@@ -116,10 +118,12 @@ def run_cross(args: argparse.Namespace, model, device, dtype) -> int:
                 print(f"{name:<16} margin {str(row['margin_mm']):>5}  registration weight "
                       f"{row['registration_weight']:.2f}  mean Dice {row['mean']:.3f}", flush=True)
             continue
-        result = cross.run_scenario(model, scenario, device=device, dtype=dtype,
+        result = cross.run_scenario(model, scenario, args.methods or cross.METHODS, device=device, dtype=dtype,
                                     preview=args.preview_dir / f"{name}.png" if args.preview_dir else None)
         figures["scenarios"].append(result)
         _print_cross(result)
+        if args.json:  # written after every scenario, so a long run keeps what it has measured
+            args.json.write_text(json.dumps(figures, indent=1, default=float))
     if args.align_speed:
         figures["align_speed"] = cross.time_large_alignment()
         speed = figures["align_speed"]

@@ -113,7 +113,7 @@ def _mask_image(mask: np.ndarray, like: sitk.Image) -> sitk.Image:
     return image
 
 
-def _physical_points(mask: np.ndarray, image: sitk.Image) -> np.ndarray:
+def mask_points(mask: np.ndarray, image: sitk.Image) -> np.ndarray:
     """LPS points (N, 3) of a KJI mask's voxels on ``image``'s grid."""
     kji = np.argwhere(mask)
     ijk = kji[:, ::-1].astype(float)
@@ -145,8 +145,8 @@ def _initial_transforms(fixed: sitk.Image, moving: sitk.Image, fixed_body: np.nd
     """Similarity transforms centred on the query body: in-plane centres matched, scale from the bodies'
     cross-sections, one candidate per head-foot offset every ``step_mm`` over the range where the scans overlap."""
     sitk = _sitk()
-    fixed_points = _physical_points(fixed_body, fixed)
-    moving_points = _physical_points(moving_body, moving)
+    fixed_points = mask_points(fixed_body, fixed)
+    moving_points = mask_points(moving_body, moving)
     fixed_centre, moving_centre = fixed_points.mean(axis=0), moving_points.mean(axis=0)
 
     def cross_section(points: np.ndarray, spacing: float) -> float:
@@ -269,22 +269,43 @@ def _linear_alignment(fixed: sitk.Image, moving: sitk.Image, fixed_body: np.ndar
 
 def _height(body: np.ndarray, image: sitk.Image) -> float:
     """Head-foot extent (mm) of a body mask."""
-    z = _physical_points(body, image)[:, 2]
+    z = mask_points(body, image)[:, 2]
     return float(np.ptp(z)) if z.size else 0.0
 
 
+@dataclass
+class PreparedScan:
+    """A scan at the working resolution: its body mask and its clipped intensities (mutual information)."""
+
+    volume: Volume
+    body: np.ndarray  # KJI, on the grid of ``image``
+    image: sitk.Image
+
+    def body_points(self) -> np.ndarray:
+        """LPS points (N, 3) of the body's voxels."""
+        return mask_points(self.body, self.image)
+
+
+def prepare_scan(volume: Volume, modality: str, working_mm: float = 4.0) -> PreparedScan:
+    """What alignment needs of a scan, computed once (a query serves every support and the work grid)."""
+    sitk = _sitk()
+    body = body_mask_array(sitk.GetArrayFromImage(working_image(volume, working_mm)), modality)
+    return PreparedScan(volume, body, working_image(volume, working_mm, modality))
+
+
 def align(support: Volume, query: Volume, support_modality: str, query_modality: str, working_mm: float = 4.0,
-          affine: bool = True, deformable: bool = False, iterations: int = 120, seed: int = 0) -> Alignment:
-    """The transform from ``query`` points to ``support`` points (raw intensities; modality CT or MR each).
+          affine: bool = True, deformable: bool = False, iterations: int = 120, seed: int = 0,
+          prepared_query: Optional[PreparedScan] = None) -> Alignment:
+    """The transform from ``query`` points to ``support`` points (raw intensities; modality CT or MR each);
+    ``prepared_query``: :func:`prepare_scan` of the query at ``working_mm``, when the caller has it already.
 
     The scan with the shorter head-foot extent is registered onto the longer one (mutual information on a
     small overlap is unreliable the other way round); the transform is inverted when that is the support."""
-    sitk = _sitk()
     began = time.perf_counter()
-    fixed_body = body_mask_array(sitk.GetArrayFromImage(working_image(query, working_mm)), query_modality)
-    moving_body = body_mask_array(sitk.GetArrayFromImage(working_image(support, working_mm)), support_modality)
-    fixed = working_image(query, working_mm, query_modality)
-    moving = working_image(support, working_mm, support_modality)
+    prepared_query = prepared_query or prepare_scan(query, query_modality, working_mm)
+    prepared_support = prepare_scan(support, support_modality, working_mm)
+    fixed_body, fixed = prepared_query.body, prepared_query.image
+    moving_body, moving = prepared_support.body, prepared_support.image
     if not fixed_body.any() or not moving_body.any():
         empty = query if not fixed_body.any() else support
         raise InputError(empty.path, "no body found in the scan (nothing to align)")

@@ -37,11 +37,11 @@ from FMSegCore.io.volume import Volume
 from FMSegCore.models.interfaces import InContextModel2D
 from FMSegCore.preprocessing.alignment import (
     Alignment,
+    PreparedScan,
     align,
-    body_mask_array,
     check_alignment,
+    prepare_scan,
     resample_onto,
-    working_image,
 )
 from FMSegCore.preprocessing.intensity import DEFAULT_CT_WINDOW, Window, guess_modality, normalize
 
@@ -120,18 +120,15 @@ def _work_axes(axis: str) -> np.ndarray:
 
 
 def work_grid(query: Volume, query_modality: str, size: int, axis: str = "axial",
-              body_margin_mm: float = BODY_MARGIN_MM, min_slice_mm: float = MIN_SLICE_MM) -> tuple[Volume, int]:
+              body_margin_mm: float = BODY_MARGIN_MM, min_slice_mm: float = MIN_SLICE_MM,
+              prepared: Optional[PreparedScan] = None) -> tuple[Volume, int]:
     """The work grid of a query: canonical axes, an in-plane square of ``size`` pixels around its body,
-    slices across ``axis`` at the query's spacing along it (at least ``min_slice_mm``). Returns (grid, IJK axis of the slices)."""
-    import SimpleITK as sitk
-
-    coarse = working_image(query, 4.0)
-    body = body_mask_array(sitk.GetArrayFromImage(coarse), query_modality)
-    if not body.any():
+    slices across ``axis`` at the query's spacing along it (at least ``min_slice_mm``). Returns (grid, IJK axis
+    of the slices). ``prepared``: the query's :func:`prepare_scan`, when the caller has it already."""
+    prepared = prepared or prepare_scan(query, query_modality)
+    if not prepared.body.any():
         raise InputError(query.path, "no body found in the query (nothing to segment)")
-    kji = np.argwhere(body)
-    direction_coarse = np.array(coarse.GetDirection()).reshape(3, 3)
-    points = kji[:, ::-1] * np.array(coarse.GetSpacing()) @ direction_coarse.T + np.array(coarse.GetOrigin())
+    points = prepared.body_points()
     corners = np.array([[i, j, k] for i in (0, 1) for j in (0, 1) for k in (0, 1)], float)
     corners *= np.array(query.shape_ijk, float) - 1
     extent_points = query.ijk_to_lps(corners)
@@ -165,14 +162,15 @@ def align_supports(query: Volume, supports: Sequence[SupportScan], size: int, ax
     if axis not in WORLD_AXIS:
         raise InputError(None, f"unknown axis {axis!r} (use {', '.join(WORLD_AXIS)})")
     query_modality = resolve_modality(query, modality)
-    grid, grid_axis = work_grid(query, query_modality, size, axis)
+    prepared = prepare_scan(query, query_modality, settings.working_mm)
+    grid, grid_axis = work_grid(query, query_modality, size, axis, prepared=prepared)
     grid = grid.with_array(resample_onto(query, normalize(query, query_modality, window), grid))
     alignments, examples, modalities = [], [], []
     for scan in supports:
         support_modality = resolve_modality(scan.volume, modality)
         modalities.append(support_modality)
         alignment = align(scan.volume, query, support_modality, query_modality, settings.working_mm,
-                          settings.affine, settings.deformable)
+                          settings.affine, settings.deformable, prepared_query=prepared)
         check_alignment(alignment, scan.source)
         image = resample_onto(scan.volume, normalize(scan.volume, support_modality, window), grid,
                               alignment.transform)
@@ -184,22 +182,19 @@ def align_supports(query: Volume, supports: Sequence[SupportScan], size: int, ax
                         {"query_modality": query_modality, "support_modalities": modalities})
 
 
-def _prior(aligned: AlignedQuery, value: int, margin_mm: Optional[float]) -> Optional[np.ndarray]:
-    """Where class ``value`` may appear on the work grid: within ``margin_mm`` of any aligned support label."""
-    if margin_mm is None:
-        return None
-    union = np.zeros(aligned.grid.array.shape, bool)
-    for example in aligned.examples:
-        union |= example.labels == value
+def _prior(grid: Volume, masks: Sequence[np.ndarray], margin_mm: float) -> np.ndarray:
+    """Where a class may appear on the work grid: within ``margin_mm`` of its aligned label in any support."""
+    union = np.logical_or.reduce(masks)
     if not union.any():
         return union
-    spacing = aligned.grid.spacing[::-1]  # KJI
+    spacing = grid.spacing[::-1]  # KJI
     distance = ndimage.distance_transform_edt(~union, sampling=spacing)
     return distance <= margin_mm
 
 
-def _back_to_query(grid: Volume, array: np.ndarray, query: Volume) -> np.ndarray:
-    return resample_onto(grid, array.astype(np.float32), query.with_array(np.zeros(query.array.shape, np.uint8)))
+def _empty_like(volume: Volume) -> Volume:
+    """A volume on ``volume``'s grid with an empty (uint8) array: a resampling target."""
+    return volume.with_array(np.zeros(volume.array.shape, np.uint8))
 
 
 def most_probable(probabilities: dict[int, np.ndarray], shape: tuple[int, ...], threshold: float) -> np.ndarray:
@@ -264,17 +259,18 @@ class AnatomicalInContext:
             aligned.model_outputs[key] = work
         probabilities: dict[int, np.ndarray] = {}
         weight = self.anatomical.registration_weight
+        target = _empty_like(query)
         for segment in self.classes:
             probability = work.probabilities[segment.value]
-            if weight > 0:  # the aligned labels as they lie on the work grid (nearest neighbour)
-                warped = np.mean([example.labels == segment.value for example in aligned.examples], axis=0)
-                probability = (1 - weight) * probability + weight * warped
-            prior = _prior(aligned, segment.value, margin)
-            if prior is not None:
-                probability = probability * prior
-            probabilities[segment.value] = _back_to_query(aligned.grid, probability, query)
+            masks = [example.labels == segment.value for example in aligned.examples]  # the aligned labels
+            if weight > 0:
+                probability = (1 - weight) * probability + weight * np.mean(masks, axis=0)
+            if margin is not None:
+                probability = probability * _prior(aligned.grid, masks, margin)
+            probabilities[segment.value] = resample_onto(aligned.grid, probability.astype(np.float32), target)
         labels = most_probable(probabilities, query.array.shape, self.settings.threshold)
-        spread = None if work.uncertainty is None else _back_to_query(aligned.grid, work.uncertainty, query)
+        spread = (None if work.uncertainty is None
+                  else resample_onto(aligned.grid, work.uncertainty.astype(np.float32), target))
         result = InContextResult(labels, list(self.classes), spread,
                                  probabilities if keep_probabilities else {}, time.perf_counter() - began,
                                  work.model_passes)
@@ -285,7 +281,7 @@ def registration_probability(query: Volume, supports: Sequence[SupportScan], ali
                              value: int) -> np.ndarray:
     """On the query grid, the share of supports whose label ``value`` covers each voxel after alignment
     (masks warped linearly, so boundaries are fractional)."""
-    reference = query.with_array(np.zeros(query.array.shape, np.uint8))
+    reference = _empty_like(query)
     total = np.zeros(query.array.shape, np.float32)
     for scan, alignment in zip(supports, aligned.alignments):
         mask = (scan.labels == value).astype(np.float32)

@@ -90,7 +90,7 @@ class FMSegSlicerParameterNode:
     device, serverUrl - where the worker runs ("" starts a local worker).
     autoUpdate - segment again after each prompt; useAdapterForPrompts - prompt with the loaded adapter.
     supportSize, ensemble, uncertainty - in-context settings.
-    adaptMode, method, rank, steps - adaptation settings.
+    adaptMode, method, rank, steps - adaptation settings (steps 0: the method's default).
     """
 
     inputVolume: vtkMRMLScalarVolumeNode
@@ -104,12 +104,13 @@ class FMSegSlicerParameterNode:
     ensemble: Annotated[int, WithinRange(1, 16)] = 1
     uncertainty: bool = False
     adaptMode: Annotated[str, Choice(["auto", "prompt"])] = "auto"
+    # the choices and defaults of FMSegCore.engines.adaptation.defaults, as literals (the .ui holds them too)
     method: Annotated[
         str,
-        Choice(["spatial-adapter", "decoder", "linear-probe", "lora", "arena", "bitfit", "affine", "adaptformer", "full"]),
-    ] = "spatial-adapter"
-    rank: Annotated[int, WithinRange(1, 64)] = 8
-    steps: Annotated[int, WithinRange(1, 10000)] = 150
+        Choice(["decoder", "spatial-adapter", "linear-probe", "lora", "arena", "bitfit", "affine", "adaptformer", "full"]),
+    ] = "decoder"
+    rank: Annotated[int, WithinRange(1, 64)] = 4
+    steps: Annotated[int, WithinRange(0, 10000)] = 0  # 0: the method's default
 
 
 #

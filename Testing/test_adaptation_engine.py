@@ -13,7 +13,14 @@ import torch
 
 from FMSegCore.engines.adaptation.adapter_file import load_adapter, save_adapter
 from FMSegCore.engines.adaptation.cases import case_from_arrays, load_case, resolve_structures
-from FMSegCore.engines.adaptation.engine import adapt, build_adapted, load_base, split_validation
+from FMSegCore.engines.adaptation.defaults import AUTO_HEAD_STEPS
+from FMSegCore.engines.adaptation.engine import (
+    adapt,
+    build_adapted,
+    load_base,
+    split_validation,
+    train_settings,
+)
 from FMSegCore.engines.adaptation.lora import LoRALayer, merge_lora
 from FMSegCore.engines.adaptation.methods import AdaptableParts, MethodSettings, apply_method
 from FMSegCore.engines.adaptation.trainer import Cancelled, TrainSettings, fit
@@ -77,6 +84,26 @@ def test_progress_reports_every_step_and_cancel_stops(base, abdomen, index):
     with pytest.raises(Cancelled):
         _adapt(base, cases, steps=50, cancel=lambda: calls.append(1) or len(calls) > 2)
     assert len(calls) == 3
+
+
+def test_auto_mode_trains_every_step_and_warms_an_encoder_methods_head_first(base, abdomen, index):
+    assert train_settings("auto", "decoder").patience is None and train_settings("auto", "decoder").head_steps == 0
+    assert train_settings("auto", "lora").head_steps == AUTO_HEAD_STEPS
+    assert train_settings("prompt", "lora").head_steps == 0 and train_settings("prompt", "lora").patience == 40
+    cases = [slice_case(abdomen, index)]
+    structures = resolve_structures(cases, ["liver", "spleen"])
+    model, digest = base
+    seen = []
+    result = adapt("litemedsam", "auto", cases, structures, MethodSettings("bitfit"),
+                   TrainSettings(steps=2, batch_size=2, precision="fp32", head_steps=3), CPU,
+                   base=(copy.deepcopy(model), digest), progress=seen.append)
+    # one progress count over both phases: 3 head steps, then 2 of the method
+    assert [(p.step, p.steps) for p in seen] == [(1, 5), (2, 5), (3, 5), (4, 5), (5, 5)]
+    assert result.metadata["fit"]["head_steps"] == 3 and result.fit.steps == 2
+    cold = _adapt(base, cases, method="bitfit", steps=2)
+    # the warm head moved away from a fresh head's initialisation (same seed): its weights differ
+    head = [k for k in result.state if k.startswith("head.") and k.endswith("weight")]
+    assert head and any(not torch.equal(result.state[k], cold.state[k]) for k in head)
 
 
 def test_adapter_rebuilds_the_trained_model_with_lora_merged(base, abdomen, index, tmp_path):

@@ -36,6 +36,8 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
+from FMSegCore.engines.adaptation.defaults import DEFAULT_METHODS, DEFAULT_RANK, METHOD_CHOICES  # noqa: E402
+
 pytest.importorskip("PySide6")
 pytest.importorskip("PySide6.QtUiTools")
 
@@ -109,7 +111,7 @@ CONTRACT = {
     "adapterLabel": ("QLabel", "adaptCollapsibleButton"),
     "segmentWithAdapterButton": ("QPushButton", "adaptCollapsibleButton"),
 }
-METHODS = ["spatial-adapter", "decoder", "linear-probe", "lora", "arena", "bitfit", "affine", "adaptformer", "full"]
+METHODS = list(METHOD_CHOICES)
 MRML_WIDGETS = ("qMRMLNodeComboBox", "qSlicerMarkupsPlaceWidget", "qMRMLSegmentSelectorWidget")
 
 
@@ -311,7 +313,7 @@ class LogicTestDouble:
                           supports=supports, support_size=support_size, ensemble=ensemble, uncertainty=uncertainty,
                           model=model, progress=progress, cancel=cancel)
 
-    def adapt(self, cases, mode="auto", method="spatial-adapter", rank=8, steps=150, progress=None, cancel=None):
+    def adapt(self, cases, mode="auto", method=None, rank=DEFAULT_RANK, steps=0, progress=None, cancel=None):
         return self._call("adapt", cases=cases, mode=mode, method=method, rank=rank, steps=steps,
                           progress=progress, cancel=cancel)
 
@@ -398,11 +400,13 @@ def test_ui_widget_settings(ui):
     assert combo_items(ui.methodSelector) == METHODS
     assert combo_items(ui.promptModelSelector) == ["litemedsam"]
     assert combo_items(ui.incontextModelSelector) == ["universeg-fmseg"]
-    spins = {"supportSizeSpinBox": (1, 64, 8), "ensembleSpinBox": (1, 16, 1), "rankSpinBox": (1, 64, 8),
-             "stepsSpinBox": (1, 10000, 150)}
+    spins = {"supportSizeSpinBox": (1, 64, 8), "ensembleSpinBox": (1, 16, 1), "rankSpinBox": (1, 64, DEFAULT_RANK),
+             "stepsSpinBox": (0, 10000, 0)}
     for name, expected in spins.items():
         spin = getattr(ui, name)
         assert (spin.minimum(), spin.maximum(), spin.value()) == expected, name
+    assert ui.stepsSpinBox.specialValueText() == "method default"  # 0: the worker picks the method's steps
+    assert ui.methodSelector.currentText() == DEFAULT_METHODS["auto"]
     assert ui.serverUrlEdit.placeholderText() == "local worker"
     assert ui.serverTokenEdit.echoMode() == QtWidgets.QLineEdit.EchoMode.Password
     assert ui.segmentNameEdit.text() == "Segment_1"
@@ -539,6 +543,9 @@ def test_each_bound_widget_can_represent_its_parameter(widget):
             assert [field["type"]] == w.nodeTypes and field["default"] is None, name
         else:
             raise AssertionError(f"{name}: no parameter node connector for {cls}")
+    # the adaptation settings are FMSegCore's (the parameter node and the .ui spell them as literals)
+    assert fields["method"]["choices"] == list(METHOD_CHOICES)
+    assert (fields["method"]["default"], fields["rank"]["default"]) == (DEFAULT_METHODS["auto"], DEFAULT_RANK)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -710,11 +717,13 @@ def test_adaptation_shows_progress_locks_buttons_and_then_reverts(panel, ui, mrm
     gate, reported = threading.Event(), threading.Event()
 
     def adapt(cases, mode, method, rank, steps, progress, cancel):
-        # the Logic reports (done, total, message); the brief's shape was (step, steps, loss): both are shown
-        progress(30, steps, "loss 0.5000" if async_variants else 0.5)
+        # the Logic reports (done, total, message); the brief's shape was (step, steps, loss): both are shown.
+        # steps 0 (the panel's default) leaves the count to the worker, which reports the method's (here 150)
+        total = steps or 150
+        progress(30, total, "loss 0.5000" if async_variants else 0.5)
         reported.set()
         assert gate.wait(5)
-        progress(steps, steps, "done" if async_variants else 0.125)
+        progress(total, total, "done" if async_variants else 0.125)
         return {"structures": ["liver", "spleen"], "validation_dice": 0.87, "method": method}
 
     logic = LogicTestDouble(async_variants, adapt=adapt)
@@ -727,7 +736,7 @@ def test_adaptation_shows_progress_locks_buttons_and_then_reverts(panel, ui, mrm
     ui.addCaseButton.click()
     assert table_rows(ui.caseTable) == [("case 1", "case 1 labels", "liver, spleen")]
     ui.methodSelector.setCurrentText("lora")
-    ui.rankSpinBox.setValue(4)
+    ui.rankSpinBox.setValue(6)
     assert ui.adaptButton.isEnabled() and not ui.cancelButton.isEnabled()
 
     ui.adaptButton.click()  # connects first
@@ -749,7 +758,7 @@ def test_adaptation_shows_progress_locks_buttons_and_then_reverts(panel, ui, mrm
     assert "\n" not in ui.statusLabel.text() and ui.statusLabel.text().startswith("Adaptation finished")
     (arguments,) = logic.called("adapt")
     assert arguments["cases"] == [(case_volume, case_segmentation, ["liver", "spleen"])]
-    assert (arguments["mode"], arguments["method"], arguments["rank"], arguments["steps"]) == ("auto", "lora", 4, 150)
+    assert (arguments["mode"], arguments["method"], arguments["rank"], arguments["steps"]) == ("auto", "lora", 6, 0)
 
 
 @pytest.mark.parametrize("async_variants", [False, True], ids=["submit", "async-variants"])
@@ -760,7 +769,7 @@ def test_cancel_stops_the_adaptation(panel, ui, mrml, make_controller, async_var
         step = 0
         while not cancel():
             step += 1
-            progress(step, steps, f"step {step}")
+            progress(step, steps or 150, f"step {step}")
             time.sleep(0.005)
         raise cancelled("cancelled")
 

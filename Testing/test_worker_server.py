@@ -15,9 +15,11 @@ import pytest
 import requests
 from worker_fixtures import TOKEN, ct_case, kidney_roi, running_worker, sub_volume, upload
 
+from FMSegCore.engines.adaptation.defaults import DEFAULT_PIXEL_MM
 from FMSegCore.engines.prompting.prompts import BoxPrompt, PointPrompt, SegmentPrompts
 from FMSegCore.engines.prompting.session import PromptSession
 from FMSegCore.errors import FMSegError
+from FMSegCore.io.volume import Volume
 from FMSegCore.models.factory import load_model
 from FMSegCore.server.app import MAX_JSON_BYTES, WorkerServer
 from FMSegCore.server.client import JobCancelledError, WorkerClient, WorkerError, WorkerUnavailable
@@ -252,7 +254,7 @@ def test_adaptation_job_is_cancelled_between_steps_then_a_short_one_gives_a_usab
     image_id = upload(client, case_volume)
     labels_id = upload(client, case_volume, case_labels, segments=[{"value": 3, "name": "kidney_left"}])
     body = {"cases": [{"image": image_id, "labels": labels_id}], "mode": "auto", "method": "linear-probe",
-            "steps": 100_000, "batch_size": 2}
+            "steps": 100_000, "batch_size": 2, "views": 4}
     job = client.start_job("adapt", body)
     while (status := client.job(job["id"]))["done"] < 2 and status["state"] in ("queued", "running"):
         time.sleep(0.05)
@@ -266,6 +268,9 @@ def test_adaptation_job_is_cancelled_between_steps_then_a_short_one_gives_a_usab
     job = client.start_job("adapt", {**body, "steps": 4})
     status = client.wait(job["id"], interval=0.1)
     assert status["result"]["structures"][0]["name"] == "kidney_left" and status["result"]["mode"] == "auto"
+    # the same physical-units adapter as ``fmseg adapt`` makes: its geometry, the views and steps asked for
+    assert status["result"]["geometry"]["pixel_mm"] == DEFAULT_PIXEL_MM and status["result"]["views"] == 4
+    assert status["result"]["fit"]["steps"] == 4
     data = client.download_adapter(status["result"]["adapter"])
     assert 0 < len(data) < 5 << 20
     uploaded = client.upload_adapter(data)
@@ -274,6 +279,15 @@ def test_adaptation_job_is_cancelled_between_steps_then_a_short_one_gives_a_usab
     client.wait(segment["id"], interval=0.1)
     result, _ = client.job_array(segment["id"], "labels")
     assert result.shape == case_volume.array.shape and set(np.unique(result)) <= {0, 3}
+    # an MR-like scan (no air below -500) is refused for this CT adapter, unless its modality is given
+    mr_like = Volume(case_volume.array.clip(0, None) + 100.0, case_volume.spacing, case_volume.origin,
+                     case_volume.direction)
+    mr_id = upload(client, mr_like)
+    with pytest.raises(WorkerError, match="looks like MR but the adapter was trained on CT") as refused:
+        client.start_job("segment", {"volume": mr_id, "adapter": uploaded["adapter"]})
+    assert refused.value.status == 400 and "\n" not in str(refused.value)
+    forced = client.start_job("segment", {"volume": mr_id, "adapter": uploaded["adapter"], "modality": "MR"})
+    assert client.wait(forced["id"], interval=0.1)["state"] == "done"
 
     with pytest.raises(WorkerError, match="adapter") as refused:
         client.upload_adapter(b"PK\x03\x04 not an adapter")

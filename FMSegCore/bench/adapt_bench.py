@@ -23,6 +23,7 @@ import torch
 from FMSegCore.engines.adaptation.auto_learner import AutoLearner2D
 from FMSegCore.engines.adaptation.auto_segment import labels_from_probabilities, probabilities_on_slice
 from FMSegCore.engines.adaptation.cases import Structure, TrainingCase, load_case, resolve_structures
+from FMSegCore.engines.adaptation.defaults import ENCODER_METHODS, FROZEN_METHODS
 from FMSegCore.engines.adaptation.evaluation import DiceTotals, box_prompted_logits
 from FMSegCore.engines.adaptation.methods import LEARNING_RATES, MethodSettings
 from FMSegCore.engines.adaptation.prompt_learner import PromptAdaptedModel, PromptLearner2D
@@ -37,8 +38,6 @@ DATASETS = {
     "ct": ("ct_abdomen_pelvis", ["liver", "spleen", "kidney_left", "kidney_right", "pancreas"]),
     "mr": ("mr_abdomen", ["liver", "spleen", "kidney_left", "kidney_right"]),
 }
-FROZEN_METHODS = ("linear-probe", "spatial-adapter", "decoder")
-ENCODER_METHODS = ("lora", "arena", "bitfit", "affine", "adaptformer", "full")
 PROMPT_METHODS = ("decoder", "spatial-adapter")
 #: Prompt-mode methods the benchmark runs unless asked for others.
 DEFAULT_PROMPT_METHODS = ("decoder",)

@@ -27,9 +27,10 @@ from FMSegCore.bench.metrics import dice
 from FMSegCore.engines.adaptation.adapter_file import load_adapter, save_adapter
 from FMSegCore.engines.adaptation.auto_segment import segment_with_adapter
 from FMSegCore.engines.adaptation.cases import TrainingCase, case_from_arrays, resolve_structures
-from FMSegCore.engines.adaptation.engine import AdaptationResult, adapt, auto_train_settings, build_adapted
+from FMSegCore.engines.adaptation.defaults import METHODS
+from FMSegCore.engines.adaptation.engine import AdaptationResult, adapt, build_adapted, train_settings
 from FMSegCore.engines.adaptation.geometry import SliceGeometry
-from FMSegCore.engines.adaptation.methods import METHODS, MethodSettings
+from FMSegCore.engines.adaptation.methods import MethodSettings
 from FMSegCore.io.labelmap import default_segment
 from FMSegCore.io.overlay import anatomical_axes
 
@@ -83,7 +84,7 @@ def train(base: tuple[torch.nn.Module, str], case: TrainingCase, structures: Seq
           pipeline: str, device: torch.device) -> AdaptationResult:
     """An automatic adapter at ``fmseg adapt``'s defaults for ``method`` (physical or whole-slice pipeline)."""
     model, digest = base
-    settings = auto_train_settings(method)
+    settings = train_settings("auto", method)
     geometry = SliceGeometry() if pipeline == "physical" else None
     torch.manual_seed(settings.seed)
     return adapt("litemedsam", "auto", [case], resolve_structures([case], list(structures)),
@@ -144,7 +145,8 @@ def run_cross(base: tuple[torch.nn.Module, str], scenarios: Sequence[str], metho
 
 @dataclass
 class TimingResult:
-    """One method at its defaults on a whole labelled volume: seconds to train (encoder features included)."""
+    """One method at its defaults on a whole labelled volume: seconds to train (encoder features and the head's
+    warm-up included), and Dice per structure on one other scan when one is given."""
 
     method: str
     seconds: float
@@ -153,19 +155,30 @@ class TimingResult:
     views: int
     trainable: int
     structures: int
+    head_steps: int = 0
+    scenario: str = ""
+    dice: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def mean_large(self) -> float:
+        return _mean(v for k, v in self.dice.items() if k in LARGE_ORGANS)
 
 
 def run_timing(base: tuple[torch.nn.Module, str], support: LabelledScan, structures: Sequence[str],
                device: torch.device, methods: Sequence[str] = METHODS,
-               report: Optional[Callable[[TimingResult], None]] = None) -> list[TimingResult]:
-    """Train every method at ``fmseg adapt``'s defaults on all annotated slices of one volume; seconds each."""
+               report: Optional[Callable[[TimingResult], None]] = None,
+               scenario=None) -> list[TimingResult]:
+    """Train every method at ``fmseg adapt``'s defaults on all annotated slices of one volume; seconds each, and
+    Dice on ``scenario``'s query when given."""
     case = scan_case(support)
     results = []
     for method in methods:
         result = train(base, case, structures, method, "physical", device)
+        scores = score(result, scenario.query, scored_structures(scenario), device)[0] if scenario else {}
         cell = TimingResult(method, round(result.fit.seconds, 1), result.fit.steps,
                             result.metadata["training"]["batch_size"], result.metadata.get("views", 0),
-                            result.report.trainable, len(structures))
+                            result.report.trainable, len(structures), result.metadata["fit"].get("head_steps", 0),
+                            scenario.name if scenario else "", scores)
         results.append(cell)
         if report is not None:
             report(cell)

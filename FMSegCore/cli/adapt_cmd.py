@@ -12,14 +12,27 @@ import time
 from pathlib import Path
 
 from FMSegCore.cli.prompt_cmd import check_not_input, check_output
+from FMSegCore.engines.adaptation.defaults import (
+    AUTO_DEFAULTS,
+    DEFAULT_PIXEL_MM,
+    DEFAULT_RANK,
+    DEFAULT_VIEWS,
+    ENCODER_METHODS,
+    METHOD_CHOICES,
+    MODES,
+    PROMPT_DEFAULTS,
+    default_method,
+)
 from FMSegCore.errors import InputError
 from FMSegCore.zoo.registry import DEFAULT_PROMPTABLE
 
-#: The method each mode uses unless told: auto mode chosen across subjects on the development scenarios (README,
-#: `fmseg bench adapt --cross`), prompt mode on the same-scan benchmark (`fmseg bench adapt`).
-DEFAULT_METHODS = {"auto": "decoder", "prompt": "decoder"}
-METHOD_CHOICES = ("lora", "arena", "bitfit", "affine", "adaptformer", "linear-probe", "spatial-adapter", "decoder",
-                  "full")
+
+def _steps_help() -> str:
+    by_steps: dict[int, list[str]] = {}
+    for method, (steps, _) in AUTO_DEFAULTS.items():
+        by_steps.setdefault(steps, []).append(method)
+    auto = "; ".join(f"{steps} for {', '.join(methods)}" for steps, methods in sorted(by_steps.items()))
+    return f"training steps (default: auto mode {auto}; prompt mode {PROMPT_DEFAULTS[0]})"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -34,7 +47,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--method", choices=METHOD_CHOICES, default=None,
                         help="adaptation method (default decoder: in auto mode a light decoder on the frozen "
                              "encoder, in prompt mode SAM's mask decoder; both fast on CPU and best measured here)")
-    parser.add_argument("--mode", choices=("auto", "prompt"), default="auto",
+    parser.add_argument("--mode", choices=MODES, default="auto",
                         help="auto: segment with no prompt (default); prompt: a better promptable model")
     parser.add_argument("--train", required=True, nargs=2, action="append", metavar=("IMAGE", "LABELS"),
                         help="a labelled case: image and label map (.nii.gz/.nrrd with labels.json, or .seg.nrrd); repeat")
@@ -44,20 +57,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="a validation case (repeat); its Dice is stored in the adapter")
     parser.add_argument("--holdout", type=int, default=0, metavar="N",
                         help="hold out the last N training cases for validation (default 0)")
-    parser.add_argument("--steps", type=int, default=None,
-                        help="training steps (default: auto mode 100 for spatial-adapter, 150 for decoder and "
-                             "linear-probe, 30 for encoder methods; prompt mode 150)")
+    parser.add_argument("--steps", type=int, default=None, help=_steps_help())
     parser.add_argument("--batch-size", type=int, default=None,
-                        help="slices per step (default 4; 2 for encoder methods in auto mode)")
-    parser.add_argument("--pixel-mm", type=float, default=1.5,
+                        help=f"slices per step (default {PROMPT_DEFAULTS[1]}; in auto mode "
+                             f"{AUTO_DEFAULTS[ENCODER_METHODS[0]][1]} for the encoder methods)")
+    parser.add_argument("--pixel-mm", type=float, default=DEFAULT_PIXEL_MM,
                         help="auto mode: the pixel size (mm) slices are resampled to; windows are 256 pixels "
-                             "(default 1.5: 384 mm), larger slices are tiled; stored in the adapter")
-    parser.add_argument("--views", type=int, default=48,
-                        help="auto mode: augmented training views, spread over the annotated slices (default 48)")
+                             f"(default {DEFAULT_PIXEL_MM:g}: {256 * DEFAULT_PIXEL_MM:g} mm), larger slices are "
+                             "tiled; stored in the adapter")
+    parser.add_argument("--views", type=int, default=DEFAULT_VIEWS,
+                        help="auto mode: augmented training views, spread over the annotated slices "
+                             f"(default {DEFAULT_VIEWS})")
     parser.add_argument("--whole-slice", action="store_true",
                         help="auto mode: the pipeline before physical units (each whole slice as stored, resized "
                              "to the model input, no augmentation); for comparison")
-    parser.add_argument("--rank", type=int, default=4, help="LoRA/ARENA rank (default 4)")
+    parser.add_argument("--rank", type=int, default=DEFAULT_RANK, help=f"LoRA/ARENA rank (default {DEFAULT_RANK})")
     parser.add_argument("--lr", type=float, default=None, help="learning rate (default: the method's)")
     parser.add_argument("--targets", nargs="+", default=None, metavar="REGEX",
                         help="LoRA/ARENA target layers by name pattern (default: attention qkv projections)")
@@ -90,10 +104,9 @@ def run(args: argparse.Namespace) -> int:
     from FMSegCore.device import resolve_device, tune_cpu_runtime
     from FMSegCore.engines.adaptation.adapter_file import save_adapter
     from FMSegCore.engines.adaptation.cases import load_case, resolve_structures
-    from FMSegCore.engines.adaptation.engine import adapt, auto_train_settings, split_validation
+    from FMSegCore.engines.adaptation.engine import adapt, split_validation, train_settings
     from FMSegCore.engines.adaptation.geometry import SliceGeometry
     from FMSegCore.engines.adaptation.methods import MethodSettings
-    from FMSegCore.engines.adaptation.trainer import TrainSettings
     from FMSegCore.preprocessing.intensity import ct_window
     from FMSegCore.zoo.registry import get_card
 
@@ -107,8 +120,7 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(None, "--steps, --batch-size and --views must be at least 1")
     if not args.pixel_mm > 0:
         raise InputError(None, "--pixel-mm must be positive")
-    if args.method is None:
-        args.method = DEFAULT_METHODS[args.mode]
+    args.method = default_method(args.mode, args.method)
     try:
         method = MethodSettings(args.method, rank=args.rank, targets=args.targets, arena_lambda=args.arena_lambda)
     except ValueError as error:
@@ -121,15 +133,12 @@ def run(args: argparse.Namespace) -> int:
     val_cases = held_out + [load_case(i, lab, args.modality, args.window, args.axis) for i, lab in args.val]
     structures = resolve_structures(cases, args.labels)
     options = {"learning_rate": args.lr, "seed": args.seed, "precision": args.precision}
-    if args.mode == "auto":
-        training = auto_train_settings(args.method, args.steps, args.batch_size, **options)
-    else:
-        training = TrainSettings(steps=args.steps or 150, batch_size=args.batch_size or 4, **options)
+    training = train_settings(args.mode, args.method, args.steps, args.batch_size, **options)
     geometry = None if args.whole_slice else SliceGeometry(pixel_mm=args.pixel_mm)
     if device.type == "cpu":
         tune_cpu_runtime()
     show = sys.stderr.isatty() and not args.no_progress
-    bar = tqdm(total=training.steps, unit="step", desc=f"Adapting ({args.method})", disable=not show, file=sys.stderr)
+    bar = tqdm(total=training.head_steps + training.steps, unit="step", desc=f"Adapting ({args.method})", disable=not show, file=sys.stderr)
 
     def progress(update) -> None:
         bar.n = update.step

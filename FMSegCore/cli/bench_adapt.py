@@ -79,12 +79,10 @@ def run_cross(args: argparse.Namespace) -> int:
     import torch
 
     from FMSegCore.bench import adapt_cross_bench as cross
-    from FMSegCore.cli.adapt_cmd import DEFAULT_METHODS
     from FMSegCore.device import resolve_device, tune_cpu_runtime
-    from FMSegCore.engines.adaptation.auto_learner import DEFAULT_VIEWS
+    from FMSegCore.engines.adaptation.defaults import AUTO_DEFAULTS, DEFAULT_METHODS, DEFAULT_VIEWS, METHODS
     from FMSegCore.engines.adaptation.engine import load_base
     from FMSegCore.engines.adaptation.geometry import SliceGeometry
-    from FMSegCore.engines.adaptation.methods import AUTO_DEFAULTS, METHODS
     from FMSegCore.zoo.cache import resources_dir
 
     device = resolve_device(args.device)
@@ -118,19 +116,22 @@ def run_cross(args: argparse.Namespace) -> int:
     results = cross.run_cross(base, ("fov_shift", "ct_to_mr"), [method], cross.PIPELINES, device, report=show)
 
     def timed(cell) -> None:
-        figures["timing"].append(asdict(cell))
-        print(f"timing {cell.method:<15} {cell.seconds:6.1f} s  {cell.steps} steps x {cell.batch_size}, "
-              f"{cell.views} views", flush=True)
+        figures["timing"].append(asdict(cell) | {"mean_large": cell.mean_large})
+        print(f"timing {cell.method:<15} {cell.seconds:6.1f} s  {cell.head_steps}+{cell.steps} steps x "
+              f"{cell.batch_size}, {cell.views} views; {cell.scenario} large {cell.mean_large:.3f}", flush=True)
         save()
 
-    # every method at its defaults on the CT (all annotated slices, the same structures as the CT adapter above)
+    cross.run_cross(base, ("mr_to_ct",), [method], cross.PIPELINES, device, report=show)
+    # every method at its defaults on the CT (all annotated slices, the same structures as the CT adapter above),
+    # each scored on the field-of-view shift
     trained = next(r for r in results if r.scenario == "fov_shift" and r.pipeline == "physical")
     timed(cross.TimingResult(method, trained.train_seconds, trained.steps, trained.batch_size, trained.views,
-                             trained.extra["trainable"], trained.extra["structures_trained"]))
+                             trained.extra["trainable"], trained.extra["structures_trained"], 0, "fov_shift",
+                             trained.dice))
     scenarios = [cross.build_scenario(name) for name in ("fov_shift", "ct_to_mr")]
     union = list(dict.fromkeys(s for scenario in scenarios for s in cross.scored_structures(scenario)))
-    cross.run_timing(base, scenarios[0].support, union, device, [m for m in METHODS if m != method], report=timed)
-    cross.run_cross(base, ("mr_to_ct",), [method], cross.PIPELINES, device, report=show)
+    cross.run_timing(base, scenarios[0].support, union, device, [m for m in METHODS if m != method], report=timed,
+                     scenario=scenarios[0])
     save()
     print(f"wrote {path} ({figures['seconds']:.0f} s)")
     return 0

@@ -6,12 +6,11 @@ import argparse
 import sys
 import time
 from pathlib import Path
-from typing import Optional
 
 from FMSegCore.cli.prompt_cmd import PromptResult, check_not_input, check_output, report
 from FMSegCore.errors import InputError
 from FMSegCore.io.labelmap import SEGMENTATION_SUFFIX, SegmentInfo, write_labelmap
-from FMSegCore.io.volume import Volume, read_volume
+from FMSegCore.io.volume import read_volume
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -42,24 +41,6 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def check_modality(image: Volume, image_path: str, metadata: dict, modality: str = "auto") -> Optional[str]:
-    """The modality to normalise the scan as: the given one, else the adapter's; a scan that looks like another
-    modality than the adapter's is refused (one line naming the file) unless the modality is given."""
-    from FMSegCore.preprocessing.intensity import guess_modality
-
-    if modality != "auto":
-        return modality
-    trained = str(metadata.get("modality", "auto")).upper()
-    if trained not in ("CT", "MR"):
-        return None
-    seen = guess_modality(image)
-    if seen != trained:
-        raise InputError(image_path, f"this scan looks like {seen} but the adapter was trained on {trained}: "
-                                     "automatic adapters do not carry over between modalities; train one on "
-                                     f"{seen} cases, or pass --modality {seen} to segment it anyway")
-    return None
-
-
 def segment_to_file(image_path: str, adapter_path: str, output: str, device: str = "auto", precision: str = "auto",
                     overwrite: bool = False, progress: bool = True, modality: str = "auto") -> PromptResult:
     """What ``fmseg segment`` does: check, load the adapted model, segment, write atomically, report."""
@@ -67,7 +48,7 @@ def segment_to_file(image_path: str, adapter_path: str, output: str, device: str
 
     from FMSegCore.device import inference_dtype, resolve_device, tune_cpu_runtime
     from FMSegCore.engines.adaptation.adapter_file import load_adapter
-    from FMSegCore.engines.adaptation.auto_segment import segment_with_adapter
+    from FMSegCore.engines.adaptation.auto_segment import scan_modality, segment_with_adapter
     from FMSegCore.engines.adaptation.engine import build_adapted
 
     began = time.perf_counter()
@@ -79,7 +60,7 @@ def segment_to_file(image_path: str, adapter_path: str, output: str, device: str
                                        "'fmseg prompt --adapter', or train one with --mode auto")
     torch_device = resolve_device(device)
     image = read_volume(image_path)
-    modality = check_modality(image, image_path, adapter.metadata, modality)
+    modality = scan_modality(image, image_path, adapter.metadata, modality)
     if torch_device.type == "cpu":
         tune_cpu_runtime()
     model = build_adapted(adapter, torch_device)

@@ -331,9 +331,17 @@ class Service:
     def start_adaptation(self, body: Any) -> Job:
         from FMSegCore.engines.adaptation.adapter_file import load_adapter, save_adapter
         from FMSegCore.engines.adaptation.cases import case_from_arrays, resolve_structures
-        from FMSegCore.engines.adaptation.engine import adapt, split_validation
+        from FMSegCore.engines.adaptation.defaults import (
+            DEFAULT_PIXEL_MM,
+            DEFAULT_RANK,
+            DEFAULT_VIEWS,
+            METHOD_CHOICES,
+            MODES,
+            default_method,
+        )
+        from FMSegCore.engines.adaptation.engine import adapt, split_validation, train_settings
+        from FMSegCore.engines.adaptation.geometry import SliceGeometry
         from FMSegCore.engines.adaptation.methods import MethodSettings
-        from FMSegCore.engines.adaptation.trainer import TrainSettings
 
         fields = Fields(body, "adapt")
         modality = fields.text("modality", "auto", choices=("auto", "CT", "MR"))
@@ -346,29 +354,31 @@ class Service:
             labels = self.volume(item.text("labels"), f"{item.where}.labels")
             axis = anatomical_axes(image.direction)[AXIS_NAMES[axis_name]]
             cases.append(case_from_arrays(image.array, labels.array, self.segments.get(item.body["labels"], []),
-                                          f"case {number + 1}", image.spacing, axis, modality, window))
+                                          f"case {number + 1}", image.spacing, axis, modality, window,
+                                          direction=image.direction))
         cases, held_out = split_validation(cases, fields.number("holdout", 0, 0, 255, integer=True))
         structures = resolve_structures(cases, fields.items("labels", []) or None)
-        mode = fields.text("mode", "auto", choices=("auto", "prompt"))
-        try:
-            method = MethodSettings(fields.text("method", "spatial-adapter" if mode == "auto" else "decoder"),
-                                    rank=fields.number("rank", 8, 1, 256, integer=True))
-        except ValueError as error:
-            raise RequestError(400, f"adapt: {error}") from None
-        training = TrainSettings(steps=fields.number("steps", 150, 1, 100_000, integer=True),
-                                 batch_size=fields.number("batch_size", 4, 1, 256, integer=True),
-                                 learning_rate=fields.number("lr", None, 0.0, 10.0),
-                                 seed=fields.number("seed", 0, integer=True),
-                                 precision=fields.text("precision", "auto", choices=PRECISIONS))
+        mode = fields.text("mode", "auto", choices=MODES)
+        method_name = default_method(mode, fields.text("method", None, choices=METHOD_CHOICES))
+        method = MethodSettings(method_name, rank=fields.number("rank", DEFAULT_RANK, 1, 256, integer=True))
+        training = train_settings(mode, method_name, fields.number("steps", None, 1, 100_000, integer=True),
+                                  fields.number("batch_size", None, 1, 256, integer=True),
+                                  learning_rate=fields.number("lr", None, 0.0, 10.0),
+                                  seed=fields.number("seed", 0, integer=True),
+                                  precision=fields.text("precision", "auto", choices=PRECISIONS))
+        whole_slice = fields.flag("whole_slice", False)
+        geometry = None if whole_slice else SliceGeometry(
+            pixel_mm=fields.number("pixel_mm", DEFAULT_PIXEL_MM, 0.05, 20.0))
+        views = fields.number("views", DEFAULT_VIEWS, 1, 10_000, integer=True)
         name = fields.text("model", DEFAULT_PROMPTABLE)
         device = self._device(fields)
 
         def work(job: Job) -> dict[str, Any]:
-            job.progress(0, training.steps, "loading")
-            result = adapt(name, mode, cases, structures, method, training, device, held_out, modality=modality,
-                           window=window, axis=axis_name, progress=lambda p: job.progress(p.step, p.steps,
-                                                                                            f"loss {p.loss:.3f}"),
-                           cancel=lambda: job.cancelled)
+            job.progress(0, training.head_steps + training.steps, "loading")
+            result = adapt(name, mode, cases, structures, method, training, device, held_out,
+                           modality=cases[0].modality, window=window, axis=axis_name,
+                           progress=lambda p: job.progress(p.step, p.steps, f"loss {p.loss:.3f}"),
+                           cancel=lambda: job.cancelled, geometry=geometry, views=views)
             adapter_id = uuid.uuid4().hex[:16]
             path = Path(self._workdir.name) / f"{adapter_id}.pt"
             save_adapter(path, result.metadata, result.state)
@@ -379,7 +389,7 @@ class Service:
         return self.jobs.submit("adapt", work)
 
     def start_auto_segmentation(self, body: Any) -> Job:
-        from FMSegCore.engines.adaptation.auto_segment import segment_with_adapter
+        from FMSegCore.engines.adaptation.auto_segment import scan_modality, segment_with_adapter
 
         fields = Fields(body, "segment")
         volume = self.volume(fields.text("volume"))
@@ -388,12 +398,19 @@ class Service:
             raise RequestError(400, "segment: this adapter adapts a promptable model; use it in a prompt session")
         device = self._device(fields)
         precision = fields.text("precision", "auto", choices=PRECISIONS)
+        try:
+            modality = scan_modality(volume, f"segment.volume {fields.body['volume']!r}", adapter.metadata,
+                                     fields.text("modality", "auto", choices=("auto", "CT", "MR")),
+                                     override="'modality':")
+        except InputError as error:
+            raise RequestError(400, str(error)) from None
 
         def work(job: Job) -> dict[str, Any]:
             job.progress(0, 1, "loading")
             model = self.model(adapter.base_model, device, body["adapter"])
             labels = segment_with_adapter(model, adapter.metadata, volume, device, inference_dtype(device, precision),
-                                          progress=lambda done, total: job.progress(done, total, "segmenting"))
+                                          progress=lambda done, total: job.progress(done, total, "segmenting"),
+                                          modality=modality)
             job.frames["labels"] = encode_array(labels.astype(np.uint16), compress=True)
             return {"segments": adapter.metadata["structures"]}
 
@@ -437,6 +454,7 @@ def _adapter_summary(adapter: Any) -> dict[str, Any]:
     return {"base_model": adapter.base_model, "mode": adapter.mode, "method": meta["method"]["method"],
             "structures": meta["structures"], "validation_dice": meta.get("validation_dice"),
             "fit": meta.get("fit"), "trainable_parameters": meta.get("trainable_parameters"),
+            "geometry": meta.get("geometry"), "views": meta.get("views"),
             "bytes": Path(adapter.path).stat().st_size if adapter.path else None}
 
 

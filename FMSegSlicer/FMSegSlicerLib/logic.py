@@ -23,6 +23,7 @@ import numpy as np
 import slicer
 import slicer.util
 
+from FMSegCore.engines.adaptation.defaults import DEFAULT_RANK, default_method
 from FMSegCore.io.colors import default_color
 from FMSegCore.server.client import JobCancelledError, WorkerClient, WorkerError, WorkerUnavailable
 from FMSegCore.server.launcher import PYTHON_ENV, LocalWorker
@@ -433,12 +434,13 @@ class FMSegLogic:
         return self._async(job, self._request_incontext, lambda answer: self._apply_incontext(job, answer))
 
     # ------------------------------------------------------------------ adaptation
-    def _prepare_adapt(self, cases: Sequence[Pair], mode: str = "auto", method: str = "spatial-adapter",
-                       rank: int = 8, steps: int = 150, model: str = DEFAULT_PROMPT_MODEL,
+    def _prepare_adapt(self, cases: Sequence[Pair], mode: str = "auto", method: Optional[str] = None,
+                       rank: int = DEFAULT_RANK, steps: int = 0, model: str = DEFAULT_PROMPT_MODEL,
                        progress: Optional[Progress] = None, cancel: Optional[Callable[[], bool]] = None,
                        **training: Any) -> dict[str, Any]:
         pairs, _ = self._prepare_pairs(cases, "labelled case")
-        body = {"mode": mode, "method": method, "rank": int(rank), "steps": int(steps), "model": model, **training}
+        body = {"mode": mode, "method": default_method(mode, method), "rank": int(rank), "model": model,
+                **({"steps": int(steps)} if steps else {}), **training}  # steps 0: the method's default
         return {"pairs": pairs, "body": body, "progress": progress, "cancel": cancel}
 
     def _request_adapt(self, job: dict[str, Any]) -> AdapterState:

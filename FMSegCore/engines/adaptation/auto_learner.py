@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from FMSegCore.engines.adaptation.cases import Structure, TrainingCase
+from FMSegCore.engines.adaptation.defaults import DEFAULT_VIEWS
 from FMSegCore.engines.adaptation.geometry import SliceGeometry, canonical_case
 from FMSegCore.engines.adaptation.heads import HEAD_FOR_METHOD, build_head
 from FMSegCore.engines.adaptation.losses import masked_dice_ce
@@ -35,9 +36,6 @@ from FMSegCore.engines.adaptation.methods import (
 )
 from FMSegCore.engines.adaptation.slice_inputs import WindowedSlice, whole_slice_window, windowed_slice
 from FMSegCore.engines.adaptation.views import Augmentation, ViewMaker, spread_views
-
-#: Training views a physical-units adaptation encodes (spread over the annotated slices): what bounds its cost.
-DEFAULT_VIEWS = 48
 
 
 class AutoSegmenter2D(nn.Module):

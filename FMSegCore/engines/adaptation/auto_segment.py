@@ -22,9 +22,10 @@ from FMSegCore.engines.adaptation.geometry import (
     to_pixel_size,
 )
 from FMSegCore.engines.prompting.windows import SliceWindow, extract, full_window, paste
+from FMSegCore.errors import InputError
 from FMSegCore.io.overlay import anatomical_axes
 from FMSegCore.io.volume import Volume
-from FMSegCore.preprocessing.intensity import normalize
+from FMSegCore.preprocessing.intensity import guess_modality, normalize
 from FMSegCore.preprocessing.slicing import AXIS_NAMES, get_slice, in_plane_axes, resize_2d
 
 
@@ -135,6 +136,24 @@ def segment_volume_auto(segmenter: AutoSegmenter2D, image: np.ndarray, axis: int
         if progress is not None:
             progress(indices[-1] + 1, count)
     return labels
+
+
+def scan_modality(image: Volume, source: object, metadata: dict, modality: str = "auto",
+                  override: str = "--modality") -> Optional[str]:
+    """The modality to normalise the scan as: the given one, else the adapter's; a scan that looks like another
+    modality than the adapter's is refused (one line naming ``source``) unless the modality is given (how, in
+    ``override``)."""
+    if modality != "auto":
+        return modality
+    trained = str(metadata.get("modality", "auto")).upper()
+    if trained not in ("CT", "MR"):
+        return None
+    seen = guess_modality(image)
+    if seen != trained:
+        raise InputError(source, f"this scan looks like {seen} but the adapter was trained on {trained}: "
+                                 "automatic adapters do not carry over between modalities; train one on "
+                                 f"{seen} cases, or pass {override} {seen} to segment it anyway")
+    return None
 
 
 def segment_with_adapter(segmenter: AutoSegmenter2D, metadata: dict, volume: Volume, device: torch.device,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import hashlib
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Union
@@ -21,18 +22,17 @@ from torch import nn
 from FMSegCore import __version__
 from FMSegCore.engines.adaptation.adapter_file import Adapter
 from FMSegCore.engines.adaptation.auto_learner import (
-    DEFAULT_VIEWS,
     AutoLearner2D,
     AutoSegmenter2D,
     auto_parts,
     build_auto_segmenter,
 )
 from FMSegCore.engines.adaptation.cases import Structure, TrainingCase
+from FMSegCore.engines.adaptation.defaults import DEFAULT_VIEWS, MODES, default_head_steps, default_schedule
 from FMSegCore.engines.adaptation.evaluation import validate
 from FMSegCore.engines.adaptation.geometry import SliceGeometry
 from FMSegCore.engines.adaptation.lora import kept_ranks, merge_lora
 from FMSegCore.engines.adaptation.methods import (
-    AUTO_DEFAULTS,
     LEARNING_RATES,
     MethodReport,
     MethodSettings,
@@ -49,7 +49,6 @@ from FMSegCore.engines.adaptation.views import Augmentation
 from FMSegCore.errors import InputError, ModelError
 from FMSegCore.zoo.registry import get_card
 
-MODES = ("prompt", "auto")
 #: Zoo architectures whose encoders the 2D adaptation engine knows how to adapt.
 ADAPTABLE_ARCHITECTURES = ("litemedsam",)
 
@@ -107,11 +106,14 @@ def _versions() -> dict[str, str]:
     return {"fmseg": __version__, "torch": torch.__version__, "monai": monai.__version__, "numpy": np.__version__}
 
 
-def auto_train_settings(method: str, steps: Optional[int] = None, batch_size: Optional[int] = None,
-                        **settings: Any) -> TrainSettings:
-    """Training settings of an automatic adaptation: the method's default steps and batch unless given."""
-    default_steps, default_batch = AUTO_DEFAULTS[method]
-    return TrainSettings(steps=steps or default_steps, batch_size=batch_size or default_batch, **settings)
+def train_settings(mode: str, method: str, steps: Optional[int] = None, batch_size: Optional[int] = None,
+                   **settings: Any) -> TrainSettings:
+    """Training settings: the steps and batch given, else the mode's and method's defaults. Auto mode trains
+    every step it is given (no early stop: rare structures are learnt late) and warms encoder methods' heads."""
+    steps, batch_size = default_schedule(mode, method, steps, batch_size)
+    if mode == "auto":
+        settings = {"patience": None, "head_steps": default_head_steps(mode, method)} | settings
+    return TrainSettings(steps=steps, batch_size=batch_size, **settings)
 
 
 def adapt(model_name: str, mode: str, cases: Sequence[TrainingCase], structures: Sequence[Structure],
@@ -136,18 +138,39 @@ def adapt(model_name: str, mode: str, cases: Sequence[TrainingCase], structures:
         geometry = None
     elif geometry is not None and any(c.image.ndim == 3 and c.direction is None for c in cases):
         geometry = dataclasses.replace(geometry, orientation="stored")
-    try:
-        if mode == "auto":
-            learner: Any = AutoLearner2D(model, cases, structures, method, device, cache_dtype, geometry=geometry,
-                                         views=views, augmentation=augmentation, seed=training.seed)
-        else:
-            learner = PromptLearner2D(model, cases, structures, method, device, cache_dtype=cache_dtype)
-    except ValueError as error:
-        raise InputError(None, str(error)) from None
+    head_steps = training.head_steps if mode == "auto" else 0
+    total = head_steps + training.steps
+    began = time.perf_counter()
+
+    def report(offset: int) -> Optional[Callable[[Progress], None]]:
+        if progress is None:
+            return None
+        return lambda p: progress(dataclasses.replace(p, step=offset + p.step, steps=total))
+
+    def learner_for(settings: MethodSettings) -> Any:
+        try:
+            if mode == "auto":
+                return AutoLearner2D(model, cases, structures, settings, device, cache_dtype, geometry=geometry,
+                                     views=views, augmentation=augmentation, seed=training.seed)
+            return PromptLearner2D(model, cases, structures, settings, device, cache_dtype=cache_dtype)
+        except ValueError as error:
+            raise InputError(None, str(error)) from None
+
+    warm_head = None
+    if head_steps:  # the new head alone first, on the frozen encoder's cached features (cheap steps)
+        warm = learner_for(MethodSettings("decoder"))
+        fit(warm, dataclasses.replace(training, steps=head_steps, batch_size=max(4, training.batch_size),
+                                      learning_rate=None), LEARNING_RATES["decoder"], device,
+            progress=report(0), cancel=cancel)
+        warm_head = warm.root.head.state_dict()
+    learner = learner_for(method)
+    if warm_head is not None:
+        learner.root.head.load_state_dict(warm_head)
     learning_rate = training.learning_rate or LEARNING_RATES[method.method]
     result = fit(learner, training, learning_rate, device,
                  arena_lambda=method.arena_lambda if method.method == "arena" else 0.0,
-                 progress=progress, cancel=cancel)
+                 progress=report(head_steps), cancel=cancel)
+    result = dataclasses.replace(result, seconds=time.perf_counter() - began)  # the head's warm-up included
     root = learner.root
     validation = validate(root, mode, val_cases, structures, device, training.precision, geometry) \
         if val_cases else None
@@ -159,7 +182,8 @@ def adapt(model_name: str, mode: str, cases: Sequence[TrainingCase], structures:
         "window": window if isinstance(window, str) else list(window), "axis": axis,
         **({"geometry": geometry.to_json(), "views": len(learner.items)} if geometry is not None else {}),
         "trainable_parameters": learner.report.trainable, "kept_ranks": kept_ranks(root),
-        "fit": {"steps": result.steps, "seconds": round(result.seconds, 1), "final_loss": result.final_loss,
+        "fit": {"steps": result.steps, "head_steps": head_steps, "seconds": round(result.seconds, 1),
+                "final_loss": result.final_loss,
                 "stopped_early": result.stopped_early},
         "versions": _versions(), "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }

@@ -16,22 +16,13 @@ from typing import Optional
 from torch import nn
 
 from FMSegCore.engines.adaptation.adaptformer import ParallelAdapter, inject_adaptformer
+from FMSegCore.engines.adaptation.defaults import DEFAULT_RANK, METHODS
 from FMSegCore.engines.adaptation.lora import LoRALayer, inject_lora, matching_layers
 
-#: Every method, in the order the benchmark reports them.
-METHODS = ("full", "decoder", "linear-probe", "spatial-adapter", "bitfit", "affine", "lora", "arena",
-           "adaptformer")
-#: Methods that change the foundation encoder (the rest keep it frozen, so its features can be cached).
-ENCODER_METHODS = ("full", "bitfit", "affine", "lora", "arena", "adaptformer")
 #: Default learning rates (FSEFT: 1e-2 for probes, biases, norms and AdaptFormer; 1e-3 for LoRA; 1e-4 for full
 #: fine-tuning, spatial adapters and tuned decoders). New heads train at ``TrainSettings.head_learning_rate``.
 LEARNING_RATES = {"full": 1e-4, "decoder": 1e-4, "linear-probe": 1e-2, "spatial-adapter": 1e-4, "bitfit": 1e-2,
                   "affine": 1e-2, "lora": 1e-3, "arena": 1e-3, "adaptformer": 1e-2}
-#: Automatic mode's default (steps, slices per step) per method: every method trains on a whole labelled volume
-#: in under 5 minutes on 2 CPU cores (README, ``fmseg bench adapt --cross``). Encoder methods backpropagate
-#: through 8 transformer blocks, about 6 s a step of 2 slices on one core, so they get fewer, smaller steps.
-AUTO_DEFAULTS = {"linear-probe": (150, 4), "spatial-adapter": (100, 4), "decoder": (150, 4)} | {
-    method: (30, 2) for method in ENCODER_METHODS}
 
 
 @dataclass
@@ -39,7 +30,7 @@ class MethodSettings:
     """A method and its settings (saved in the adapter file, so the same wrappers can be rebuilt)."""
 
     method: str = "decoder"
-    rank: int = 4
+    rank: int = DEFAULT_RANK
     alpha: Optional[float] = None
     #: regular expressions naming the encoder layers LoRA/ARENA adapt; None: the model's attention projections
     targets: Optional[list[str]] = None

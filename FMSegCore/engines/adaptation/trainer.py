@@ -36,10 +36,13 @@ class TrainSettings:
     head_learning_rate: float = 1e-2
     warmup_steps: Optional[int] = None  # None: 10 % of the steps
     weight_decay: float = 1e-4
-    #: stop when the smoothed training loss has not improved by ``min_delta`` for this many steps
-    patience: int = 40
+    #: stop when the smoothed training loss has not improved by ``min_delta`` for this many steps (None: never)
+    patience: Optional[int] = 40
     min_delta: float = 1e-3
     seed: int = 0
+    #: steps that first train the new head alone on the frozen encoder's cached features, before the method's
+    #: steps (auto mode, encoder methods: a head from scratch needs hundreds of steps, too slow through the encoder)
+    head_steps: int = 0
     #: bf16: autocast in bfloat16 (CUDA, and CPUs with bf16 units); fp16: CUDA mixed precision; fp32: none
     precision: str = "auto"
 
@@ -157,7 +160,7 @@ def fit(learner: Learner, settings: TrainSettings, learning_rate: float, device:
         if progress is not None:
             per_step = elapsed / (step + 1)
             progress(Progress(step + 1, settings.steps, value, elapsed, per_step * (settings.steps - step - 1)))
-        if step >= warmup and step - best_step >= settings.patience:
+        if settings.patience is not None and step >= warmup and step - best_step >= settings.patience:
             stopped_early = True
             break
     return FitResult(step + 1, time.perf_counter() - began, losses[-1] if losses else math.nan, stopped_early,

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from FMSegCore.engines.adaptation.auto_learner import AutoLearner2D
-from FMSegCore.engines.adaptation.auto_segment import labels_from_probabilities, probabilities_on_slice
+from FMSegCore.engines.adaptation.auto_segment import probabilities_on_slice
 from FMSegCore.engines.adaptation.cases import Structure, TrainingCase, load_case, resolve_structures
 from FMSegCore.engines.adaptation.defaults import ENCODER_METHODS, FROZEN_METHODS
 from FMSegCore.engines.adaptation.evaluation import DiceTotals, box_prompted_logits
@@ -29,6 +29,7 @@ from FMSegCore.engines.adaptation.methods import LEARNING_RATES, MethodSettings
 from FMSegCore.engines.adaptation.prompt_learner import PromptAdaptedModel, PromptLearner2D
 from FMSegCore.engines.adaptation.slice_inputs import whole_slice_window
 from FMSegCore.engines.adaptation.trainer import TrainSettings, fit
+from FMSegCore.engines.label_vote import labels_from_probabilities
 from FMSegCore.engines.prompting.windows import extract, paste
 from FMSegCore.preprocessing.slicing import mask_box_rc
 from FMSegCore.zoo.cache import resources_dir

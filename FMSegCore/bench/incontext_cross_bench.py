@@ -27,12 +27,12 @@ from FMSegCore.bench.metrics import dice
 from FMSegCore.engines.incontext.anatomical import (
     AnatomicalInContext,
     AnatomicalSettings,
-    most_probable,
     registration_labels,
     resolve_modality,
 )
 from FMSegCore.engines.incontext.session import InContextSession, InContextSettings
 from FMSegCore.engines.incontext.support import SupportScan, SupportSet
+from FMSegCore.engines.label_vote import most_probable
 from FMSegCore.io.labelmap import default_segment
 from FMSegCore.io.overlay import anatomical_axes
 from FMSegCore.preprocessing.alignment import resample_onto

@@ -21,6 +21,7 @@ from FMSegCore.engines.adaptation.geometry import (
     tile_windows,
     to_pixel_size,
 )
+from FMSegCore.engines.label_vote import labels_from_probabilities
 from FMSegCore.engines.prompting.windows import SliceWindow, extract, full_window, paste
 from FMSegCore.errors import InputError
 from FMSegCore.io.overlay import anatomical_axes
@@ -93,14 +94,6 @@ def _inside(window: SliceWindow, shape: tuple[int, int]) -> tuple[slice, slice]:
 def probabilities_on_slice(logits: torch.Tensor, window: SliceWindow, shape: tuple[int, int]) -> np.ndarray:
     """Per-structure logits (K, S, S) of a window -> sigmoid probabilities (K, rows, cols) on the slice."""
     return np.stack([torch.sigmoid(paste(channel.float().cpu(), window, shape)).numpy() for channel in logits])
-
-
-def labels_from_probabilities(probabilities: np.ndarray, values: Sequence[int], threshold: float = 0.5) -> np.ndarray:
-    """One label map from per-structure probabilities (K, ...): the most probable structure above threshold."""
-    best = probabilities.argmax(axis=0)
-    labels = np.asarray(values, dtype=np.uint16)[best]
-    labels[probabilities.max(axis=0) < threshold] = 0
-    return labels
 
 
 def segment_volume_auto(segmenter: AutoSegmenter2D, image: np.ndarray, axis: int, spacing: Sequence[float],

@@ -13,15 +13,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from FMSegCore.engines.adaptation.auto_segment import (
-    labels_from_probabilities,
-    physical_probabilities,
-    slice_probabilities,
-)
+from FMSegCore.engines.adaptation.auto_segment import physical_probabilities, slice_probabilities
 from FMSegCore.engines.adaptation.cases import Structure, TrainingCase
 from FMSegCore.engines.adaptation.geometry import SliceGeometry, body_region, canonical_case
 from FMSegCore.engines.adaptation.prompt_learner import PromptAdaptedModel, prompt_window
 from FMSegCore.engines.adaptation.trainer import autocast_dtype
+from FMSegCore.engines.label_vote import labels_from_probabilities
 from FMSegCore.engines.prompting.windows import SliceWindow, extract, paste
 from FMSegCore.models.interfaces import PromptBatch2D
 from FMSegCore.preprocessing.slicing import mask_box_rc

@@ -31,6 +31,7 @@ from FMSegCore.engines.incontext.session import (
     ProgressCallback,
 )
 from FMSegCore.engines.incontext.support import SupportExample, SupportScan, SupportSet
+from FMSegCore.engines.label_vote import most_probable
 from FMSegCore.errors import InputError
 from FMSegCore.io.labelmap import SegmentInfo
 from FMSegCore.io.volume import Volume
@@ -195,17 +196,6 @@ def _prior(grid: Volume, masks: Sequence[np.ndarray], margin_mm: float) -> np.nd
 def _empty_like(volume: Volume) -> Volume:
     """A volume on ``volume``'s grid with an empty (uint8) array: a resampling target."""
     return volume.with_array(np.zeros(volume.array.shape, np.uint8))
-
-
-def most_probable(probabilities: dict[int, np.ndarray], shape: tuple[int, ...], threshold: float) -> np.ndarray:
-    """One label map from per-class probabilities: the most probable class at or above ``threshold``."""
-    labels = np.zeros(shape, dtype=np.int32)
-    best = np.zeros(shape, dtype=np.float32)
-    for value, probability in probabilities.items():
-        wins = (probability >= threshold) & (probability > best)
-        labels[wins] = value
-        best = np.where(wins, probability, best)
-    return labels
 
 
 class AnatomicalInContext:

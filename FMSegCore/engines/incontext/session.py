@@ -27,6 +27,7 @@ from FMSegCore.engines.incontext.slice_matching import (
     slice_position,
 )
 from FMSegCore.engines.incontext.support import SupportSet
+from FMSegCore.engines.label_vote import LabelVote
 from FMSegCore.errors import InputError
 from FMSegCore.io.labelmap import SegmentInfo
 from FMSegCore.models.interfaces import InContextModel2D
@@ -217,10 +218,9 @@ class InContextSession:
         for index in range(count):
             fitted[index], fit = fit_square(get_slice(image, query_axis, index), size, "antialias")
             fits.append(fit)
-        labels = np.zeros(volume.shape, dtype=np.int32)
-        best = np.zeros(volume.shape, dtype=np.float32)
+        vote = LabelVote(volume.shape, self.settings.threshold)
         spread = np.zeros(volume.shape, dtype=np.float32) if uncertainty else None
-        result = InContextResult(labels, list(self.classes), spread)
+        result = InContextResult(vote.labels, list(self.classes), spread)
         plans = [(segment, query_blocks(support_slices[segment.value], count, self.settings.match_tolerance,
                                         self.settings.block_slices, self.slice_spacing_mm))
                  for segment in self.classes]
@@ -240,9 +240,7 @@ class InContextSession:
                 done += 1
                 if progress is not None:
                     progress(segment.name, done, total)
-            wins = (probability >= self.settings.threshold) & (probability > best)
-            labels[wins] = segment.value
-            best = np.where(wins, probability, best)
+            vote.add(segment.value, probability)
             if spread is not None and deviation is not None:
                 np.maximum(spread, deviation, out=spread)
             if keep_probabilities:

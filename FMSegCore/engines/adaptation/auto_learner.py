@@ -7,8 +7,8 @@ the method leaves the whole encoder frozen, its outputs are computed once per tr
 output of the stages before the first trainable one is (by a BatchNorm-folded copy of the frozen encoder).
 
 Training inputs: with a :class:`~FMSegCore.engines.adaptation.geometry.SliceGeometry` (physical units, the
-default of ``fmseg adapt``), a fixed number of augmented views spread over the annotated slices of the cases in
-canonical orientation; without one (adapters from before physical units, and the same-scan benchmark), every
+default of ``fmseg adapt``), a fixed number of augmented views, balanced over the structures and spread over the
+slices that show each, in canonical orientation; without one (adapters from before physical units, and the same-scan benchmark), every
 annotated slice once, whole, as stored.
 """
 
@@ -35,7 +35,7 @@ from FMSegCore.engines.adaptation.methods import (
     first_trainable_stage,
 )
 from FMSegCore.engines.adaptation.slice_inputs import WindowedSlice, whole_slice_window, windowed_slice
-from FMSegCore.engines.adaptation.views import Augmentation, ViewMaker, spread_views
+from FMSegCore.engines.adaptation.views import Augmentation, ViewMaker, balanced_views
 
 
 class AutoSegmenter2D(nn.Module):
@@ -99,8 +99,8 @@ class AutoLearner2D:
         if geometry is not None and geometry.orientation == "LPS":
             cases = [canonical_case(case) for case in cases]
         self.cases = list(cases)
-        slices = [(c, i) for c, case in enumerate(self.cases) for i in case.annotated_slices()]
-        self.items = slices if geometry is None else spread_views(slices, views)
+        self.items = [(c, i) for c, case in enumerate(self.cases) for i in case.annotated_slices()] \
+            if geometry is None else balanced_views(self.cases, structures, views)
         self._views = None if geometry is None else ViewMaker(geometry, structures, self.root.preprocess,
                                                               augmentation, seed)
         # Stages before the first trainable one run once per slice: their output is cached.

@@ -1,8 +1,10 @@
 """Training views in physical units: a case's slice at the adapter's pixel size, randomly placed, scaled, rotated
 and changed in contrast (MONAI random transforms), as one model input with its targets.
 
-A learner draws a fixed number of views (``views``) spread over the cases' annotated slices, so the cost of
-encoding them does not grow with the number of labelled slices: the frozen encoder stages run once per view.
+A learner draws a fixed number of views (``views``), the same number for each structure it learns, spread over
+the slices that show that structure (:func:`balanced_views`), so the cost of encoding them does not grow with
+the number of labelled slices (the frozen encoder stages run once per view) and a small structure is seen as
+often as a large one.
 No flips: with slices in one anatomical orientation, a left-right flip would teach the left kidney as the right.
 Intensity scaling and shifting are left out too: the model's input is min-max scaled per window, which undoes them.
 """
@@ -106,3 +108,28 @@ def spread_views(slices: Sequence[tuple[int, int]], views: int) -> list[tuple[in
         return []
     positions = (np.arange(views) + 0.5) * len(slices) / views
     return [slices[min(len(slices) - 1, int(p))] for p in positions]
+
+
+def structure_slices(case: TrainingCase, structure: Structure) -> list[int]:
+    """Indices of the case's slices that show ``structure`` (none when the case does not label it)."""
+    value = case.value_of(structure.name)
+    if value is None:
+        return []
+    if case.labels.ndim == 2:
+        return [0] if np.any(case.labels == value) else []
+    other = tuple(a for a in range(3) if a != 2 - case.axis)
+    return np.flatnonzero(np.any(case.labels == value, axis=other)).tolist()
+
+
+def balanced_views(cases: Sequence[TrainingCase], structures: Sequence[Structure],
+                   views: int) -> list[tuple[int, int]]:
+    """``views`` (case, slice) pairs, the same number for each structure, each structure's spread evenly over
+    the slices that show it, interleaved: a kidney is seen as often as the liver, and slices that show none of
+    the structures (a pelvis labelled for other organs) are not drawn."""
+    per_structure = [slices for structure in structures
+                     if (slices := [(c, i) for c, case in enumerate(cases) for i in structure_slices(case, structure)])]
+    if not per_structure:
+        return spread_views([(c, i) for c, case in enumerate(cases) for i in case.annotated_slices()], views)
+    count = len(per_structure)
+    picks = [spread_views(slices, views // count + (k < views % count)) for k, slices in enumerate(per_structure)]
+    return [pick[n] for n in range(max(map(len, picks))) for pick in picks if n < len(pick)]

@@ -32,6 +32,11 @@ def add_parser(kinds: argparse._SubParsersAction) -> None:
                              "whole-slice pipeline; and the training time of every method at its defaults")
     parser.add_argument("--cross-method", default=None, help="with --cross: the method trained on every scenario "
                         "(default: fmseg adapt's auto-mode default)")
+    parser.add_argument("--cross-part", choices=("all", "scenarios", "timing"), default="all",
+                        help="with --cross: only the scenarios, or only the timing of every method (--methods: "
+                             "these), merged into the JSON written before (default all)")
+    parser.add_argument("--no-timing-dice", action="store_true",
+                        help="with --cross: time the methods without scoring each on fov_shift")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: every core)")
     parser.set_defaults(func=run)
 
@@ -98,6 +103,10 @@ def run_cross(args: argparse.Namespace) -> int:
                      platform.machine(), "geometry": SliceGeometry().to_json(), "views": DEFAULT_VIEWS,
                      "defaults": {m: {"steps": s, "batch_size": b} for m, (s, b) in AUTO_DEFAULTS.items()},
                      "method": method, "cross": [], "timing": []}
+    if args.cross_part != "all" and path.exists():  # a part run: keep the other part's figures
+        kept = json.loads(path.read_text())
+        figures["cross" if args.cross_part == "timing" else "timing"] = kept.get(
+            "cross" if args.cross_part == "timing" else "timing", [])
     print(f"device {device} ({torch.get_num_threads()} threads); method {method}", flush=True)
 
     def save() -> None:
@@ -113,25 +122,35 @@ def run_cross(args: argparse.Namespace) -> int:
               flush=True)
         save()
 
-    results = cross.run_cross(base, ("fov_shift", "ct_to_mr"), [method], cross.PIPELINES, device, report=show)
-
     def timed(cell) -> None:
         figures["timing"].append(asdict(cell) | {"mean_large": cell.mean_large})
         print(f"timing {cell.method:<15} {cell.seconds:6.1f} s  {cell.head_steps}+{cell.steps} steps x "
               f"{cell.batch_size}, {cell.views} views; {cell.scenario} large {cell.mean_large:.3f}", flush=True)
         save()
 
+    scenarios = [cross.build_scenario(name) for name in ("fov_shift", "ct_to_mr")]
+    union = list(dict.fromkeys(s for scenario in scenarios for s in cross.scored_structures(scenario)))
+    if args.cross_part == "timing":  # every method (or --methods) at its defaults, timed on an otherwise idle run
+        cross.run_timing(base, scenarios[0].support, union, device, args.methods or METHODS, report=timed,
+                         scenario=None if args.no_timing_dice else scenarios[0])
+        save()
+        print(f"wrote {path} ({figures['seconds']:.0f} s)")
+        return 0
+    results = cross.run_cross(base, ("fov_shift", "ct_to_mr"), [method], cross.PIPELINES, device, report=show)
+
     cross.run_cross(base, ("mr_to_ct",), [method], cross.PIPELINES, device, report=show)
+    if args.cross_part == "scenarios":
+        save()
+        print(f"wrote {path} ({figures['seconds']:.0f} s)")
+        return 0
     # every method at its defaults on the CT (all annotated slices, the same structures as the CT adapter above),
     # each scored on the field-of-view shift
     trained = next(r for r in results if r.scenario == "fov_shift" and r.pipeline == "physical")
     timed(cross.TimingResult(method, trained.train_seconds, trained.steps, trained.batch_size, trained.views,
                              trained.extra["trainable"], trained.extra["structures_trained"], 0, "fov_shift",
                              trained.dice))
-    scenarios = [cross.build_scenario(name) for name in ("fov_shift", "ct_to_mr")]
-    union = list(dict.fromkeys(s for scenario in scenarios for s in cross.scored_structures(scenario)))
     cross.run_timing(base, scenarios[0].support, union, device, [m for m in METHODS if m != method], report=timed,
-                     scenario=scenarios[0])
+                     scenario=None if args.no_timing_dice else scenarios[0])
     save()
     print(f"wrote {path} ({figures['seconds']:.0f} s)")
     return 0

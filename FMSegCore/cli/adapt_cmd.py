@@ -66,8 +66,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              f"(default {DEFAULT_PIXEL_MM:g}: {256 * DEFAULT_PIXEL_MM:g} mm), larger slices are "
                              "tiled; stored in the adapter")
     parser.add_argument("--views", type=int, default=DEFAULT_VIEWS,
-                        help="auto mode: augmented training views, spread over the annotated slices "
-                             f"(default {DEFAULT_VIEWS})")
+                        help="auto mode: augmented training views, as many per structure, spread over the "
+                             f"slices that show it (default {DEFAULT_VIEWS})")
     parser.add_argument("--whole-slice", action="store_true",
                         help="auto mode: the pipeline before physical units (each whole slice as stored, resized "
                              "to the model input, no augmentation); for comparison")
@@ -138,7 +138,7 @@ def run(args: argparse.Namespace) -> int:
     if device.type == "cpu":
         tune_cpu_runtime()
     show = sys.stderr.isatty() and not args.no_progress
-    bar = tqdm(total=training.head_steps + training.steps, unit="step", desc=f"Adapting ({args.method})", disable=not show, file=sys.stderr)
+    bar = tqdm(total=training.total_steps, unit="step", desc=f"Adapting ({args.method})", disable=not show, file=sys.stderr)
 
     def progress(update) -> None:
         bar.n = update.step

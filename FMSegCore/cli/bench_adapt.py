@@ -104,9 +104,8 @@ def run_cross(args: argparse.Namespace) -> int:
                      "defaults": {m: {"steps": s, "batch_size": b} for m, (s, b) in AUTO_DEFAULTS.items()},
                      "method": method, "cross": [], "timing": []}
     if args.cross_part != "all" and path.exists():  # a part run: keep the other part's figures
-        kept = json.loads(path.read_text())
-        figures["cross" if args.cross_part == "timing" else "timing"] = kept.get(
-            "cross" if args.cross_part == "timing" else "timing", [])
+        other = "cross" if args.cross_part == "timing" else "timing"
+        figures[other] = json.loads(path.read_text()).get(other, [])
     print(f"device {device} ({torch.get_num_threads()} threads); method {method}", flush=True)
 
     def save() -> None:

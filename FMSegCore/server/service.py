@@ -374,9 +374,9 @@ class Service:
         device = self._device(fields)
 
         def work(job: Job) -> dict[str, Any]:
-            job.progress(0, training.head_steps + training.steps, "loading")
+            job.progress(0, training.total_steps, "loading")
             result = adapt(name, mode, cases, structures, method, training, device, held_out,
-                           modality=cases[0].modality, window=window, axis=axis_name,
+                           modality=cases[0].modality if cases else modality, window=window, axis=axis_name,
                            progress=lambda p: job.progress(p.step, p.steps, f"loss {p.loss:.3f}"),
                            cancel=lambda: job.cancelled, geometry=geometry, views=views)
             adapter_id = uuid.uuid4().hex[:16]

@@ -20,12 +20,12 @@ MODES = ("auto", "prompt")
 #: The method each mode uses unless told: auto mode chosen across subjects on the development scenarios (README,
 #: ``fmseg bench adapt --cross``), prompt mode on the same-scan benchmark (``fmseg bench adapt``).
 DEFAULT_METHODS = {"auto": "decoder", "prompt": "decoder"}
-#: Automatic mode's default (steps, slices per step) per method; the time each takes on a whole labelled volume
-#: on 2 CPU cores is measured by ``fmseg bench adapt --cross`` (README: the decoder 7.5 minutes, above the 5-minute
-#: aim, which 150 steps met while learning only the liver). A head from scratch needs hundreds
-#: of steps (150 left the decoder finding only the liver across subjects, 600 found all six large organs on the
-#: development MR). Encoder methods backpropagate through 8 transformer blocks, seconds a step on a CPU, so
-#: their head is first trained alone (``AUTO_HEAD_STEPS``) and then fewer, smaller steps adapt the encoder.
+#: Automatic mode's default (steps, slices per step) per method. A head from scratch needs hundreds of steps: 150
+#: left the decoder finding only the liver, 600 found all six large organs on the development MR. The time each
+#: takes on a whole labelled volume on 2 CPU cores is measured by ``fmseg bench adapt --cross`` (README: the
+#: decoder 7.5 minutes, above the 5-minute aim). Encoder methods backpropagate through 8 transformer blocks,
+#: seconds a step on a CPU, so their head is first trained alone (``AUTO_HEAD_STEPS``) and then fewer, smaller
+#: steps adapt the encoder.
 AUTO_DEFAULTS = {method: (600, 4) for method in FROZEN_METHODS} | {method: (30, 2) for method in ENCODER_METHODS}
 #: Auto mode, encoder methods: steps training the new head alone on the frozen encoder first.
 AUTO_HEAD_STEPS = 300

@@ -138,8 +138,9 @@ def adapt(model_name: str, mode: str, cases: Sequence[TrainingCase], structures:
         geometry = None
     elif geometry is not None and any(c.image.ndim == 3 and c.direction is None for c in cases):
         geometry = dataclasses.replace(geometry, orientation="stored")
-    head_steps = training.head_steps if mode == "auto" else 0
-    total = head_steps + training.steps
+    if mode != "auto":
+        training = dataclasses.replace(training, head_steps=0)
+    head_steps, total = training.head_steps, training.total_steps
     began = time.perf_counter()
 
     def report(offset: int) -> Optional[Callable[[Progress], None]]:
@@ -159,8 +160,9 @@ def adapt(model_name: str, mode: str, cases: Sequence[TrainingCase], structures:
     warm_head = None
     if head_steps:  # the new head alone first, on the frozen encoder's cached features (cheap steps)
         warm = learner_for(MethodSettings("decoder"))
-        fit(warm, dataclasses.replace(training, steps=head_steps, batch_size=max(4, training.batch_size),
-                                      learning_rate=None), LEARNING_RATES["decoder"], device,
+        head_batch = max(default_schedule("auto", "decoder")[1], training.batch_size)
+        fit(warm, dataclasses.replace(training, steps=head_steps, batch_size=head_batch, learning_rate=None),
+            LEARNING_RATES["decoder"], device,
             progress=report(0), cancel=cancel)
         warm_head = warm.root.head.state_dict()
     learner = learner_for(method)

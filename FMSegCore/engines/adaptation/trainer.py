@@ -46,6 +46,11 @@ class TrainSettings:
     #: bf16: autocast in bfloat16 (CUDA, and CPUs with bf16 units); fp16: CUDA mixed precision; fp32: none
     precision: str = "auto"
 
+    @property
+    def total_steps(self) -> int:
+        """Every step a training runs: the head's warm-up, then the method's."""
+        return self.head_steps + self.steps
+
     def to_json(self) -> dict:
         return asdict(self)
 

@@ -13,7 +13,7 @@ import torch
 
 from FMSegCore.engines.adaptation.adapter_file import load_adapter, save_adapter
 from FMSegCore.engines.adaptation.cases import case_from_arrays, load_case, resolve_structures
-from FMSegCore.engines.adaptation.defaults import AUTO_HEAD_STEPS
+from FMSegCore.engines.adaptation.defaults import HEAD_WARMUPS
 from FMSegCore.engines.adaptation.engine import (
     adapt,
     build_adapted,
@@ -88,7 +88,7 @@ def test_progress_reports_every_step_and_cancel_stops(base, abdomen, index):
 
 def test_auto_mode_trains_every_step_and_warms_an_encoder_methods_head_first(base, abdomen, index):
     assert train_settings("auto", "decoder").patience is None and train_settings("auto", "decoder").head_steps == 0
-    assert train_settings("auto", "lora").head_steps == AUTO_HEAD_STEPS
+    assert train_settings("auto", "lora").head_steps == HEAD_WARMUPS["lora"][1] > 0
     assert train_settings("prompt", "lora").head_steps == 0 and train_settings("prompt", "lora").patience == 40
     cases = [slice_case(abdomen, index)]
     structures = resolve_structures(cases, ["liver", "spleen"])
@@ -104,6 +104,26 @@ def test_auto_mode_trains_every_step_and_warms_an_encoder_methods_head_first(bas
     # the warm head moved away from a fresh head's initialisation (same seed): its weights differ
     head = [k for k in result.state if k.startswith("head.") and k.endswith("weight")]
     assert head and any(not torch.equal(result.state[k], cold.state[k]) for k in head)
+
+
+def test_spatial_adapter_refines_a_warmed_linear_probe(base, abdomen, index):
+    assert train_settings("auto", "spatial-adapter").head_steps == HEAD_WARMUPS["spatial-adapter"][1] > 0
+    assert train_settings("auto", "linear-probe").head_steps == 0
+    cases = [slice_case(abdomen, index)]
+    structures = resolve_structures(cases, ["liver", "spleen"])
+    model, digest = base
+    warmed = adapt("litemedsam", "auto", cases, structures, MethodSettings("spatial-adapter"),
+                   TrainSettings(steps=1, batch_size=2, precision="fp32", head_steps=3, learning_rate=1e-12,
+                                 head_learning_rate=1e-12),
+                   CPU, base=(copy.deepcopy(model), digest))
+    probe = adapt("litemedsam", "auto", cases, structures, MethodSettings("linear-probe"),
+                  TrainSettings(steps=3, batch_size=4, precision="fp32", patience=None), CPU,
+                  base=(copy.deepcopy(model), digest))
+    # the probe under the adapter is the one 3 linear-probe steps train (the method's step barely moves it)
+    for name in ("head.classifier.weight", "head.classifier.bias"):
+        assert torch.allclose(warmed.state[name], probe.state[name], atol=1e-6)
+    assert {k for k in warmed.state if k.startswith("head.adapter.")} == {"head.adapter.conv1.weight",
+                                                                            "head.adapter.conv2.weight"}
 
 
 def test_adapter_rebuilds_the_trained_model_with_lora_merged(base, abdomen, index, tmp_path):

@@ -104,8 +104,11 @@ def run_cross(args: argparse.Namespace) -> int:
                      "defaults": {m: {"steps": s, "batch_size": b} for m, (s, b) in AUTO_DEFAULTS.items()},
                      "method": method, "cross": [], "timing": []}
     if args.cross_part != "all" and path.exists():  # a part run: keep the other part's figures
+        earlier = json.loads(path.read_text())
         other = "cross" if args.cross_part == "timing" else "timing"
-        figures[other] = json.loads(path.read_text()).get(other, [])
+        figures[other] = earlier.get(other, [])
+        if args.cross_part == "timing" and args.methods:  # and the timing of the methods not run again
+            figures["timing"] = [cell for cell in earlier.get("timing", []) if cell["method"] not in args.methods]
     print(f"device {device} ({torch.get_num_threads()} threads); method {method}", flush=True)
 
     def save() -> None:

@@ -28,7 +28,13 @@ from FMSegCore.engines.adaptation.auto_learner import (
     build_auto_segmenter,
 )
 from FMSegCore.engines.adaptation.cases import Structure, TrainingCase
-from FMSegCore.engines.adaptation.defaults import DEFAULT_VIEWS, MODES, default_head_steps, default_schedule
+from FMSegCore.engines.adaptation.defaults import (
+    DEFAULT_VIEWS,
+    MODES,
+    default_head_steps,
+    default_schedule,
+    head_warmup_method,
+)
 from FMSegCore.engines.adaptation.evaluation import validate
 from FMSegCore.engines.adaptation.geometry import SliceGeometry
 from FMSegCore.engines.adaptation.lora import kept_ranks, merge_lora
@@ -116,6 +122,14 @@ def train_settings(mode: str, method: str, steps: Optional[int] = None, batch_si
     return TrainSettings(steps=steps, batch_size=batch_size, **settings)
 
 
+def _load_warm_head(head: nn.Module, warm: dict[str, torch.Tensor]) -> None:
+    """Load a warmed head's weights into the method's head; the method may add modules of its own (the spatial
+    adapter before the warmed probe), but every warmed weight must find its place."""
+    missing, unexpected = head.load_state_dict(warm, strict=False)
+    if unexpected or len(missing) + len(warm) != len(head.state_dict()):
+        raise RuntimeError(f"the warmed head does not fit the method's head (unexpected {unexpected})")
+
+
 def adapt(model_name: str, mode: str, cases: Sequence[TrainingCase], structures: Sequence[Structure],
           method: MethodSettings, training: TrainSettings, device: torch.device,
           val_cases: Sequence[TrainingCase] = (), modality: str = "auto", window: Union[str, Sequence[float]] = "abdomen",
@@ -159,15 +173,16 @@ def adapt(model_name: str, mode: str, cases: Sequence[TrainingCase], structures:
 
     warm_head = None
     if head_steps:  # the new head alone first, on the frozen encoder's cached features (cheap steps)
-        warm = learner_for(MethodSettings("decoder"))
-        head_batch = max(default_schedule("auto", "decoder")[1], training.batch_size)
+        warm_method = head_warmup_method(method.method)
+        warm = learner_for(MethodSettings(warm_method))
+        head_batch = max(default_schedule("auto", warm_method)[1], training.batch_size)
         fit(warm, dataclasses.replace(training, steps=head_steps, batch_size=head_batch, learning_rate=None),
-            LEARNING_RATES["decoder"], device,
+            LEARNING_RATES[warm_method], device,
             progress=report(0), cancel=cancel)
         warm_head = warm.root.head.state_dict()
     learner = learner_for(method)
     if warm_head is not None:
-        learner.root.head.load_state_dict(warm_head)
+        _load_warm_head(learner.root.head, warm_head)
     learning_rate = training.learning_rate or LEARNING_RATES[method.method]
     result = fit(learner, training, learning_rate, device,
                  arena_lambda=method.arena_lambda if method.method == "arena" else 0.0,

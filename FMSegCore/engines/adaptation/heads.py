@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -17,6 +18,15 @@ from torch import nn
 
 #: Head kinds, by the method that trains them (every other method trains a LightDecoder).
 HEAD_FOR_METHOD = {"linear-probe": "linear", "spatial-adapter": "spatial-adapter"}
+#: Each structure's foreground probability at initialisation, everywhere.
+PRIOR_PROBABILITY = 0.01
+
+
+def prior_classifier(in_channels: int, classes: int) -> nn.Conv2d:
+    """A 1x1 classifier whose outputs start at ``PRIOR_PROBABILITY``."""
+    classifier = nn.Conv2d(in_channels, classes, 1)
+    nn.init.constant_(classifier.bias, -math.log((1 - PRIOR_PROBABILITY) / PRIOR_PROBABILITY))
+    return classifier
 
 
 class SpatialAdapter(nn.Module):
@@ -39,7 +49,7 @@ class LinearProbe(nn.Module):
     def __init__(self, channels: int, classes: int, size: int, adapter: bool = False) -> None:
         super().__init__()
         self.adapter = SpatialAdapter(channels) if adapter else None
-        self.classifier = nn.Conv2d(channels, classes, 1)
+        self.classifier = prior_classifier(channels, classes)
         self.size = size
 
     def forward(self, embedding: torch.Tensor, stem: Optional[torch.Tensor] = None,
@@ -64,7 +74,7 @@ class LightDecoder(nn.Module):
         self.stem_projection = nn.Conv2d(stem_channels, width // 2, 1)
         self.fuse_stem = _block(width + width // 2, width // 2)
         self.fuse_image = _block(width // 2 + 1, width // 4)
-        self.classifier = nn.Conv2d(width // 4, classes, 1)
+        self.classifier = prior_classifier(width // 4, classes)
 
     def forward(self, embedding: torch.Tensor, stem: Optional[torch.Tensor] = None,
                 image: Optional[torch.Tensor] = None) -> torch.Tensor:

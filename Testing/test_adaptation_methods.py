@@ -131,3 +131,12 @@ def test_partial_labels_leave_unknown_structures_out_of_the_loss() -> None:
     assert not torch.allclose(masked_dice_ce(logits, target), masked_dice_ce(logits, other))
     with pytest.raises(ValueError):
         masked_dice_ce(logits, target, torch.zeros(2, 3, dtype=torch.bool))
+
+
+def test_a_rank_outside_the_offered_range_is_refused() -> None:
+    from FMSegCore.engines.adaptation.defaults import MAX_RANK
+
+    assert MethodSettings("lora", rank=MAX_RANK).rank == MAX_RANK
+    for rank in (0, MAX_RANK + 1):
+        with pytest.raises(ValueError, match=f"between 1 and {MAX_RANK}"):
+            MethodSettings("lora", rank=rank)

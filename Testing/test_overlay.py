@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 
 from FMSegCore.errors import FMSegError, InputError
+from FMSegCore.io.colors import distinct_colors
 from FMSegCore.io.overlay import (
     anatomical_axes,
     choose_slices,
     display_plan,
-    distinct_colors,
     write_overlay_png,
 )
 from FMSegCore.io.volume import Volume

@@ -23,6 +23,7 @@ from worker_fixtures import CT_CASE, ct_case, kidney_roi  # noqa: E402
 
 from FMSegCore.engines.prompting.prompts import BoxPrompt, PointPrompt, SegmentPrompts  # noqa: E402
 from FMSegCore.engines.prompting.session import PromptSession  # noqa: E402
+from FMSegCore.io.colors import default_color, distinct_colors  # noqa: E402
 from FMSegCore.io.terminology import terminology_entry  # noqa: E402
 from FMSegCore.io.volume import Volume, read_volume  # noqa: E402
 from FMSegCore.models.factory import load_model  # noqa: E402
@@ -222,6 +223,18 @@ def test_users_segments_are_never_lost_and_one_undo_restores_each_step(logic, ob
     color = segmentation.GetSegmentation().GetSegment(mine).GetColor()
     assert np.allclose(color, (0.1, 0.9, 0.1))
     assert not logic.undo(segmentation)  # nothing more of FMSeg's to undo
+
+
+def test_new_segments_get_the_colours_fmseg_writes_in_files(logic, oblique):
+    node, _, labels, names = oblique
+    segmentation = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "colours")
+    roi = roi_on_grid(node, *kidney_roi(labels, names, slices=2), "colour roi")
+    for name in ("liver", "kidney_left"):
+        logic.prompt(node, segmentation, name, rois=[roi])
+    shown = [segmentation.GetSegmentation().GetNthSegment(n).GetColor() for n in range(2)]
+    # the kidney's usual colour is close to the liver's: Slicer, like a written file, shows another one
+    assert np.allclose(shown, distinct_colors(["liver", "kidney_left"]), atol=1e-6)
+    assert not np.allclose(shown[1], default_color("kidney_left", 2), atol=1e-3)
 
 
 def test_async_prompt_touches_the_scene_only_when_its_result_is_collected(logic, oblique):

@@ -36,7 +36,7 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from FMSegCore.engines.adaptation.defaults import DEFAULT_METHODS, DEFAULT_RANK, METHOD_CHOICES  # noqa: E402
+from FMSegCore.engines.adaptation.defaults import DEFAULT_METHODS, DEFAULT_RANK, MAX_RANK, METHOD_CHOICES  # noqa: E402
 
 pytest.importorskip("PySide6")
 pytest.importorskip("PySide6.QtUiTools")
@@ -400,7 +400,7 @@ def test_ui_widget_settings(ui):
     assert combo_items(ui.methodSelector) == METHODS
     assert combo_items(ui.promptModelSelector) == ["litemedsam"]
     assert combo_items(ui.incontextModelSelector) == ["universeg-fmseg"]
-    spins = {"supportSizeSpinBox": (1, 64, 8), "ensembleSpinBox": (1, 16, 1), "rankSpinBox": (1, 64, DEFAULT_RANK),
+    spins = {"supportSizeSpinBox": (1, 64, 8), "ensembleSpinBox": (1, 16, 1), "rankSpinBox": (1, MAX_RANK, DEFAULT_RANK),
              "stepsSpinBox": (0, 10000, 0)}
     for name, expected in spins.items():
         spin = getattr(ui, name)

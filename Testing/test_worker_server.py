@@ -244,7 +244,7 @@ def test_incontext_job_aligns_a_support_from_another_scan_like_the_cli_engine(cl
     assert 2 * ((result_labels == 1) & truth).sum() / ((result_labels == 1).sum() + truth.sum()) > 0.85
 
 
-def test_adaptation_job_is_cancelled_between_steps_then_a_short_one_gives_a_usable_adapter(client, case):
+def test_adaptation_job_is_cancelled_between_steps_then_a_short_one_gives_a_usable_adapter(client, case, tmp_path):
     from FMSegCore.engines.adaptation.adapter_file import load_adapter
 
     image, labels, names = case
@@ -273,6 +273,10 @@ def test_adaptation_job_is_cancelled_between_steps_then_a_short_one_gives_a_usab
     assert status["result"]["fit"]["steps"] == 4
     data = client.download_adapter(status["result"]["adapter"])
     assert 0 < len(data) < 5 << 20
+    # the downloaded file is an adapter ``fmseg segment`` reads (the checked, weights-only loader)
+    (tmp_path / "kidney.pt").write_bytes(data)
+    saved = load_adapter(tmp_path / "kidney.pt")
+    assert saved.mode == "auto" and [s["name"] for s in saved.metadata["structures"]] == ["kidney_left"]
     uploaded = client.upload_adapter(data)
     assert uploaded["method"] == "linear-probe"
     segment = client.start_job("segment", {"volume": upload(client, case_volume), "adapter": uploaded["adapter"]})
@@ -292,7 +296,6 @@ def test_adaptation_job_is_cancelled_between_steps_then_a_short_one_gives_a_usab
     with pytest.raises(WorkerError, match="adapter") as refused:
         client.upload_adapter(b"PK\x03\x04 not an adapter")
     assert refused.value.status == 400
-    assert load_adapter  # the worker reads adapters with the same checked loader (weights_only)
 
 
 # ------------------------------------------------------------------------------------------------ process

@@ -20,6 +20,7 @@ import numpy as np
 
 from FMSegCore.engines.prompting.prompts import SegmentPrompts
 from FMSegCore.errors import InputError
+from FMSegCore.io.colors import distinct_colors
 from FMSegCore.io.labelmap import (
     LABELMAP_SUFFIXES,
     SEGMENTATION_SUFFIX,
@@ -28,7 +29,7 @@ from FMSegCore.io.labelmap import (
     write_labelmap,
 )
 from FMSegCore.io.markups import prompts_from_markups
-from FMSegCore.io.overlay import anatomical_axes, distinct_colors
+from FMSegCore.io.overlay import anatomical_axes
 from FMSegCore.io.volume import PathLike, Volume, read_volume
 from FMSegCore.zoo.registry import DEFAULT_PROMPTABLE, get_card
 

@@ -5,6 +5,9 @@ Plain Python (no I/O library), so Slicer's Logic uses the same colours as FMSeg'
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
+
 Color = tuple[float, float, float]
 
 #: Typical colours (Slicer's generic anatomy colours) for common structures, matched on the name's words.
@@ -39,3 +42,22 @@ def default_color(name: str, value: int) -> Color:
         if key in words:
             return color
     return PALETTE[(value - 1) % len(PALETTE)]
+
+
+#: How far apart (RGB, 0-1) a new segment's colour must be from those already shown.
+MIN_COLOR_DISTANCE = 0.3
+
+
+def segment_color(name: str, value: int, taken: Sequence[Color] = ()) -> Color:
+    """A new segment's colour: the structure's usual colour, replaced by a palette colour when it is too close to
+    one already ``taken`` (liver and kidney, say). One rule for written segmentations, overlays and Slicer."""
+    candidates = (default_color(name, value),) + PALETTE[(value - 1) % len(PALETTE):] + PALETTE
+    return next((c for c in candidates if all(math.dist(c, o) >= MIN_COLOR_DISTANCE for o in taken)), candidates[0])
+
+
+def distinct_colors(names: Sequence[str]) -> list[Color]:
+    """Colours for segments 1..N named ``names``, each chosen by :func:`segment_color` given the earlier ones."""
+    chosen: list[Color] = []
+    for value, name in enumerate(names, start=1):
+        chosen.append(segment_color(name, value, chosen))
+    return chosen

@@ -6,8 +6,9 @@ whatever the file's ``coordinateSystem`` (``LPS`` or ``RAS``).
 
 Slicer does not store a node's name in the file (it names a loaded node after the file), so a markup's
 name, which becomes the segment it prompts, is its ``name`` key if present, else the file name without
-``.mrk.json``. A control point whose description is ``exclude`` (any case, spaces ignored) is a background
-point; every other point is an include point.
+``.mrk.json``. A control point whose description is ``exclude``, ``background`` or ``negative`` (any case, spaces
+ignored) is an exclude point; every other point is an include point. Only placed points count (``positionStatus``
+``defined``, the default when a file has none): as for Slicer's nodes (``prompts.excludes``, ``is_placed``).
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from FMSegCore.engines.prompting.prompts import (
     PointPrompt,
     SegmentPrompts,
     box_from_corners,
+    excludes,
+    is_placed,
 )
 from FMSegCore.errors import InputError
 from FMSegCore.io.jsonfile import read_json
@@ -33,8 +36,6 @@ from FMSegCore.io.volume import LPS_TO_RAS, PathLike, Volume
 
 SUPPORTED_TYPES = ("Fiducial", "ROI")
 MARKUPS_SUFFIX = ".mrk.json"
-#: Control point states that carry no usable position.
-UNPLACED = ("undefined", "missing")
 
 
 @dataclass
@@ -47,7 +48,7 @@ class ControlPoint:
 
     @property
     def include(self) -> bool:
-        return self.description.strip().lower() != "exclude"
+        return not excludes(self.description)
 
 
 @dataclass
@@ -105,7 +106,7 @@ def _control_points(entry: dict, path: Path, where: str, to_lps: np.ndarray) -> 
     for number, point in enumerate(raw, start=1):
         if not isinstance(point, dict):
             raise InputError(path, f"{where}: control point {number} is not an object")
-        if point.get("positionStatus", "defined") in UNPLACED:
+        if not is_placed(str(point.get("positionStatus", "defined"))):
             continue
         label = str(point.get("label", "") or number)
         position = _numbers(path, f"{where}: position of point '{label}'", point.get("position"), 3)

@@ -16,7 +16,7 @@ import numpy as np
 
 from FMSegCore.errors import FMSegError, InputError
 from FMSegCore.io.atomic import atomic_output
-from FMSegCore.io.colors import PALETTE, Color, default_color
+from FMSegCore.io.colors import Color, distinct_colors
 from FMSegCore.io.volume import PathLike, Volume
 
 Names = Union[Sequence[str], Mapping[int, str]]
@@ -69,18 +69,6 @@ def display_plan(direction: np.ndarray) -> tuple[int, tuple[int, int], tuple[boo
     direction = np.asarray(direction, dtype=float)
     cols, rows, axial = anatomical_axes(direction)
     return axial, (rows, cols), (bool(direction[1, rows] < 0), bool(direction[0, cols] < 0))
-
-
-def distinct_colors(names: Sequence[str], min_distance: float = 0.3) -> list[Color]:
-    """Display colours for segments 1..N: the usual colour of each structure (as in a written segmentation),
-    replaced by a palette colour when it is too close to an earlier segment's (liver and kidney, say)."""
-    chosen: list[Color] = []
-    for value, name in enumerate(names, start=1):
-        candidates = (default_color(name, value),) + PALETTE[(value - 1) % len(PALETTE):] + PALETTE
-        color = next((c for c in candidates if all(np.linalg.norm(np.subtract(c, o)) >= min_distance
-                                                   for o in chosen)), candidates[0])
-        chosen.append(color)
-    return chosen
 
 
 def _slice_2d(array: np.ndarray, axial: int, index: int, axes: tuple[int, int], flips: tuple[bool, bool]) -> np.ndarray:

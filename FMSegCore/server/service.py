@@ -335,6 +335,7 @@ class Service:
             DEFAULT_PIXEL_MM,
             DEFAULT_RANK,
             DEFAULT_VIEWS,
+            MAX_RANK,
             METHOD_CHOICES,
             MODES,
             default_method,
@@ -360,7 +361,7 @@ class Service:
         structures = resolve_structures(cases, fields.items("labels", []) or None)
         mode = fields.text("mode", "auto", choices=MODES)
         method_name = default_method(mode, fields.text("method", None, choices=METHOD_CHOICES))
-        method = MethodSettings(method_name, rank=fields.number("rank", DEFAULT_RANK, 1, 256, integer=True))
+        method = MethodSettings(method_name, rank=fields.number("rank", DEFAULT_RANK, 1, MAX_RANK, integer=True))
         training = train_settings(mode, method_name, fields.number("steps", None, 1, 100_000, integer=True),
                                   fields.number("batch_size", None, 1, 256, integer=True),
                                   learning_rate=fields.number("lr", None, 0.0, 10.0),

@@ -24,7 +24,7 @@ import slicer
 import slicer.util
 
 from FMSegCore.engines.adaptation.defaults import DEFAULT_RANK, default_method
-from FMSegCore.io.colors import default_color
+from FMSegCore.io.colors import segment_color
 from FMSegCore.server.client import JobCancelledError, WorkerClient, WorkerError, WorkerUnavailable
 from FMSegCore.server.launcher import PYTHON_ENV, LocalWorker
 from FMSegSlicerLib import scene_segments
@@ -335,8 +335,9 @@ class FMSegLogic:
         scene_segments.prepare(segmentation_node, volume_node)
         segmentation = segmentation_node.GetSegmentation()
         color = None
-        if not segmentation.GetSegmentIdBySegmentName(name):  # FMSeg's colour for the structure, as in its files
-            color = default_color(name, segmentation.GetNumberOfSegments() + 1)
+        if not segmentation.GetSegmentIdBySegmentName(name):  # FMSeg's colour rule, as in its files
+            taken = [segmentation.GetNthSegment(n).GetColor() for n in range(segmentation.GetNumberOfSegments())]
+            color = segment_color(name, segmentation.GetNumberOfSegments() + 1, taken)
         return scene_segments.write_segment(segmentation_node, volume_node, name, mask, color)
 
     def prompt(self, volume_node: Any, segmentation_node: Any, segment_name: str, include_points: Any = None,

@@ -8,12 +8,11 @@ from typing import Any, Optional
 
 import numpy as np
 
-from FMSegCore.engines.prompting.prompts import CORNER_SIGNS, box_from_corners
+from FMSegCore.engines.prompting.prompts import CORNER_SIGNS, box_from_corners, excludes, is_placed
 from FMSegSlicerLib.scene_geometry import from_vtk_matrix, world_to_ijk
 
 Box = tuple[tuple[float, float, float], tuple[float, float, float], Optional[tuple]]  # lo, hi, corners
 Point = tuple[tuple[float, float, float], bool]
-EXCLUDE_WORDS = ("exclude", "background", "negative")
 
 
 def roi_box(roi_node: Any, volume_node: Any) -> Box:
@@ -26,18 +25,18 @@ def roi_box(roi_node: Any, volume_node: Any) -> Box:
 
 
 def point_prompts(points_node: Optional[Any], volume_node: Any, include: bool = True) -> list[Point]:
-    """The defined control points of a point list; a point whose description says 'exclude' excludes."""
+    """The placed control points of a point list (``prompts.is_placed``); in an include list, a point whose
+    description says exclude (``prompts.excludes``) excludes: the rule ``fmseg prompt`` applies to files."""
     if points_node is None:
         return []
     prompts: list[Point] = []
     for index in range(points_node.GetNumberOfControlPoints()):
-        if not points_node.GetNthControlPointPositionVisibility(index) and \
-                points_node.GetNthControlPointPositionStatus(index) != points_node.PositionDefined:
+        status = points_node.GetNthControlPointPositionStatus(index)
+        if not is_placed(points_node.GetPositionStatusAsString(status)):
             continue
         position = [0.0, 0.0, 0.0]
         points_node.GetNthControlPointPositionWorld(index, position)
-        description = (points_node.GetNthControlPointDescription(index) or "").strip().lower()
-        keep = include and description not in EXCLUDE_WORDS
+        keep = include and not excludes(points_node.GetNthControlPointDescription(index))
         ijk = world_to_ijk(volume_node, np.asarray([position]))[0]
         prompts.append((tuple(float(v) for v in ijk), keep))  # type: ignore[arg-type]
     return prompts

@@ -16,7 +16,7 @@ from typing import Optional
 from torch import nn
 
 from FMSegCore.engines.adaptation.adaptformer import ParallelAdapter, inject_adaptformer
-from FMSegCore.engines.adaptation.defaults import DEFAULT_RANK, METHODS
+from FMSegCore.engines.adaptation.defaults import DEFAULT_RANK, MAX_RANK, METHODS
 from FMSegCore.engines.adaptation.lora import LoRALayer, inject_lora, matching_layers
 
 #: Default learning rates (FSEFT: 1e-2 for probes, biases, norms and AdaptFormer; 1e-3 for LoRA; 1e-4 for full
@@ -43,8 +43,8 @@ class MethodSettings:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r} (choose one of {', '.join(METHODS)})")
-        if self.rank < 1:
-            raise ValueError("rank must be at least 1")
+        if not 1 <= self.rank <= MAX_RANK:
+            raise ValueError(f"rank must be between 1 and {MAX_RANK}, not {self.rank}")
 
     def to_json(self) -> dict:
         return asdict(self)

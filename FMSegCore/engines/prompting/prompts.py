@@ -19,6 +19,22 @@ Corner = tuple[float, float, float]
 CORNER_SIGNS = np.array(list(itertools.product((-1.0, 1.0), repeat=3)))
 #: The 12 edges of a box whose corners follow that order (corners differing along one axis).
 BOX_EDGES = tuple((a, b) for a, b in itertools.combinations(range(8), 2) if bin(a ^ b).count("1") == 1)
+#: Control-point descriptions (any case, surrounding spaces ignored) that make a markups point an exclude
+#: (background) point; every other point includes. One rule for ``.mrk.json`` files and Slicer's nodes.
+EXCLUDE_DESCRIPTIONS = ("exclude", "background", "negative")
+#: The markups position status (Slicer's names) of a control point whose position is used: "preview" points are
+#: still being placed, "undefined" and "missing" ones have no position.
+PLACED_STATUS = "defined"
+
+
+def excludes(description: Optional[str]) -> bool:
+    """Whether a control point with this description is an exclude point."""
+    return (description or "").strip().lower() in EXCLUDE_DESCRIPTIONS
+
+
+def is_placed(status: str) -> bool:
+    """Whether a control point with this position status (Slicer's name for it) is used as a prompt."""
+    return status.strip().lower() == PLACED_STATUS
 
 
 @dataclass(frozen=True)

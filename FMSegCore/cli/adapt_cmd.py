@@ -18,6 +18,7 @@ from FMSegCore.engines.adaptation.defaults import (
     DEFAULT_RANK,
     DEFAULT_VIEWS,
     ENCODER_METHODS,
+    HEAD_WARMUPS,
     METHOD_CHOICES,
     MODES,
     PROMPT_DEFAULTS,
@@ -27,12 +28,21 @@ from FMSegCore.errors import InputError
 from FMSegCore.zoo.registry import DEFAULT_PROMPTABLE
 
 
+def _by_value(settings: dict) -> dict:
+    """Methods grouped by their setting: {setting: [method, ...]}, in first-seen order."""
+    groups: dict = {}
+    for method, value in settings.items():
+        groups.setdefault(value, []).append(method)
+    return groups
+
+
 def _steps_help() -> str:
-    by_steps: dict[int, list[str]] = {}
-    for method, (steps, _) in AUTO_DEFAULTS.items():
-        by_steps.setdefault(steps, []).append(method)
-    auto = "; ".join(f"{steps} for {', '.join(methods)}" for steps, methods in sorted(by_steps.items()))
-    return f"training steps (default: auto mode {auto}; prompt mode {PROMPT_DEFAULTS[0]})"
+    steps = {method: schedule[0] for method, schedule in AUTO_DEFAULTS.items()}
+    auto = "; ".join(f"{n} for {', '.join(methods)}" for n, methods in sorted(_by_value(steps).items()))
+    warmups = "; ".join(f"{n} {warm} steps before {', '.join(methods)}"
+                        for (warm, n), methods in _by_value(HEAD_WARMUPS).items())
+    return (f"training steps (default: auto mode {auto}; prompt mode {PROMPT_DEFAULTS[0]}). Auto mode first "
+            f"trains the new head alone: {warmups}")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

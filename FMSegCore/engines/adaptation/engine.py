@@ -162,11 +162,14 @@ def adapt(model_name: str, mode: str, cases: Sequence[TrainingCase], structures:
             return None
         return lambda p: progress(dataclasses.replace(p, step=offset + p.step, steps=total))
 
+    # the warm-up's and the method's learners draw the same views: frozen encoder outputs are computed once
+    features: dict = {}
+
     def learner_for(settings: MethodSettings) -> Any:
         try:
             if mode == "auto":
-                return AutoLearner2D(model, cases, structures, settings, device, cache_dtype, geometry=geometry,
-                                     views=views, augmentation=augmentation, seed=training.seed)
+                return AutoLearner2D(model, cases, structures, settings, device, cache_dtype, feature_cache=features,
+                                     geometry=geometry, views=views, augmentation=augmentation, seed=training.seed)
             return PromptLearner2D(model, cases, structures, settings, device, cache_dtype=cache_dtype)
         except ValueError as error:
             raise InputError(None, str(error)) from None

@@ -13,16 +13,17 @@ import torch
 
 from FMSegCore.engines.adaptation.adapter_file import load_adapter, save_adapter
 from FMSegCore.engines.adaptation.cases import case_from_arrays, load_case, resolve_structures
-from FMSegCore.engines.adaptation.defaults import HEAD_WARMUPS
+from FMSegCore.engines.adaptation.defaults import HEAD_WARMUPS, WARMED_MAX_RATE
 from FMSegCore.engines.adaptation.engine import (
     adapt,
     build_adapted,
     load_base,
     split_validation,
     train_settings,
+    warmed_rates,
 )
 from FMSegCore.engines.adaptation.lora import LoRALayer, merge_lora
-from FMSegCore.engines.adaptation.methods import AdaptableParts, MethodSettings, apply_method
+from FMSegCore.engines.adaptation.methods import LEARNING_RATES, AdaptableParts, MethodSettings, apply_method
 from FMSegCore.engines.adaptation.trainer import Cancelled, TrainSettings, fit
 from FMSegCore.errors import InputError
 from FMSegCore.io.labelmap import SegmentInfo
@@ -124,6 +125,21 @@ def test_spatial_adapter_refines_a_warmed_linear_probe(base, abdomen, index):
         assert torch.allclose(warmed.state[name], probe.state[name], atol=1e-6)
     assert {k for k in warmed.state if k.startswith("head.adapter.")} == {"head.adapter.conv1.weight",
                                                                             "head.adapter.conv2.weight"}
+
+
+def test_an_encoder_method_fine_tunes_its_warmed_head_at_its_own_capped_rate(base, abdomen, index):
+    cases = [slice_case(abdomen, index)]
+    structures = resolve_structures(cases, ["liver"])
+    model, digest = base
+    result = adapt("litemedsam", "auto", cases, structures, MethodSettings("bitfit"),
+                   TrainSettings(steps=1, batch_size=2, precision="fp32", head_steps=1, patience=None), CPU,
+                   base=(copy.deepcopy(model), digest))
+    training = result.metadata["training"]
+    assert LEARNING_RATES["bitfit"] > WARMED_MAX_RATE  # so the cap is what is exercised
+    assert training["learning_rate"] == training["head_learning_rate"] == WARMED_MAX_RATE
+    given = warmed_rates(TrainSettings(learning_rate=5e-5), LEARNING_RATES["bitfit"])
+    assert given.learning_rate == given.head_learning_rate == 5e-5  # a rate the user gives is kept
+    assert warmed_rates(TrainSettings(), LEARNING_RATES["full"]).head_learning_rate == LEARNING_RATES["full"]
 
 
 def test_adapter_rebuilds_the_trained_model_with_lora_merged(base, abdomen, index, tmp_path):

@@ -33,6 +33,10 @@ AUTO_DEFAULTS = ({"decoder": (300, 4), "linear-probe": (600, 4), "spatial-adapte
 #: how many steps: encoder methods' decoder head, and the spatial adapter's linear probe (the adapter starts as
 #: the identity, so it refines a probe that already segments).
 HEAD_WARMUPS = {method: ("decoder", 200) for method in ENCODER_METHODS} | {"spatial-adapter": ("linear-probe", 300)}
+#: Auto mode, encoder methods after their head's warm-up: the encoder and the warmed head train together at one
+#: rate, the method's but at most this one (linear probing then fine-tuning, "LP-FT"). At the new-head rate the
+#: first steps undid the warm-up on the development MR (a lost spleen), and encoder rates of 1e-2 did the same.
+WARMED_MAX_RATE = 1e-3
 #: Prompt mode's default (steps, slices per step), every method.
 PROMPT_DEFAULTS = (150, 4)
 DEFAULT_RANK = 4

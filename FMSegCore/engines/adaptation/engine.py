@@ -30,7 +30,9 @@ from FMSegCore.engines.adaptation.auto_learner import (
 from FMSegCore.engines.adaptation.cases import Structure, TrainingCase
 from FMSegCore.engines.adaptation.defaults import (
     DEFAULT_VIEWS,
+    ENCODER_METHODS,
     MODES,
+    WARMED_MAX_RATE,
     default_head_steps,
     default_schedule,
     head_warmup_method,
@@ -122,6 +124,13 @@ def train_settings(mode: str, method: str, steps: Optional[int] = None, batch_si
     return TrainSettings(steps=steps, batch_size=batch_size, **settings)
 
 
+def warmed_rates(training: TrainSettings, learning_rate: float) -> TrainSettings:
+    """An encoder method's settings after its head's warm-up: encoder and warmed head at one rate, the one given
+    or else the method's capped at :data:`WARMED_MAX_RATE` (LP-FT: a higher rate undoes the warm-up)."""
+    rate = training.learning_rate or min(learning_rate, WARMED_MAX_RATE)
+    return dataclasses.replace(training, learning_rate=rate, head_learning_rate=rate)
+
+
 def _load_warm_head(head: nn.Module, warm: dict[str, torch.Tensor]) -> None:
     """Load a warmed head's weights into the method's head; the method may add modules of its own (the spatial
     adapter before the warmed probe), but every warmed weight must find its place."""
@@ -184,9 +193,12 @@ def adapt(model_name: str, mode: str, cases: Sequence[TrainingCase], structures:
             progress=report(0), cancel=cancel)
         warm_head = warm.root.head.state_dict()
     learner = learner_for(method)
+    learning_rate = training.learning_rate or LEARNING_RATES[method.method]
     if warm_head is not None:
         _load_warm_head(learner.root.head, warm_head)
-    learning_rate = training.learning_rate or LEARNING_RATES[method.method]
+        if method.method in ENCODER_METHODS:
+            training = warmed_rates(training, learning_rate)
+            learning_rate = training.learning_rate
     result = fit(learner, training, learning_rate, device,
                  arena_lambda=method.arena_lambda if method.method == "arena" else 0.0,
                  progress=report(head_steps), cancel=cancel)

@@ -28,13 +28,14 @@ def add_parser(kinds: argparse._SubParsersAction) -> None:
                         f"--cross, default Resources/{CROSS_JSON})")
     parser.add_argument("--cross", action="store_true",
                         help="cross-subject instead: adapters trained on one whole scan (the bundled CT, the MR), "
-                             "tested on other scans (fov_shift, ct_to_mr, mr_to_ct), physical units beside the "
-                             "whole-slice pipeline; and the training time of every method at its defaults")
+                             "tested on other scans (fov_shift, ct_to_mr, mr_to_ct; brain_cross: a brain template "
+                             "to another), physical units beside the whole-slice pipeline; and the training time of "
+                             "every method at its defaults")
     parser.add_argument("--cross-method", default=None, help="with --cross: the method trained on every scenario "
                         "(default: fmseg adapt's auto-mode default)")
-    parser.add_argument("--cross-part", choices=("all", "scenarios", "timing"), default="all",
-                        help="with --cross: only the scenarios, or only the timing of every method (--methods: "
-                             "these), merged into the JSON written before (default all)")
+    parser.add_argument("--cross-part", choices=CROSS_PARTS, default="all",
+                        help="with --cross: only the scenarios, only the brain scenario, or only the timing of every "
+                             "method (--methods: these), merged into the JSON written before (default all)")
     parser.add_argument("--no-timing-dice", action="store_true",
                         help="with --cross: time the methods without scoring each on fov_shift")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: every core)")
@@ -43,6 +44,7 @@ def add_parser(kinds: argparse._SubParsersAction) -> None:
 
 #: Where ``--cross`` writes its figures unless told (under FMSeg's Resources).
 CROSS_JSON = Path("Benchmarks") / "adapt_cross_cpu.json"
+CROSS_PARTS = ("all", "scenarios", "brain", "timing")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -84,6 +86,7 @@ def run_cross(args: argparse.Namespace) -> int:
     import torch
 
     from FMSegCore.bench import adapt_cross_bench as cross
+    from FMSegCore.bench.cross_scenarios import BRAIN_STRUCTURES
     from FMSegCore.device import resolve_device, tune_cpu_runtime
     from FMSegCore.engines.adaptation.defaults import AUTO_DEFAULTS, DEFAULT_METHODS, DEFAULT_VIEWS, METHODS
     from FMSegCore.engines.adaptation.engine import load_base
@@ -103,12 +106,8 @@ def run_cross(args: argparse.Namespace) -> int:
                      platform.machine(), "geometry": SliceGeometry().to_json(), "views": DEFAULT_VIEWS,
                      "defaults": {m: {"steps": s, "batch_size": b} for m, (s, b) in AUTO_DEFAULTS.items()},
                      "method": method, "cross": [], "timing": []}
-    if args.cross_part != "all" and path.exists():  # a part run: keep the other part's figures
-        earlier = json.loads(path.read_text())
-        other = "cross" if args.cross_part == "timing" else "timing"
-        figures[other] = earlier.get(other, [])
-        if args.cross_part == "timing" and args.methods:  # and the timing of the methods not run again
-            figures["timing"] = [cell for cell in earlier.get("timing", []) if cell["method"] not in args.methods]
+    if args.cross_part != "all" and path.exists():  # a part run: keep the figures it does not measure again
+        figures |= kept_figures(json.loads(path.read_text()), args.cross_part, args.methods)
     print(f"device {device} ({torch.get_num_threads()} threads); method {method}", flush=True)
 
     def save() -> None:
@@ -130,6 +129,10 @@ def run_cross(args: argparse.Namespace) -> int:
               f"{cell.batch_size}, {cell.views} views; {cell.scenario} large {cell.mean_large:.3f}", flush=True)
         save()
 
+    def run_brain() -> None:  # a brain template's adapter on another template: its brain structures
+        cross.run_cross(base, (BRAIN_SCENARIO,), [method], cross.PIPELINES, device, report=show,
+                        wanted=BRAIN_STRUCTURES)
+
     scenarios = [cross.build_scenario(name) for name in ("fov_shift", "ct_to_mr")]
     union = list(dict.fromkeys(s for scenario in scenarios for s in cross.scored_structures(scenario)))
     if args.cross_part == "timing":  # every method (or --methods) at its defaults, timed on an otherwise idle run
@@ -138,9 +141,14 @@ def run_cross(args: argparse.Namespace) -> int:
         save()
         print(f"wrote {path} ({figures['seconds']:.0f} s)")
         return 0
+    if args.cross_part == "brain":
+        run_brain()
+        save()
+        print(f"wrote {path} ({figures['seconds']:.0f} s)")
+        return 0
     results = cross.run_cross(base, ("fov_shift", "ct_to_mr"), [method], cross.PIPELINES, device, report=show)
-
     cross.run_cross(base, ("mr_to_ct",), [method], cross.PIPELINES, device, report=show)
+    run_brain()
     if args.cross_part == "scenarios":
         save()
         print(f"wrote {path} ({figures['seconds']:.0f} s)")
@@ -156,3 +164,18 @@ def run_cross(args: argparse.Namespace) -> int:
     save()
     print(f"wrote {path} ({figures['seconds']:.0f} s)")
     return 0
+
+
+BRAIN_SCENARIO = "brain_cross"
+
+
+def kept_figures(earlier: dict, part: str, methods) -> dict:
+    """What a part run (``--cross-part``) keeps from the JSON written before: the cells it does not measure again,
+    and the superseded figures kept for the record (``*_superseded``)."""
+    cross, timing = earlier.get("cross", []), earlier.get("timing", [])
+    kept = {key: value for key, value in earlier.items() if key.endswith("_superseded")}
+    if part == "timing":  # every scenario; the timing of methods not run again
+        return kept | {"cross": cross, "timing": [c for c in timing if methods and c["method"] not in methods]}
+    if part == "brain":
+        return kept | {"cross": [c for c in cross if c["scenario"] != BRAIN_SCENARIO], "timing": timing}
+    return kept | {"timing": timing}  # scenarios

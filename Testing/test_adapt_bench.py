@@ -38,6 +38,7 @@ def test_a_part_run_keeps_the_figures_it_does_not_measure_again():
     timing = kept_figures(earlier, "timing", ["lora"])
     assert len(timing["cross"]) == 2 and [c["method"] for c in timing["timing"]] == ["decoder"]
     assert kept_figures(earlier, "timing", None)["timing"] == []
+    assert [c["method"] for c in kept_figures(earlier, "dev", ["decoder"])["timing"]] == ["lora"]
     scenarios = kept_figures(earlier, "scenarios", None)
     assert "cross" not in scenarios and len(scenarios["timing"]) == 2
     assert all(part["timing_superseded"] == [{"method": "x"}] for part in (brain, timing, scenarios))

@@ -35,7 +35,9 @@ def add_parser(kinds: argparse._SubParsersAction) -> None:
                         "(default: fmseg adapt's auto-mode default)")
     parser.add_argument("--cross-part", choices=CROSS_PARTS, default="all",
                         help="with --cross: only the scenarios, only the brain scenario, or only the timing of every "
-                             "method (--methods: these), merged into the JSON written before (default all)")
+                             "method (--methods: these), merged into the JSON written before (default all); dev: "
+                             f"--methods (default: the default method) at their defaults on {DEV_SCENARIO}, the "
+                             f"development scenario defaults are chosen on, into Resources/{DEV_JSON}")
     parser.add_argument("--no-timing-dice", action="store_true",
                         help="with --cross: time the methods without scoring each on fov_shift")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: every core)")
@@ -44,7 +46,10 @@ def add_parser(kinds: argparse._SubParsersAction) -> None:
 
 #: Where ``--cross`` writes its figures unless told (under FMSeg's Resources).
 CROSS_JSON = Path("Benchmarks") / "adapt_cross_cpu.json"
-CROSS_PARTS = ("all", "scenarios", "brain", "timing")
+#: ``--cross-part dev``: the development scenario defaults are chosen on, and where its figures go.
+DEV_SCENARIO = "dev_mr_shift"
+DEV_JSON = Path("Benchmarks") / "adapt_cross_dev_cpu.json"
+CROSS_PARTS = ("all", "scenarios", "brain", "timing", "dev")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -100,14 +105,15 @@ def run_cross(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     base = load_base("litemedsam", device)
     method = args.cross_method or DEFAULT_METHODS["auto"]
-    path = args.json or resources_dir() / CROSS_JSON
+    path = args.json or resources_dir() / (DEV_JSON if args.cross_part == "dev" else CROSS_JSON)
     began = time.perf_counter()
     figures: dict = {"device": str(device), "threads": torch.get_num_threads(), "cpu": platform.processor() or
                      platform.machine(), "geometry": SliceGeometry().to_json(), "views": DEFAULT_VIEWS,
                      "defaults": {m: {"steps": s, "batch_size": b} for m, (s, b) in AUTO_DEFAULTS.items()},
                      "method": method, "cross": [], "timing": []}
     if args.cross_part != "all" and path.exists():  # a part run: keep the figures it does not measure again
-        figures |= kept_figures(json.loads(path.read_text()), args.cross_part, args.methods)
+        rerun = args.methods or ([method] if args.cross_part == "dev" else None)
+        figures |= kept_figures(json.loads(path.read_text()), args.cross_part, rerun)
     print(f"device {device} ({torch.get_num_threads()} threads); method {method}", flush=True)
 
     def save() -> None:
@@ -135,6 +141,13 @@ def run_cross(args: argparse.Namespace) -> int:
 
     scenarios = [cross.build_scenario(name) for name in ("fov_shift", "ct_to_mr")]
     union = list(dict.fromkeys(s for scenario in scenarios for s in cross.scored_structures(scenario)))
+    if args.cross_part == "dev":  # the methods at their defaults on the development scenario (not reported)
+        development = cross.build_scenario(DEV_SCENARIO)
+        cross.run_timing(base, development.support, cross.scored_structures(development), device,
+                         args.methods or [method], report=timed, scenario=development)
+        save()
+        print(f"wrote {path} ({figures['seconds']:.0f} s)")
+        return 0
     if args.cross_part == "timing":  # every method (or --methods) at its defaults, timed on an otherwise idle run
         cross.run_timing(base, scenarios[0].support, union, device, args.methods or METHODS, report=timed,
                          scenario=None if args.no_timing_dice else scenarios[0])
@@ -174,7 +187,7 @@ def kept_figures(earlier: dict, part: str, methods) -> dict:
     and the superseded figures kept for the record (``*_superseded``)."""
     cross, timing = earlier.get("cross", []), earlier.get("timing", [])
     kept = {key: value for key, value in earlier.items() if key.endswith("_superseded")}
-    if part == "timing":  # every scenario; the timing of methods not run again
+    if part in ("timing", "dev"):  # every scenario; the timing of methods not run again
         return kept | {"cross": cross, "timing": [c for c in timing if methods and c["method"] not in methods]}
     if part == "brain":
         return kept | {"cross": [c for c in cross if c["scenario"] != BRAIN_SCENARIO], "timing": timing}

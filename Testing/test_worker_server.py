@@ -1,10 +1,13 @@
 """The worker, started for real on 127.0.0.1: wire format, sessions, prompt round trips equal to in-process
-results, jobs with progress and cancellation, tokens, and refused requests."""
+results, jobs with progress and cancellation, tokens, refused requests, the API's description, images versus
+label maps, idle sessions, logging."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -22,7 +25,8 @@ from FMSegCore.errors import FMSegError
 from FMSegCore.io.volume import Volume
 from FMSegCore.models.factory import load_model
 from FMSegCore.server.app import MAX_JSON_BYTES, WorkerServer
-from FMSegCore.server.client import JobCancelledError, WorkerClient, WorkerError, WorkerUnavailable
+from FMSegCore.server.client import JobCancelledError, WorkerClient, WorkerError, WorkerUnavailable, geometry
+from FMSegCore.server.gate import Gate, GateSettings
 from FMSegCore.server.launcher import LocalWorker
 from FMSegCore.server.service import Service
 from FMSegCore.server.wire import WireError, decode_array, decode_mask, encode_array, encode_mask
@@ -148,6 +152,8 @@ def test_oversize_malformed_and_unknown_requests_are_refused_and_the_worker_keep
         assert upload.status_code == 413 and "limit of 1000 bytes" in upload.json()["error"]
     finally:
         worker.max_upload_bytes = 256 << 20
+    chunked = requests.post(f"{url}/v1/volumes", headers=auth, data=iter([b"FMSEG1\n"]))
+    assert chunked.status_code == 411 and "Content-Length" in chunked.json()["error"]
     bad_json = requests.post(f"{url}/v1/sessions", headers=auth, data=b"{not json")
     assert bad_json.status_code == 400 and "not valid JSON" in bad_json.json()["error"]
     bad_frame = requests.post(f"{url}/v1/volumes", headers=auth, data=b"garbage")
@@ -163,6 +169,132 @@ def test_oversize_malformed_and_unknown_requests_are_refused_and_the_worker_keep
     unknown_model = requests.post(f"{url}/v1/sessions", headers=auth, json={"volume": "x"})
     assert unknown_model.status_code == 404 and "upload it first" in unknown_model.json()["error"]
     assert client.info()["version"]  # still serving
+
+
+ROUTES = {("get", "/v1/info"), ("get", "/v1/models"), ("post", "/v1/models/download"), ("post", "/v1/volumes"),
+          ("delete", "/v1/volumes/{volume_id}"), ("post", "/v1/adapters"), ("get", "/v1/adapters/{adapter_id}"),
+          ("post", "/v1/sessions"), ("post", "/v1/sessions/{session_id}/prompt"),
+          ("delete", "/v1/sessions/{session_id}"), ("post", "/v1/jobs/incontext"), ("post", "/v1/jobs/adapt"),
+          ("post", "/v1/jobs/segment"), ("get", "/v1/jobs/{job_id}"), ("post", "/v1/jobs/{job_id}/cancel"),
+          ("get", "/v1/jobs/{job_id}/arrays/{name}"), ("post", "/v1/shutdown")}
+
+
+def test_the_api_is_described_at_openapi_json_and_docs_behind_the_token(worker):
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    for path in ("/openapi.json", "/docs"):
+        for headers in ({}, {"Authorization": "Bearer wrong"}):
+            refused = requests.get(f"{worker.url}{path}", headers=headers)
+            assert refused.status_code == 401 and "token" in refused.json()["error"]
+    assert "text/html" in requests.get(f"{worker.url}/docs", headers=auth).headers["content-type"]
+    schema = requests.get(f"{worker.url}/openapi.json", headers=auth).json()
+    listed = {(method, path) for path, operations in schema["paths"].items() for method in operations}
+    assert listed == ROUTES
+    prompt = schema["paths"]["/v1/sessions/{session_id}/prompt"]["post"]
+    assert prompt["requestBody"]["content"]["application/json"]["schema"]["$ref"].endswith("/PromptRequest")
+    assert "application/x-fmseg-array" in prompt["responses"]["200"]["content"]
+    assert "application/x-fmseg-array" in schema["paths"]["/v1/volumes"]["post"]["requestBody"]["content"]
+    assert all("422" not in operation["responses"] for operations in schema["paths"].values()
+               for operation in operations.values())  # validation errors are answered 400
+    assert schema["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
+    box = schema["components"]["schemas"]["Box"]["properties"]["lo"]
+    assert box["minItems"] == box["maxItems"] == 3
+
+
+@pytest.mark.parametrize("route, body, words", [
+    ("sessions", {"volume": "v", "axis": "upwards"}, "session: field 'axis' must be one of"),
+    ("sessions", {"volume": "v", "device": "gpu"}, "session: field 'device' must be auto, cpu"),
+    ("sessions", [1, 2], "session: must be a JSON object"),
+    ("jobs/adapt", {"cases": [], "steps": 0}, "adapt: field 'steps' must be at least 1"),
+    ("jobs/adapt", {"cases": [{"image": "a"}]}, "adapt.cases[0]: missing field 'labels'"),
+    ("jobs/incontext", {"volume": "v", "supports": [], "seed": "3"}, "incontext: field 'seed' must be an integer"),
+    ("jobs/incontext", {"volume": "v", "supports": [], "uncertainty": 1}, "field 'uncertainty' must be true or false"),
+    ("models/download", {}, "download: missing field 'model'"),
+])
+def test_request_fields_are_checked_by_their_models_and_refused_in_one_line_naming_the_field(worker, route, body,
+                                                                                            words):
+    response = requests.post(f"{worker.url}/v1/{route}", headers={"Authorization": f"Bearer {TOKEN}"}, json=body)
+    assert response.status_code == 400
+    message = response.json()["error"]
+    assert words in message and "\n" not in message
+
+
+def test_integer_images_stay_images_and_label_maps_say_so(worker, client, case):
+    image = case[0]
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    meta = geometry(image.spacing, image.origin, image.direction)
+
+    def send(array, **extra):
+        return requests.post(f"{worker.url}/v1/volumes", headers=auth, data=encode_array(array, {**meta, **extra}))
+
+    for dtype in (np.int16, np.int32, np.uint8):  # a CT's thousands of values are no segments
+        answer = send(image.array.astype(dtype)).json()
+        assert answer["kind"] == "image" and answer["volume"] not in worker.service.segments
+    labels = np.zeros(image.array.shape, np.int16)
+    labels[10:20, 10:20, 10:20], labels[30:40, 30:40, 30:40] = 2, 5
+    plain = send(labels, kind="labels").json()
+    assert plain["kind"] == "labels"
+    assert [(s.value, s.name) for s in worker.service.segments[plain["volume"]]] == [(2, "Segment_2"), (5, "Segment_5")]
+    named = send(labels, segments=[{"value": 5, "name": "liver", "color": [0.8, 0.4, 0.3]}]).json()
+    assert named["kind"] == "labels"
+    assert [(s.value, s.name) for s in worker.service.segments[named["volume"]]] == [(5, "liver"), (2, "Segment_2")]
+    refused = send(labels.astype(np.float32), kind="labels")
+    assert refused.status_code == 400 and "holds integers" in refused.json()["error"]
+    assert "field 'kind' must be one of" in send(labels, kind="mask").json()["error"]
+    ct = upload(client, image)  # the client's plain upload: an image
+    with pytest.raises(WorkerError, match=r"supports\[0\]\.labels: .* was uploaded as an image") as mixed_up:
+        client.start_job("incontext", {"volume": ct, "supports": [{"image": ct, "labels": ct}]})
+    assert mixed_up.value.status == 400
+
+
+def test_idle_sessions_expire(case):
+    image = sub_volume(case[0], np.arange(40, 44))
+    with running_worker(service=Service("cpu", session_idle_s=0.5)) as server:
+        client = WorkerClient(server.url, TOKEN)
+        volume_id = upload(client, image)
+        idle = client.open_session(volume_id)
+        busy = client.open_session(volume_id)
+        assert {idle, busy} <= set(server.service.sessions)
+        server.service.sessions[busy].lock.acquire()  # as while it answers a prompt: never expired
+        try:
+            time.sleep(0.8)
+            assert client.info()["sessions"] == 1 and busy in server.service.sessions
+        finally:
+            server.service.sessions[busy].lock.release()
+        with pytest.raises(WorkerError, match="expired after") as expired:
+            client.prompt(idle, "kidney", boxes=[((10, 10, 0), (20, 20, 1))])
+        assert expired.value.status == 404  # the Slicer module opens a new session on a 404
+        client.close()
+
+
+def test_requests_are_logged_when_verbose_and_internal_errors_always_with_their_traceback(worker, client, capfd):
+    worker.verbose = True
+    try:
+        client.info()
+        requests.get(f"{worker.url}/v1/jobs/none", headers={"Authorization": f"Bearer {TOKEN}"})
+    finally:
+        worker.verbose = False
+    logged = capfd.readouterr().err
+    assert re.search(r"GET /v1/info 200 [0-9.]+ ms", logged) and "GET /v1/jobs/none 404" in logged
+    client.info()
+    assert "/v1/info" not in capfd.readouterr().err  # quiet unless verbose
+
+    async def broken(scope, receive, send):  # a route with a bug, behind the worker's gate
+        raise ZeroDivisionError("division by zero")
+
+    sent = []
+
+    async def receive():
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "method": "GET", "path": "/v1/info", "headers": [], "query_string": b""}
+    asyncio.run(Gate(broken, GateSettings())(scope, receive, send))
+    assert sent[0]["status"] == 500
+    assert json.loads(sent[1]["body"]) == {"error": "internal error: ZeroDivisionError: division by zero"}
+    logged = capfd.readouterr().err
+    assert "Traceback (most recent call last)" in logged and "ZeroDivisionError" in logged
 
 
 def test_a_worker_bound_beyond_this_machine_requires_a_token():
@@ -321,6 +453,24 @@ def test_a_local_worker_process_starts_crashes_and_restarts(tmp_path, case):
     assert not worker.running
     log = (tmp_path / "worker.log").read_text()
     assert log.count("fmseg worker on http://127.0.0.1:") == 2
+
+
+def test_a_local_worker_stops_cleanly_when_asked_and_on_ctrl_c(tmp_path):
+    worker = LocalWorker(device="cpu", log_path=str(tmp_path / "worker.log"))
+    try:
+        client = worker.start()  # port 0: the ready file carries the port the system chose
+        assert not worker.url.endswith(":0") and client.info()["version"]
+        process = worker.process
+        client.shutdown()
+        assert process.wait(30) == 0
+        worker.start().info()
+        process = worker.process
+        process.send_signal(signal.SIGINT)
+        assert process.wait(30) == 130  # fmseg's exit code for an interrupted command
+    finally:
+        worker.stop()
+    log = (tmp_path / "worker.log").read_text()
+    assert log.count("fmseg serve: interrupted") == 1 and "Traceback" not in log
 
 
 def test_a_worker_that_cannot_start_says_why(tmp_path):

@@ -6,6 +6,7 @@ import json
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Optional
 
 import numpy as np
 
@@ -20,9 +21,10 @@ TOKEN = "test-token-0123456789"
 
 
 @contextmanager
-def running_worker(token: str = TOKEN, max_upload_bytes: int = 256 << 20) -> Iterator[WorkerServer]:
-    """A worker serving on a free port of 127.0.0.1 until the block ends."""
-    server = WorkerServer(Service("cpu"), "127.0.0.1", 0, token, max_upload_bytes)
+def running_worker(token: str = TOKEN, max_upload_bytes: int = 256 << 20,
+                   service: Optional[Service] = None) -> Iterator[WorkerServer]:
+    """A worker (of ``service``, default a CPU one) serving on a free port of 127.0.0.1 until the block ends."""
+    server = WorkerServer(service or Service("cpu"), "127.0.0.1", 0, token, max_upload_bytes)
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     try:

@@ -1,5 +1,6 @@
 """The inference worker: an HTTP server over FMSegCore's engines (``fmseg serve``), its client and its launcher.
 
-Only :mod:`~FMSegCore.server.service` and :mod:`~FMSegCore.server.app` import torch; the wire format, the client
-and the launcher do not, so Slicer's Python can talk to a worker without ever loading torch.
+The HTTP front (:mod:`~FMSegCore.server.app`, :mod:`~FMSegCore.server.routes`, FastAPI) and the service import
+torch; the wire format, the client and the launcher import neither torch nor FastAPI, so Slicer's Python can talk
+to a worker without ever loading them.
 """

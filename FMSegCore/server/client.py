@@ -89,7 +89,8 @@ class WorkerClient:
         return self._call("GET", "models")["models"]
 
     def upload_volume(self, array: np.ndarray, meta: dict[str, Any], compress: bool = False) -> str:
-        """Send a KJI array with its geometry (and, for a label map, ``segments``); its id on the worker."""
+        """Send a KJI array with its geometry; its id on the worker. A label map says so in its meta
+        (``"kind": "labels"``, or its ``segments``); any other array is an image, whatever its dtype."""
         return self._call("POST", "volumes", data=encode_array(array, meta, compress=compress))["volume"]
 
     def remove_volume(self, volume_id: str) -> None:

@@ -1,9 +1,17 @@
-"""Reading a request's JSON fields with one-line errors naming the field (HTTP 400)."""
+"""The rules a request's JSON fields follow (pydantic types, strict: no string is read as a number), and their
+violations as one line naming the field (HTTP 400).
+
+The request models (:mod:`~FMSegCore.server.schemas`) are built from these types; FastAPI validates request bodies
+with them and the service validates an upload's meta with :func:`parse`, so each rule is written once.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Optional
+from typing import Annotated, Any, ClassVar, TypeVar
+
+from pydantic import BaseModel, ConfigDict, PlainValidator, ValidationError, WithJsonSchema
+from pydantic_core import PydanticCustomError
 
 
 class RequestError(Exception):
@@ -15,65 +23,91 @@ class RequestError(Exception):
         self.message = message
 
 
-_MISSING = object()
+class RequestModel(BaseModel):
+    """A JSON object of a request: strict types, unknown fields ignored; ``where`` names it in errors."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")
+    where: ClassVar[str] = "request"
 
 
-class Fields:
-    """Typed access to a JSON object's fields."""
+def _numbers(length: int, positive: bool = False) -> Any:
+    """A validator of a list of ``length`` numbers (not booleans), read as a tuple of floats."""
 
-    def __init__(self, body: Any, where: str = "request") -> None:
-        if not isinstance(body, dict):
-            raise RequestError(400, f"{where}: expected a JSON object")
-        self.body = body
-        self.where = where
-
-    def _get(self, name: str, default: Any) -> Any:
-        value = self.body.get(name, default)
-        if value is _MISSING:
-            raise RequestError(400, f"{self.where}: missing field '{name}'")
-        return value
-
-    def text(self, name: str, default: Any = _MISSING, choices: Optional[Sequence[str]] = None) -> Any:
-        value = self._get(name, default)
-        if value is None and default is None:
-            return None
-        if not isinstance(value, str):
-            raise RequestError(400, f"{self.where}: field '{name}' must be a string")
-        if choices is not None and value not in choices:
-            raise RequestError(400, f"{self.where}: field '{name}' must be one of {', '.join(choices)}")
-        return value
-
-    def number(self, name: str, default: Any = _MISSING, low: float = float("-inf"), high: float = float("inf"),
-               integer: bool = False) -> Any:
-        value = self._get(name, default)
-        if value is None and default is None:
-            return None
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and int(value) != value):
-            raise RequestError(400, f"{self.where}: field '{name}' must be {'an integer' if integer else 'a number'}")
-        if not low <= value <= high:
-            raise RequestError(400, f"{self.where}: field '{name}' must be between {low} and {high}")
-        return int(value) if integer else float(value)
-
-    def flag(self, name: str, default: Any = _MISSING) -> bool:
-        value = self._get(name, default)
-        if not isinstance(value, bool):
-            raise RequestError(400, f"{self.where}: field '{name}' must be true or false")
-        return value
-
-    def items(self, name: str, default: Any = _MISSING, max_items: int = 10_000) -> list:
-        value = self._get(name, default)
-        if not isinstance(value, list):
-            raise RequestError(400, f"{self.where}: field '{name}' must be a list")
-        if len(value) > max_items:
-            raise RequestError(400, f"{self.where}: field '{name}' has more than {max_items} items")
-        return value
-
-    def vector(self, name: str, length: int = 3) -> tuple[float, ...]:
-        value = self._get(name, _MISSING)
-        if not isinstance(value, list) or len(value) != length or \
+    def check(value: Any) -> tuple[float, ...]:
+        if not isinstance(value, (list, tuple)) or len(value) != length or \
                 any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in value):
-            raise RequestError(400, f"{self.where}: field '{name}' must be a list of {length} numbers")
+            raise PydanticCustomError("fmseg", f"must be a list of {length} numbers")
+        if positive and min(value) <= 0:
+            raise PydanticCustomError("fmseg", "must hold positive numbers")
         return tuple(float(v) for v in value)
 
-    def nested(self, name: str, default: Any = _MISSING) -> Fields:
-        return Fields(self._get(name, default), f"{self.where}.{name}")
+    return check
+
+
+def vector(length: int = 3, positive: bool = False) -> Any:
+    """The type of a field holding ``length`` numbers (a point, a spacing, a row-major matrix)."""
+    schema = {"type": "array", "items": {"type": "number", **({"exclusiveMinimum": 0} if positive else {})},
+              "minItems": length, "maxItems": length}
+    return Annotated[tuple[float, ...], PlainValidator(_numbers(length, positive)), WithJsonSchema(schema)]
+
+
+Vector3 = vector(3)
+
+Model = TypeVar("Model", bound=RequestModel)
+
+
+def parse(model: type[Model], data: Any) -> Model:
+    """``data`` validated as ``model``; a violation raises :class:`RequestError` (400) in one line."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as error:
+        raise RequestError(400, one_line(error.errors(), model.where)) from None
+
+
+_OBJECT = "must be a JSON object"
+_PHRASES = {
+    "missing": "is missing",
+    "string_type": "must be a string",
+    "int_type": "must be an integer",
+    "float_type": "must be a number",
+    "bool_type": "must be true or false",
+    "list_type": "must be a list",
+    "dict_type": _OBJECT,
+    "model_type": _OBJECT,
+    "model_attributes_type": _OBJECT,
+    "literal_error": "must be one of {expected}",
+    "greater_than_equal": "must be at least {ge}",
+    "less_than_equal": "must be at most {le}",
+    "greater_than": "must be more than {gt}",
+    "less_than": "must be less than {lt}",
+    "too_short": "must hold at least {min_length} items",
+    "too_long": "must hold at most {max_length} items",
+}
+
+
+def one_line(errors: Sequence[dict[str, Any]], where: str = "request") -> str:
+    """The first of pydantic's (or FastAPI's) validation errors as one line: ``where.path: field 'x' ...``."""
+    if not errors:
+        return f"{where}: invalid request"
+    error = errors[0]
+    kind, ctx = error.get("type", ""), error.get("ctx") or {}
+    loc = list(error.get("loc", ()))
+    if loc and loc[0] == "body":  # FastAPI's prefix for the request body
+        loc = loc[1:]
+    more = "" if len(errors) < 2 else f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
+    if kind == "json_invalid":
+        return f"{where}: request body is not valid JSON ({ctx.get('error', 'decode error')})"
+    name = loc.pop() if loc and isinstance(loc[-1], str) else None
+    path = where + "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in loc)
+    if kind == "missing" and name is None:
+        return f"{path}: expected a JSON object"
+    if kind == "missing":
+        return f"{path}: missing field '{name}'{more}"
+    phrase = str(error.get("msg", "is invalid")).removeprefix("Value error, ")
+    if kind in _PHRASES:
+        try:
+            phrase = _PHRASES[kind].format(**ctx)
+        except (KeyError, IndexError):  # a context this pydantic does not give: its own words
+            pass
+    subject = f"field '{name}' " if name is not None else ""
+    return " ".join(f"{path}: {subject}{phrase}{more}".split())

@@ -69,13 +69,18 @@ class JobRunner:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fmseg-job")
         self.jobs: dict[str, Job] = {}
         self.keep = keep
+        self._lock = threading.Lock()  # request threads submit and look up at once
 
     def submit(self, kind: str, work: Callable[[Job], dict[str, Any]]) -> Job:
         job = Job(kind)
-        self.jobs[job.id] = job
-        self._forget_old()
+        with self._lock:
+            self.jobs[job.id] = job
+            self._forget_old()
         self._pool.submit(self._run, job, work)
         return job
+
+    def get(self, job_id: str) -> Optional[Job]:
+        return self.jobs.get(job_id)
 
     def _run(self, job: Job, work: Callable[[Job], dict[str, Any]]) -> None:
         if job.cancelled:
@@ -102,6 +107,8 @@ class JobRunner:
             del self.jobs[job.id]
 
     def shutdown(self) -> None:
-        for job in self.jobs.values():
+        with self._lock:
+            jobs = list(self.jobs.values())
+        for job in jobs:
             job.cancel()
         self._pool.shutdown(wait=False, cancel_futures=True)

@@ -1,5 +1,6 @@
 """What the worker does, independent of HTTP: volumes, adapters, prompt sessions (with their embedding caches)
-and long jobs, addressed by ids. :mod:`FMSegCore.server.app` maps HTTP requests onto it."""
+and long jobs, addressed by ids. Requests arrive validated (:mod:`~FMSegCore.server.schemas`);
+:mod:`FMSegCore.server.routes` maps HTTP requests onto it."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -24,14 +26,25 @@ from FMSegCore.io.overlay import anatomical_axes
 from FMSegCore.io.volume import Volume
 from FMSegCore.models.factory import load_model
 from FMSegCore.preprocessing.slicing import AXIS_NAMES
-from FMSegCore.server.fields import Fields, RequestError
+from FMSegCore.server.fields import RequestError, parse
 from FMSegCore.server.jobs import Job, JobRunner
+from FMSegCore.server.schemas import (
+    AdaptRequest,
+    DownloadRequest,
+    IncontextRequest,
+    PromptRequest,
+    SegmentMeta,
+    SegmentRequest,
+    SessionRequest,
+    VolumeMeta,
+)
 from FMSegCore.server.wire import encode_array
-from FMSegCore.zoo.registry import DEFAULT_INCONTEXT, DEFAULT_PROMPTABLE, get_card, list_cards
+from FMSegCore.zoo.registry import get_card, list_cards
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 #: What each architecture does, for clients choosing a model.
 KINDS = {"litemedsam": "promptable", "universeg": "incontext", "swinunetr": "volume"}
+#: A prompt session unused this long is dropped (its embedding cache with it).
+SESSION_IDLE_S = 30 * 60.0
 
 
 def model_kind(card: Any) -> str:
@@ -39,32 +52,18 @@ def model_kind(card: Any) -> str:
     return KINDS.get(card.architecture or "", "reference")
 
 
-def volume_from_frame(array: np.ndarray, meta: dict[str, Any]) -> Volume:
-    """A :class:`Volume` from an uploaded KJI array and its geometry (spacing, origin, 3x3 direction; LPS)."""
-    fields = Fields(meta, "volume")
-    if array.ndim != 3 or min(array.shape) < 1:
-        raise RequestError(400, f"volume: expected a 3D array, got shape {list(array.shape)}")
-    spacing = fields.vector("spacing")
-    if min(spacing) <= 0:
-        raise RequestError(400, "volume: spacing must be positive")
-    direction = np.asarray(fields.vector("direction", 9)).reshape(3, 3)
-    if abs(abs(np.linalg.det(direction)) - 1.0) > 1e-3:
-        raise RequestError(400, "volume: direction must be a 3x3 rotation (row-major)")
-    name = meta.get("name")
-    return Volume(array, spacing, fields.vector("origin"), direction, str(name) if name else None)
+def volume_from_frame(array: np.ndarray, meta: VolumeMeta) -> Volume:
+    """A :class:`Volume` from an uploaded KJI array and its validated geometry (LPS)."""
+    return Volume(array, meta.spacing, meta.origin, np.asarray(meta.direction).reshape(3, 3), meta.name or None)
 
 
-def segments_from_meta(meta: dict[str, Any], labels: np.ndarray) -> list[SegmentInfo]:
+def segments_from_meta(segments: Sequence[SegmentMeta], labels: np.ndarray) -> list[SegmentInfo]:
     """The label map's segments named in its meta, plus default ones for values it does not name."""
     named: dict[int, SegmentInfo] = {}
-    for number, entry in enumerate(Fields(meta, "labels").items("segments", [])):
-        item = Fields(entry, f"labels.segments[{number}]")
-        value = item.number("value", integer=True, low=1, high=65535)
-        color = item.body.get("color")
-        info = default_segment(value, item.text("name"))
-        if isinstance(color, list) and len(color) == 3:
-            info = SegmentInfo(value, info.name, tuple(float(c) for c in color))
-        named[value] = info
+    for segment in segments:
+        info = default_segment(segment.value, segment.name)
+        named[segment.value] = info if segment.color is None else SegmentInfo(segment.value, info.name,
+                                                                              segment.color)
     present = [int(v) for v in np.unique(labels) if v != 0]
     return list(named.values()) + [default_segment(v) for v in present if v not in named]
 
@@ -80,28 +79,32 @@ class SessionEntry:
 
 
 class Service:
-    """The worker's state and operations."""
+    """The worker's state and operations; request threads and the job thread share it (``_lock`` guards its
+    dictionaries)."""
 
-    def __init__(self, device: str = "auto", max_sessions: int = 8) -> None:
+    def __init__(self, device: str = "auto", max_sessions: int = 8, session_idle_s: float = SESSION_IDLE_S) -> None:
         self.device = resolve_device(device)
         if self.device.type == "cpu":
             tune_cpu_runtime()
         self.volumes: dict[str, Volume] = {}
-        self.segments: dict[str, list[SegmentInfo]] = {}
+        self.segments: dict[str, list[SegmentInfo]] = {}  # the label maps' segments (images have none)
         self.adapters: dict[str, Any] = {}
         self.sessions: dict[str, SessionEntry] = {}
         self.max_sessions = max_sessions
+        self.session_idle_s = session_idle_s
         self.jobs = JobRunner()
+        self._lock = threading.RLock()
         self._workdir = tempfile.TemporaryDirectory(prefix="fmseg-worker-")
         self._models: dict[tuple[str, str], torch.nn.Module] = {}  # adapted models by (adapter, device)
         self._models_lock = threading.Lock()
 
     # ------------------------------------------------------------------ state
     def info(self) -> dict[str, Any]:
+        with self._lock:
+            self._expire_sessions()
+            counts = {"volumes": len(self.volumes), "sessions": len(self.sessions), "adapters": len(self.adapters)}
         return {"version": __version__, "device": str(self.device), "torch": torch.__version__,
-                "cuda": torch.cuda.is_available(), "volumes": len(self.volumes), "sessions": len(self.sessions),
-                "adapters": len(self.adapters),
-                "models": self.models()}
+                "cuda": torch.cuda.is_available(), **counts, "models": self.models()}
 
     def models(self) -> list[dict[str, Any]]:
         """The zoo's cards: id, kind, title, size, and whether the file is here already."""
@@ -110,13 +113,13 @@ class Service:
         return [{"id": card.name, "kind": model_kind(card), "title": card.title, "size_bytes": card.size_bytes,
                  "available": is_cached(card), "licence": card.licence} for card in list_cards()]
 
-    def start_download(self, body: Any) -> Job:
+    def start_download(self, request: DownloadRequest) -> Job:
         """Fetch a zoo model into the cache; progress is the partial file's size (the download resumes if
         cancelled and started again)."""
         from FMSegCore.zoo.cache import cached_path, fetch
         from FMSegCore.zoo.download import partial_path
 
-        name = Fields(body, "download").text("model")
+        name = request.model
         try:
             card = get_card(name)
         except FMSegError as error:
@@ -139,24 +142,45 @@ class Service:
         return self.jobs.submit("download", work)
 
     def add_volume(self, array: np.ndarray, meta: dict[str, Any]) -> dict[str, Any]:
-        volume = volume_from_frame(array, meta)
+        """Keep an uploaded array: an image, or a label map when its meta says so (``kind`` or ``segments``)."""
+        if array.ndim != 3 or min(array.shape) < 1:
+            raise RequestError(400, f"volume: expected a 3D array, got shape {list(array.shape)}")
+        fields = parse(VolumeMeta, meta)
+        volume = volume_from_frame(array, fields)
+        segments = None
+        if fields.is_labels:
+            if array.dtype != bool and not np.issubdtype(array.dtype, np.integer):
+                raise RequestError(400, f"volume: a label map holds integers, not {array.dtype}")
+            segments = segments_from_meta(fields.segments or [], array)
         volume_id = uuid.uuid4().hex[:16]
-        self.volumes[volume_id] = volume
-        if np.issubdtype(array.dtype, np.integer):
-            self.segments[volume_id] = segments_from_meta(meta, array)
-        return {"volume": volume_id, "shape": list(array.shape)}
+        with self._lock:
+            self.volumes[volume_id] = volume
+            if segments is not None:
+                self.segments[volume_id] = segments
+        return {"volume": volume_id, "shape": list(array.shape), "kind": "image" if segments is None else "labels"}
 
     def volume(self, volume_id: Any, where: str = "volume") -> Volume:
-        if not isinstance(volume_id, str) or volume_id not in self.volumes:
+        volume = self.volumes.get(volume_id) if isinstance(volume_id, str) else None
+        if volume is None:
             raise RequestError(404, f"{where}: no volume {volume_id!r} on this worker (upload it first)")
-        return self.volumes[volume_id]
+        return volume
+
+    def label_map(self, volume_id: str, where: str) -> tuple[Volume, list[SegmentInfo]]:
+        """An uploaded label map and its segments (an image is refused)."""
+        volume = self.volume(volume_id, where)
+        segments = self.segments.get(volume_id)
+        if segments is None:
+            raise RequestError(400, f"{where}: volume {volume_id!r} was uploaded as an image; upload label maps "
+                                    "with kind 'labels' (or their segments) in the meta")
+        return volume, segments
 
     def remove_volume(self, volume_id: str) -> None:
-        self.volume(volume_id)
-        del self.volumes[volume_id]
-        self.segments.pop(volume_id, None)
-        for session_id in [s for s, e in self.sessions.items() if e.volume_id == volume_id]:
-            del self.sessions[session_id]
+        with self._lock:
+            self.volume(volume_id)
+            del self.volumes[volume_id]
+            self.segments.pop(volume_id, None)
+            for session_id in [s for s, e in self.sessions.items() if e.volume_id == volume_id]:
+                del self.sessions[session_id]
 
     def add_adapter(self, data: bytes) -> dict[str, Any]:
         from FMSegCore.engines.adaptation.adapter_file import load_adapter
@@ -169,20 +193,21 @@ class Service:
         except FMSegError as error:
             path.unlink(missing_ok=True)
             raise RequestError(400, f"adapter: {getattr(error, 'problem', error)}") from None
-        self.adapters[adapter_id] = adapter
+        with self._lock:
+            self.adapters[adapter_id] = adapter
         return {"adapter": adapter_id, **_adapter_summary(adapter)}
 
-    def adapter(self, adapter_id: Any) -> Any:
-        if not isinstance(adapter_id, str) or adapter_id not in self.adapters:
-            raise RequestError(404, f"no adapter {adapter_id!r} on this worker")
-        return self.adapters[adapter_id]
+    def adapter(self, adapter_id: Any, where: str = "adapter") -> Any:
+        adapter = self.adapters.get(adapter_id) if isinstance(adapter_id, str) else None
+        if adapter is None:
+            raise RequestError(404, f"{where}: no adapter {adapter_id!r} on this worker")
+        return adapter
 
     def adapter_bytes(self, adapter_id: str) -> bytes:
         return Path(self.adapter(adapter_id).path).read_bytes()
 
     # ------------------------------------------------------------------ models
-    def _device(self, fields: Fields) -> torch.device:
-        name = fields.text("device", "")
+    def _device(self, name: str) -> torch.device:
         return self.device if not name else resolve_device(name)
 
     def model(self, name: str, device: torch.device, adapter_id: Optional[str] = None) -> torch.nn.Module:
@@ -198,64 +223,62 @@ class Service:
             return self._models[key]
 
     # ------------------------------------------------------------------ prompting
-    def open_session(self, body: Any) -> dict[str, Any]:
-        fields = Fields(body, "session")
-        volume_id = fields.text("volume")
-        volume = self.volume(volume_id)
-        name = fields.text("model", DEFAULT_PROMPTABLE)
-        adapter_id = fields.text("adapter", None)
-        if adapter_id is not None and self.adapter(adapter_id).mode != "prompt":
+    def open_session(self, request: SessionRequest) -> dict[str, Any]:
+        volume = self.volume(request.volume, "session.volume")
+        if request.adapter is not None and self.adapter(request.adapter, "session.adapter").mode != "prompt":
             raise RequestError(400, "session: this adapter is an automatic segmenter, not a promptable model")
-        axis_name = fields.text("axis", "axial", choices=tuple(AXIS_NAMES))
-        precision = fields.text("precision", "auto", choices=PRECISIONS)
-        device = self._device(fields)
-        options = {"context": fields.text("context", "auto", choices=("auto", "crop", "full")),
-                   "modality": fields.text("modality", "auto", choices=("auto", "CT", "MR"))}
-        window = fields.text("window", None)
-        if window is not None:
-            options["window"] = window
-        _check_card(name, "promptable")
-        model = self.model(name, device, adapter_id)
-        axis = anatomical_axes(volume.direction)[AXIS_NAMES[axis_name]]
-        session = PromptSession(volume, model, device, axis=axis, autocast_dtype=inference_dtype(device, precision),
-                                **options)
+        device = self._device(request.device)
+        options = {"context": request.context, "modality": request.modality}
+        if request.window is not None:
+            options["window"] = request.window
+        _check_card(request.model, "promptable")
+        model = self.model(request.model, device, request.adapter)
+        axis = anatomical_axes(volume.direction)[AXIS_NAMES[request.axis]]
+        session = PromptSession(volume, model, device, axis=axis,
+                                autocast_dtype=inference_dtype(device, request.precision), **options)
         session_id = uuid.uuid4().hex[:16]
-        self.sessions[session_id] = SessionEntry(session, volume_id, threading.Lock(), time.time())
-        self._forget_sessions()
-        return {"session": session_id, "model": name, "device": str(device), "axis": axis}
+        with self._lock:
+            self._expire_sessions()
+            self.sessions[session_id] = SessionEntry(session, request.volume, threading.Lock(), time.time())
+            while len(self.sessions) > self.max_sessions:  # the least recently used goes first
+                del self.sessions[min(self.sessions, key=lambda s: self.sessions[s].used)]
+        return {"session": session_id, "model": request.model, "device": str(device), "axis": axis}
 
-    def _forget_sessions(self) -> None:
-        while len(self.sessions) > self.max_sessions:
-            oldest = min(self.sessions, key=lambda s: self.sessions[s].used)
-            del self.sessions[oldest]
+    def _expire_sessions(self) -> None:
+        """Drop sessions idle longer than ``session_idle_s`` (never one that is answering a prompt)."""
+        oldest = time.time() - self.session_idle_s
+        for session_id in [s for s, e in self.sessions.items() if e.used < oldest and not e.lock.locked()]:
+            del self.sessions[session_id]
 
     def close_session(self, session_id: str) -> None:
-        if session_id not in self.sessions:
-            raise RequestError(404, f"no session {session_id!r} on this worker")
-        del self.sessions[session_id]
+        with self._lock:
+            if self.sessions.pop(session_id, None) is None:
+                raise RequestError(404, f"no session {session_id!r} on this worker")
 
-    def prompt(self, session_id: str, body: Any) -> tuple[np.ndarray, dict[str, Any]]:
+    def prompt(self, session_id: str, request: PromptRequest) -> tuple[np.ndarray, dict[str, Any]]:
         """Segment one named structure from its prompts: (KJI boolean mask, timings)."""
-        entry = self.sessions.get(session_id)
+        with self._lock:
+            self._expire_sessions()
+            entry = self.sessions.get(session_id)
+            if entry is not None:
+                entry.used = time.time()  # not expired while it waits for its lock
         if entry is None:
-            raise RequestError(404, f"no session {session_id!r} on this worker (it may have been closed)")
-        prompts = _segment_prompts(Fields(body, "prompt"), entry.session.volume.shape_ijk)
+            raise RequestError(404, f"no session {session_id!r} on this worker (it was closed, or expired after "
+                                    f"{self.session_idle_s / 60:g} min unused)")
+        prompts = _segment_prompts(request, entry.session.volume.shape_ijk)
         with entry.lock:
-            entry.used = time.time()
             timings = entry.session.timings
             before = (timings.encoded, timings.decoded)
             began = time.perf_counter()
             mask = entry.session.segment(prompts)
             seconds = time.perf_counter() - began
+            entry.used = time.time()
         return mask, {"name": prompts.name, "voxels": int(mask.sum()), "seconds": round(seconds, 4),
                       "encoded": timings.encoded - before[0], "decoded": timings.decoded - before[1]}
 
     # ------------------------------------------------------------------ jobs
-    def start_incontext(self, body: Any) -> Job:
+    def start_incontext(self, request: IncontextRequest) -> Job:
         from FMSegCore.engines.incontext.anatomical import (
-            MATCHES,
-            PRIOR_MARGIN_MM,
-            REGISTRATION_WEIGHT,
             AnatomicalInContext,
             AnatomicalSettings,
             choose_match,
@@ -263,53 +286,42 @@ class Service:
         from FMSegCore.engines.incontext.session import InContextSession, InContextSettings
         from FMSegCore.engines.incontext.support import SupportScan, SupportSet, example_from_arrays
 
-        fields = Fields(body, "incontext")
-        query = self.volume(fields.text("volume"))
-        modality = fields.text("modality", "auto", choices=("auto", "CT", "MR"))
-        window = fields.text("window", "abdomen")
+        query = self.volume(request.volume, "incontext.volume")
+        modality, window = request.modality, request.window
         examples, support_volumes = [], []
-        for number, entry in enumerate(fields.items("supports", max_items=256)):
-            item = Fields(entry, f"incontext.supports[{number}]")
-            image = self.volume(item.text("image"), f"{item.where}.image")
+        for number, pair in enumerate(request.supports):
+            where = f"incontext.supports[{number}]"
+            image = self.volume(pair.image, f"{where}.image")
+            labels, segments = self.label_map(pair.labels, f"{where}.labels")
             support_volumes.append(image)
-            labels = self.volume(item.text("labels"), f"{item.where}.labels")
-            segments = self.segments.get(item.body["labels"], [])
             examples.append(example_from_arrays(image.array, labels.array, segments, f"support {number + 1}",
                                                 modality, window))
         support = SupportSet(examples)
-        classes = support.resolve(fields.items("classes", []) or None)
-        settings = InContextSettings(support_size=fields.number("support_size", 8, 1, 64, integer=True),
-                                     ensemble=fields.number("ensemble", 1, 1, 16, integer=True),
-                                     match_tolerance=fields.number("tolerance", 0.05, 1e-3, 1.0),
-                                     seed=fields.number("seed", 0, integer=True))
-        name = fields.text("model", DEFAULT_INCONTEXT)
+        classes = support.resolve(request.classes or None)
+        settings = InContextSettings(support_size=request.support_size, ensemble=request.ensemble,
+                                     match_tolerance=request.tolerance, seed=request.seed)
+        name = request.model
         _check_card(name, "incontext")
-        uncertainty = fields.flag("uncertainty", False)
-        axis_name = fields.text("axis", "axial", choices=tuple(AXIS_NAMES))
+        uncertainty = request.uncertainty
+        axis_name = request.axis
         axis = anatomical_axes(query.direction)[AXIS_NAMES[axis_name]]
-        device = self._device(fields)
-        precision = fields.text("precision", "auto", choices=PRECISIONS)
-
-        match = choose_match(fields.text("match", "auto", choices=MATCHES), query, support_volumes)
-        margin = fields.number("prior_margin_mm", PRIOR_MARGIN_MM, 0.0, 500.0)
-        cross_modality = fields.flag("cross_modality", False)
-        weight = fields.number("registration_weight", REGISTRATION_WEIGHT, 0.0, 1.0)
+        device = self._device(request.device)
+        match = choose_match(request.match, query, support_volumes)
+        anatomical = AnatomicalSettings(prior_margin_mm=request.prior_margin_mm or None,
+                                        allow_cross_modality=request.cross_modality,
+                                        registration_weight=request.registration_weight)
 
         def work(job: Job) -> dict[str, Any]:
             job.progress(0, 1, f"loading {name}")
             model = self.model(name, device)
-            autocast = inference_dtype(device, precision)
+            autocast = inference_dtype(device, request.precision)
             report = lambda message, done, total: job.progress(done, total, message)  # noqa: E731
             alignments = []
             if match == "anatomy":
                 scans = [SupportScan(volume, example.labels, example.segments, example.source)
                          for volume, example in zip(support_volumes, examples)]
                 engine = AnatomicalInContext(model, scans, [c.value for c in classes], axis_name, settings,
-                                             AnatomicalSettings(prior_margin_mm=margin or None,
-                                                                allow_cross_modality=cross_modality,
-                                                                registration_weight=weight),
-                                             device, autocast,
-                                             modality, window)
+                                             anatomical, device, autocast, modality, window)
                 job.progress(0, 1, "aligning supports to the query")
                 result, aligned = engine.segment(query, uncertainty=uncertainty, progress=report)
                 alignments = [{"support": scan.source, "body_dice": round(a.body_dice, 3),
@@ -328,51 +340,33 @@ class Service:
 
         return self.jobs.submit("incontext", work)
 
-    def start_adaptation(self, body: Any) -> Job:
+    def start_adaptation(self, request: AdaptRequest) -> Job:
         from FMSegCore.engines.adaptation.adapter_file import load_adapter, save_adapter
         from FMSegCore.engines.adaptation.cases import case_from_arrays, resolve_structures
-        from FMSegCore.engines.adaptation.defaults import (
-            DEFAULT_PIXEL_MM,
-            DEFAULT_RANK,
-            DEFAULT_VIEWS,
-            MAX_RANK,
-            METHOD_CHOICES,
-            MODES,
-            default_method,
-        )
+        from FMSegCore.engines.adaptation.defaults import default_method
         from FMSegCore.engines.adaptation.engine import adapt, split_validation, train_settings
         from FMSegCore.engines.adaptation.geometry import SliceGeometry
         from FMSegCore.engines.adaptation.methods import MethodSettings
 
-        fields = Fields(body, "adapt")
-        modality = fields.text("modality", "auto", choices=("auto", "CT", "MR"))
-        window = fields.text("window", "abdomen")
-        axis_name = fields.text("axis", "axial", choices=tuple(AXIS_NAMES))
+        modality, window, axis_name = request.modality, request.window, request.axis
         cases = []
-        for number, entry in enumerate(fields.items("cases", max_items=256)):
-            item = Fields(entry, f"adapt.cases[{number}]")
-            image = self.volume(item.text("image"), f"{item.where}.image")
-            labels = self.volume(item.text("labels"), f"{item.where}.labels")
+        for number, pair in enumerate(request.cases):
+            where = f"adapt.cases[{number}]"
+            image = self.volume(pair.image, f"{where}.image")
+            labels, segments = self.label_map(pair.labels, f"{where}.labels")
             axis = anatomical_axes(image.direction)[AXIS_NAMES[axis_name]]
-            cases.append(case_from_arrays(image.array, labels.array, self.segments.get(item.body["labels"], []),
-                                          f"case {number + 1}", image.spacing, axis, modality, window,
-                                          direction=image.direction))
-        cases, held_out = split_validation(cases, fields.number("holdout", 0, 0, 255, integer=True))
-        structures = resolve_structures(cases, fields.items("labels", []) or None)
-        mode = fields.text("mode", "auto", choices=MODES)
-        method_name = default_method(mode, fields.text("method", None, choices=METHOD_CHOICES))
-        method = MethodSettings(method_name, rank=fields.number("rank", DEFAULT_RANK, 1, MAX_RANK, integer=True))
-        training = train_settings(mode, method_name, fields.number("steps", None, 1, 100_000, integer=True),
-                                  fields.number("batch_size", None, 1, 256, integer=True),
-                                  learning_rate=fields.number("lr", None, 0.0, 10.0),
-                                  seed=fields.number("seed", 0, integer=True),
-                                  precision=fields.text("precision", "auto", choices=PRECISIONS))
-        whole_slice = fields.flag("whole_slice", False)
-        geometry = None if whole_slice else SliceGeometry(
-            pixel_mm=fields.number("pixel_mm", DEFAULT_PIXEL_MM, 0.05, 20.0))
-        views = fields.number("views", DEFAULT_VIEWS, 1, 10_000, integer=True)
-        name = fields.text("model", DEFAULT_PROMPTABLE)
-        device = self._device(fields)
+            cases.append(case_from_arrays(image.array, labels.array, segments, f"case {number + 1}", image.spacing,
+                                          axis, modality, window, direction=image.direction))
+        cases, held_out = split_validation(cases, request.holdout)
+        structures = resolve_structures(cases, request.labels or None)
+        mode = request.mode
+        method_name = default_method(mode, request.method)
+        method = MethodSettings(method_name, rank=request.rank)
+        training = train_settings(mode, method_name, request.steps, request.batch_size, learning_rate=request.lr,
+                                  seed=request.seed, precision=request.precision)
+        geometry = None if request.whole_slice else SliceGeometry(pixel_mm=request.pixel_mm)
+        views, name = request.views, request.model
+        device = self._device(request.device)
 
         def work(job: Job) -> dict[str, Any]:
             job.progress(0, training.total_steps, "loading")
@@ -384,32 +378,31 @@ class Service:
             path = Path(self._workdir.name) / f"{adapter_id}.pt"
             save_adapter(path, result.metadata, result.state)
             adapter = load_adapter(path)
-            self.adapters[adapter_id] = adapter
+            with self._lock:
+                self.adapters[adapter_id] = adapter
             return {"adapter": adapter_id, **_adapter_summary(adapter)}
 
         return self.jobs.submit("adapt", work)
 
-    def start_auto_segmentation(self, body: Any) -> Job:
+    def start_auto_segmentation(self, request: SegmentRequest) -> Job:
         from FMSegCore.engines.adaptation.auto_segment import scan_modality, segment_with_adapter
 
-        fields = Fields(body, "segment")
-        volume = self.volume(fields.text("volume"))
-        adapter = self.adapter(fields.text("adapter"))
+        volume = self.volume(request.volume, "segment.volume")
+        adapter = self.adapter(request.adapter, "segment.adapter")
         if adapter.mode != "auto":
             raise RequestError(400, "segment: this adapter adapts a promptable model; use it in a prompt session")
-        device = self._device(fields)
-        precision = fields.text("precision", "auto", choices=PRECISIONS)
+        device = self._device(request.device)
         try:
-            modality = scan_modality(volume, f"segment.volume {fields.body['volume']!r}", adapter.metadata,
-                                     fields.text("modality", "auto", choices=("auto", "CT", "MR")),
-                                     override="'modality':")
+            modality = scan_modality(volume, f"segment.volume {request.volume!r}", adapter.metadata,
+                                     request.modality, override="'modality':")
         except InputError as error:
             raise RequestError(400, str(error)) from None
 
         def work(job: Job) -> dict[str, Any]:
             job.progress(0, 1, "loading")
-            model = self.model(adapter.base_model, device, body["adapter"])
-            labels = segment_with_adapter(model, adapter.metadata, volume, device, inference_dtype(device, precision),
+            model = self.model(adapter.base_model, device, request.adapter)
+            labels = segment_with_adapter(model, adapter.metadata, volume, device,
+                                          inference_dtype(device, request.precision),
                                           progress=lambda done, total: job.progress(done, total, "segmenting"),
                                           modality=modality)
             job.frames["labels"] = encode_array(labels.astype(np.uint16), compress=True)
@@ -418,9 +411,10 @@ class Service:
         return self.jobs.submit("segment", work)
 
     def job(self, job_id: str) -> Job:
-        if job_id not in self.jobs.jobs:
+        job = self.jobs.get(job_id)
+        if job is None:
             raise RequestError(404, f"no job {job_id!r} on this worker")
-        return self.jobs.jobs[job_id]
+        return job
 
     def shutdown(self) -> None:
         self.jobs.shutdown()
@@ -459,34 +453,25 @@ def _adapter_summary(adapter: Any) -> dict[str, Any]:
             "bytes": Path(adapter.path).stat().st_size if adapter.path else None}
 
 
-def _segment_prompts(fields: Fields, shape_ijk: tuple[int, int, int]) -> SegmentPrompts:
-    """Prompts of one segment from JSON (continuous IJK voxel indices), checked against the volume."""
-    name = fields.text("name")
+def _segment_prompts(request: PromptRequest, shape_ijk: tuple[int, int, int]) -> SegmentPrompts:
+    """Prompts of one segment (continuous IJK voxel indices), checked against the volume."""
     low, high = np.full(3, -0.5), np.asarray(shape_ijk, dtype=float) - 0.5
     boxes = []
-    for number, entry in enumerate(fields.items("boxes", [], max_items=256)):
-        item = Fields(entry, f"prompt.boxes[{number}]")
-        lo, hi = np.asarray(item.vector("lo")), np.asarray(item.vector("hi"))
+    for number, box in enumerate(request.boxes):
+        lo, hi = np.asarray(box.lo), np.asarray(box.hi)
         if np.any(np.maximum(lo, hi) < low) or np.any(np.minimum(lo, hi) > high):
-            raise RequestError(400, f"{item.where}: the box lies outside the volume")
-        corners = None
-        if item.body.get("corners") is not None:  # an oriented ROI: its 8 corners (IJK)
-            points = item.items("corners", max_items=8)
-            if len(points) != 8:
-                raise RequestError(400, f"{item.where}: field 'corners' must hold 8 corners")
-            corners = tuple(Fields({"c": c}, f"{item.where}.corners").vector("c") for c in points)
-        boxes.append(BoxPrompt(tuple(lo), tuple(hi), corners))
+            raise RequestError(400, f"prompt.boxes[{number}]: the box lies outside the volume")
+        boxes.append(BoxPrompt(box.lo, box.hi, None if box.corners is None else tuple(box.corners)))
     points = []
-    for number, entry in enumerate(fields.items("points", [], max_items=1024)):
-        item = Fields(entry, f"prompt.points[{number}]")
-        ijk = np.asarray(item.vector("ijk"))
+    for number, point in enumerate(request.points):
+        ijk = np.asarray(point.ijk)
         if np.any(ijk < low) or np.any(ijk > high):
-            raise RequestError(400, f"{item.where}: the point lies outside the volume")
-        points.append(PointPrompt(tuple(ijk), item.flag("include", True)))
-    prompts = SegmentPrompts(name, boxes, points)
+            raise RequestError(400, f"prompt.points[{number}]: the point lies outside the volume")
+        points.append(PointPrompt(point.ijk, point.include))
+    prompts = SegmentPrompts(request.name, boxes, points)
     if prompts.is_empty():
-        raise RequestError(400, f"prompt: segment '{name}' has no box and no include point to start from")
+        raise RequestError(400, f"prompt: segment '{request.name}' has no box and no include point to start from")
     return prompts
 
 
-__all__ = ["Service", "InputError", "volume_from_frame"]
+__all__ = ["Service", "SESSION_IDLE_S", "volume_from_frame"]

@@ -1,0 +1,106 @@
+"""What every request to the worker passes before and after its route (an ASGI middleware): the bearer token
+(compared in constant time), the body size limits (checked on Content-Length, before a byte of the body is
+read), the request log (``--verbose``) and the net for internal errors (always logged with their traceback).
+"""
+
+from __future__ import annotations
+
+import hmac
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from starlette.responses import JSONResponse
+
+MAX_JSON_BYTES = 1 << 20
+TOKEN_HEADER = b"authorization"
+#: (method, path) of the routes whose bodies are binary uploads, limited by ``max_upload_bytes``.
+UPLOADS = {("POST", "/v1/volumes"), ("POST", "/v1/adapters")}
+
+
+@dataclass
+class GateSettings:
+    """The token (empty: none required), the upload limit and whether to log every request; read per request,
+    so they may change while the worker serves."""
+
+    token: str = ""
+    max_upload_bytes: int = 2 << 30
+    verbose: bool = False
+
+
+def error_response(status: int, message: str, close: bool = False, headers: Any = None) -> JSONResponse:
+    """The one-line error answer ``{"error": "..."}``; ``close`` ends the connection (an unread body must not be
+    read as the next request)."""
+    extra = dict(headers or {}, **({"Connection": "close"} if close else {}))
+    return JSONResponse({"error": " ".join(str(message).split())}, status, headers=extra)
+
+
+def log(line: str) -> None:
+    print(f"fmseg worker: {line}", file=sys.stderr, flush=True)
+
+
+class Gate:
+    """The middleware: refuses what may not pass, logs what did, and turns an escaped exception into a 500."""
+
+    def __init__(self, app: Callable, settings: GateSettings) -> None:
+        self.app = app
+        self.settings = settings
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        began = time.perf_counter()
+        status = 0
+
+        async def send_noted(message: dict) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            refusal = self.refusal(scope)
+            if refusal is not None:
+                await refusal(scope, receive, send_noted)
+            else:
+                await self.app(_json_by_default(scope), receive, send_noted)
+        except Exception as error:  # a bug must not take the worker down: report it, keep serving
+            log(f"internal error on {scope['method']} {scope['path']}:\n{traceback.format_exc().rstrip()}")
+            if not status:
+                await error_response(500, f"internal error: {type(error).__name__}: {error}", close=True)(
+                    scope, receive, send_noted)
+        finally:
+            if self.settings.verbose:
+                log(f"{scope['method']} {scope['path']} {status} {1000 * (time.perf_counter() - began):.1f} ms")
+
+    def refusal(self, scope: dict) -> Any:
+        """The answer refusing this request (401, 411, 413), or None to let it through."""
+        headers = dict(scope["headers"])
+        token = self.settings.token
+        if token and not hmac.compare_digest(headers.get(TOKEN_HEADER, b""), f"Bearer {token}".encode()):
+            return error_response(401, "missing or wrong token (send 'Authorization: Bearer <token>')",
+                                  close=scope["method"] == "POST")
+        if scope["method"] != "POST":
+            return None
+        if b"transfer-encoding" in headers:
+            return error_response(411, "send a Content-Length (chunked bodies are not accepted)", close=True)
+        try:  # no Content-Length (and no Transfer-Encoding): no body, as HTTP/1.1 has it
+            length = int(headers.get(b"content-length", b"0"))
+        except ValueError:
+            return error_response(411, "missing or bad Content-Length", close=True)
+        limit = self.settings.max_upload_bytes if (scope["method"], scope["path"]) in UPLOADS else MAX_JSON_BYTES
+        if length < 0 or length > limit:
+            return error_response(413, f"request body of {length} bytes exceeds the limit of {limit} bytes",
+                                  close=True)
+        return None
+
+
+def _json_by_default(scope: dict) -> dict:
+    """A JSON route's body without a Content-Type is read as JSON (as FastAPI did before it required the type)."""
+    if scope["method"] != "POST" or (scope["method"], scope["path"]) in UPLOADS or \
+            any(name == b"content-type" for name, _ in scope["headers"]):
+        return scope
+    return dict(scope, headers=[*scope["headers"], (b"content-type", b"application/json")])

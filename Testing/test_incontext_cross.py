@@ -20,7 +20,7 @@ from FMSegCore.engines.incontext.session import InContextSession, InContextSetti
 from FMSegCore.engines.incontext.support import SupportScan, SupportSet
 from FMSegCore.errors import InputError
 from FMSegCore.io.labelmap import default_segment, read_labelmap
-from FMSegCore.io.overlay import anatomical_axes
+from FMSegCore.io.orientation import anatomical_axes
 from FMSegCore.io.volume import write_volume
 from FMSegCore.preprocessing.alignment import Alignment, align, check_alignment, resample_onto
 from FMSegCore.zoo.cache import resources_dir

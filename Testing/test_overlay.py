@@ -9,8 +9,8 @@ import pytest
 
 from FMSegCore.errors import FMSegError, InputError
 from FMSegCore.io.colors import distinct_colors
+from FMSegCore.io.orientation import anatomical_axes
 from FMSegCore.io.overlay import (
-    anatomical_axes,
     choose_slices,
     display_plan,
     write_overlay_png,

@@ -32,7 +32,7 @@ from FMSegCore.engines.adaptation.engine import AdaptationResult, adapt, build_a
 from FMSegCore.engines.adaptation.geometry import SliceGeometry
 from FMSegCore.engines.adaptation.methods import MethodSettings
 from FMSegCore.io.labelmap import default_segment
-from FMSegCore.io.overlay import anatomical_axes
+from FMSegCore.io.orientation import anatomical_axes
 
 PIPELINES = ("physical", "whole-slice")
 #: Training scan -> the reported scenarios its adapter is tested on.

@@ -34,7 +34,7 @@ from FMSegCore.engines.incontext.session import InContextSession, InContextSetti
 from FMSegCore.engines.incontext.support import SupportScan, SupportSet
 from FMSegCore.engines.label_vote import most_probable
 from FMSegCore.io.labelmap import default_segment
-from FMSegCore.io.overlay import anatomical_axes
+from FMSegCore.io.orientation import anatomical_axes
 from FMSegCore.preprocessing.alignment import resample_onto
 
 METHODS = ("aligned", "aligned_model_only", "aligned_w0.25", "aligned_w0.5", "index", "registration", "copy")

@@ -241,7 +241,7 @@ def _segment_by_index(image: Volume, scans: Sequence[SupportScan], classes: Sequ
     """The query sliced as it is, supports matched by relative slice position."""
     from FMSegCore.engines.incontext.session import InContextSession
     from FMSegCore.engines.incontext.support import SupportSet
-    from FMSegCore.io.overlay import anatomical_axes
+    from FMSegCore.io.orientation import anatomical_axes
 
     show = _show(options)
     model, device, dtype = _model(options, show)

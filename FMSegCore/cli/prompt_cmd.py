@@ -29,7 +29,7 @@ from FMSegCore.io.labelmap import (
     write_labelmap,
 )
 from FMSegCore.io.markups import prompts_from_markups
-from FMSegCore.io.overlay import anatomical_axes
+from FMSegCore.io.orientation import anatomical_axes
 from FMSegCore.io.volume import PathLike, Volume, read_volume
 from FMSegCore.zoo.registry import DEFAULT_PROMPTABLE, get_card
 

@@ -8,7 +8,6 @@ and without pyplot (so a caller's own matplotlib state is left alone).
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Mapping, Sequence
 from typing import Optional, Union
 
@@ -17,6 +16,7 @@ import numpy as np
 from FMSegCore.errors import FMSegError, InputError
 from FMSegCore.io.atomic import atomic_output
 from FMSegCore.io.colors import Color, distinct_colors
+from FMSegCore.io.orientation import anatomical_axes
 from FMSegCore.io.volume import PathLike, Volume
 
 Names = Union[Sequence[str], Mapping[int, str]]
@@ -50,14 +50,6 @@ def _by_value(items: Union[Sequence, Mapping, None]) -> dict[int, object]:
 
 
 # ------------------------------------------------------------------------------------------------ orientation
-
-
-def anatomical_axes(direction: np.ndarray) -> tuple[int, int, int]:
-    """The IJK axes that run most nearly along L-R, A-P and S-I, from a direction matrix (columns = I, J, K
-    in LPS); each IJK axis is used once, also for oblique volumes."""
-    weights = np.abs(np.asarray(direction, dtype=float))
-    best = max(itertools.permutations(range(3)), key=lambda p: sum(weights[row, p[row]] for row in range(3)))
-    return (int(best[0]), int(best[1]), int(best[2]))
 
 
 def display_plan(direction: np.ndarray) -> tuple[int, tuple[int, int], tuple[bool, bool]]:

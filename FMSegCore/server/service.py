@@ -22,7 +22,7 @@ from FMSegCore.engines.prompting.prompts import BoxPrompt, PointPrompt, SegmentP
 from FMSegCore.engines.prompting.session import PromptSession
 from FMSegCore.errors import FMSegError, InputError
 from FMSegCore.io.labelmap import SegmentInfo, default_segment
-from FMSegCore.io.overlay import anatomical_axes
+from FMSegCore.io.orientation import anatomical_axes
 from FMSegCore.io.volume import Volume
 from FMSegCore.models.factory import load_model
 from FMSegCore.preprocessing.slicing import AXIS_NAMES

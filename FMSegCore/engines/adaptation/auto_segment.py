@@ -24,7 +24,7 @@ from FMSegCore.engines.adaptation.geometry import (
 from FMSegCore.engines.label_vote import labels_from_probabilities
 from FMSegCore.engines.prompting.windows import SliceWindow, extract, full_window, paste
 from FMSegCore.errors import InputError
-from FMSegCore.io.overlay import anatomical_axes
+from FMSegCore.io.orientation import anatomical_axes
 from FMSegCore.io.volume import Volume
 from FMSegCore.preprocessing.intensity import guess_modality, normalize
 from FMSegCore.preprocessing.slicing import AXIS_NAMES, get_slice, in_plane_axes, resize_2d

@@ -18,7 +18,7 @@ import numpy as np
 
 from FMSegCore.errors import InputError
 from FMSegCore.io.labelmap import SegmentInfo, check_labelled_arrays, default_segment, read_labelmap
-from FMSegCore.io.overlay import anatomical_axes
+from FMSegCore.io.orientation import anatomical_axes
 from FMSegCore.io.volume import read_volume
 from FMSegCore.preprocessing.intensity import DEFAULT_CT_WINDOW, Window, guess_modality, normalize
 from FMSegCore.preprocessing.slicing import AXIS_NAMES, get_slice, in_plane_axes

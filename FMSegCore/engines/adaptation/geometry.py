@@ -26,7 +26,7 @@ import numpy as np
 
 from FMSegCore.engines.adaptation.cases import TrainingCase
 from FMSegCore.engines.prompting.windows import SliceWindow
-from FMSegCore.io.overlay import anatomical_axes
+from FMSegCore.io.orientation import anatomical_axes
 from FMSegCore.preprocessing.slicing import resize_2d
 
 #: Normalised intensity above which a voxel counts as body (CT abdomen window: about -140 HU).

@@ -146,12 +146,12 @@ def test_oversize_malformed_and_unknown_requests_are_refused_and_the_worker_keep
     big = requests.post(f"{url}/v1/sessions", headers={**auth, "Content-Type": "application/json"},
                         data=b" " * (MAX_JSON_BYTES + 1))
     assert big.status_code == 413
-    worker.max_upload_bytes = 1000
+    worker.settings.max_upload_bytes = 1000
     try:
         upload = requests.post(f"{url}/v1/volumes", headers=auth, data=b"\0" * 1001)
         assert upload.status_code == 413 and "limit of 1000 bytes" in upload.json()["error"]
     finally:
-        worker.max_upload_bytes = 256 << 20
+        worker.settings.max_upload_bytes = 256 << 20
     chunked = requests.post(f"{url}/v1/volumes", headers=auth, data=iter([b"FMSEG1\n"]))
     assert chunked.status_code == 411 and "Content-Length" in chunked.json()["error"]
     bad_json = requests.post(f"{url}/v1/sessions", headers=auth, data=b"{not json")
@@ -267,12 +267,12 @@ def test_idle_sessions_expire(case):
 
 
 def test_requests_are_logged_when_verbose_and_internal_errors_always_with_their_traceback(worker, client, capfd):
-    worker.verbose = True
+    worker.settings.verbose = True
     try:
         client.info()
         requests.get(f"{worker.url}/v1/jobs/none", headers={"Authorization": f"Bearer {TOKEN}"})
     finally:
-        worker.verbose = False
+        worker.settings.verbose = False
     logged = capfd.readouterr().err
     assert re.search(r"GET /v1/info 200 [0-9.]+ ms", logged) and "GET /v1/jobs/none 404" in logged
     client.info()

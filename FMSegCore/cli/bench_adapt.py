@@ -111,8 +111,8 @@ def run_cross(args: argparse.Namespace) -> int:
                      platform.machine(), "geometry": SliceGeometry().to_json(), "views": DEFAULT_VIEWS,
                      "defaults": {m: {"steps": s, "batch_size": b} for m, (s, b) in AUTO_DEFAULTS.items()},
                      "method": method, "cross": [], "timing": []}
+    rerun = args.methods or ([method] if args.cross_part == "dev" else None)  # methods a part run measures again
     if args.cross_part != "all" and path.exists():  # a part run: keep the figures it does not measure again
-        rerun = args.methods or ([method] if args.cross_part == "dev" else None)
         figures |= kept_figures(json.loads(path.read_text()), args.cross_part, rerun)
     print(f"device {device} ({torch.get_num_threads()} threads); method {method}", flush=True)
 
@@ -120,6 +120,11 @@ def run_cross(args: argparse.Namespace) -> int:
         figures["seconds"] = round(time.perf_counter() - began, 1)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(figures, indent=1))
+
+    def finish() -> int:
+        save()
+        print(f"wrote {path} ({figures['seconds']:.0f} s)")
+        return 0
 
     def show(cell) -> None:
         figures["cross"].append(asdict(cell) | {"mean": cell.mean, "mean_large": cell.mean_large})
@@ -143,29 +148,21 @@ def run_cross(args: argparse.Namespace) -> int:
     union = list(dict.fromkeys(s for scenario in scenarios for s in cross.scored_structures(scenario)))
     if args.cross_part == "dev":  # the methods at their defaults on the development scenario (not reported)
         development = cross.build_scenario(DEV_SCENARIO)
-        cross.run_timing(base, development.support, cross.scored_structures(development), device,
-                         args.methods or [method], report=timed, scenario=development)
-        save()
-        print(f"wrote {path} ({figures['seconds']:.0f} s)")
-        return 0
+        cross.run_timing(base, development.support, cross.scored_structures(development), device, rerun,
+                         report=timed, scenario=development)
+        return finish()
     if args.cross_part == "timing":  # every method (or --methods) at its defaults, timed on an otherwise idle run
         cross.run_timing(base, scenarios[0].support, union, device, args.methods or METHODS, report=timed,
                          scenario=None if args.no_timing_dice else scenarios[0])
-        save()
-        print(f"wrote {path} ({figures['seconds']:.0f} s)")
-        return 0
+        return finish()
     if args.cross_part == "brain":
         run_brain()
-        save()
-        print(f"wrote {path} ({figures['seconds']:.0f} s)")
-        return 0
+        return finish()
     results = cross.run_cross(base, ("fov_shift", "ct_to_mr"), [method], cross.PIPELINES, device, report=show)
     cross.run_cross(base, ("mr_to_ct",), [method], cross.PIPELINES, device, report=show)
     run_brain()
     if args.cross_part == "scenarios":
-        save()
-        print(f"wrote {path} ({figures['seconds']:.0f} s)")
-        return 0
+        return finish()
     # every method at its defaults on the CT (all annotated slices, the same structures as the CT adapter above),
     # each scored on the field-of-view shift
     trained = next(r for r in results if r.scenario == "fov_shift" and r.pipeline == "physical")
@@ -174,9 +171,7 @@ def run_cross(args: argparse.Namespace) -> int:
                              trained.dice))
     cross.run_timing(base, scenarios[0].support, union, device, [m for m in METHODS if m != method], report=timed,
                      scenario=None if args.no_timing_dice else scenarios[0])
-    save()
-    print(f"wrote {path} ({figures['seconds']:.0f} s)")
-    return 0
+    return finish()
 
 
 BRAIN_SCENARIO = "brain_cross"

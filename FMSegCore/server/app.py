@@ -92,26 +92,6 @@ class WorkerServer:
         host, port = self.socket.getsockname()[:2]
         return f"http://[{host}]:{port}" if ":" in str(host) else f"http://{host}:{port}"
 
-    @property
-    def token(self) -> str:
-        return self.settings.token
-
-    @property
-    def max_upload_bytes(self) -> int:
-        return self.settings.max_upload_bytes
-
-    @max_upload_bytes.setter
-    def max_upload_bytes(self, value: int) -> None:
-        self.settings.max_upload_bytes = value
-
-    @property
-    def verbose(self) -> bool:
-        return self.settings.verbose
-
-    @verbose.setter
-    def verbose(self, value: bool) -> None:
-        self.settings.verbose = value
-
     def serve_forever(self, poll_interval: float = 0.2) -> None:
         """Serve until :meth:`stop` (``POST /v1/shutdown``), :meth:`shutdown` or, in the main thread, Ctrl-C.
         ``poll_interval`` is the standard library's argument, unused (uvicorn looks every 0.1 s)."""

@@ -54,11 +54,20 @@ class Gate:
             return
         began = time.perf_counter()
         status = 0
+        verbose, logged = self.settings.verbose, False  # a request is logged when verbose was on as it came in
+
+        def log_request() -> None:
+            nonlocal logged
+            if verbose and not logged:
+                logged = True
+                log(f"{scope['method']} {scope['path']} {status} {1000 * (time.perf_counter() - began):.1f} ms")
 
         async def send_noted(message: dict) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                log_request()  # before the answer's end leaves: a client that got it finds the line logged
             await send(message)
 
         try:
@@ -73,8 +82,7 @@ class Gate:
                 await error_response(500, f"internal error: {type(error).__name__}: {error}", close=True)(
                     scope, receive, send_noted)
         finally:
-            if self.settings.verbose:
-                log(f"{scope['method']} {scope['path']} {status} {1000 * (time.perf_counter() - began):.1f} ms")
+            log_request()  # no answer sent (the client left): logged all the same
 
     def refusal(self, scope: dict) -> Any:
         """The answer refusing this request (401, 411, 413), or None to let it through."""

@@ -11,9 +11,9 @@ import pytest
 from worker_fixtures import ct_case
 
 from FMSegCore.bench.roi_bench import tilted_roi
-from FMSegCore.engines.prompting.prompts import CORNER_SIGNS, BoxPrompt, SegmentPrompts, box_from_corners
 from FMSegCore.engines.prompting.session import PromptSession
 from FMSegCore.models.factory import load_model
+from FMSegCore.prompts import CORNER_SIGNS, BoxPrompt, SegmentPrompts, box_from_corners
 
 
 def _tilted_box(size, degrees, centre):

@@ -6,9 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from FMSegCore.engines.prompting.prompts import excludes, is_placed
 from FMSegCore.io.markups import prompts_from_markups
 from FMSegCore.io.volume import Volume
+from FMSegCore.prompts import excludes, is_placed
 
 pytest.importorskip("slicer")
 

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 
 from FMSegCore.bench.prompt_bench import corrective_click, dice
-from FMSegCore.engines.prompting.prompts import BoxPrompt, PointPrompt, SegmentPrompts
 from FMSegCore.engines.prompting.session import PromptSession
 from FMSegCore.errors import InputError
 from FMSegCore.io.volume import read_volume
 from FMSegCore.models.factory import load_model
+from FMSegCore.prompts import BoxPrompt, PointPrompt, SegmentPrompts
 from FMSegCore.zoo.cache import resources_dir
 
 CASE = resources_dir() / "SampleData" / "ct_abdomen_pelvis"

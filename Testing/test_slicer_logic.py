@@ -21,12 +21,12 @@ from FMSegSlicerLib.scene_geometry import ijk_to_ras, to_vtk_matrix, volume_meta
 from slicer_scene import new_scene, roi_on_grid  # noqa: E402
 from worker_fixtures import CT_CASE, ct_case, kidney_roi  # noqa: E402
 
-from FMSegCore.engines.prompting.prompts import BoxPrompt, PointPrompt, SegmentPrompts  # noqa: E402
 from FMSegCore.engines.prompting.session import PromptSession  # noqa: E402
 from FMSegCore.io.colors import default_color, distinct_colors  # noqa: E402
 from FMSegCore.io.terminology import terminology_entry  # noqa: E402
 from FMSegCore.io.volume import Volume, read_volume  # noqa: E402
 from FMSegCore.models.factory import load_model  # noqa: E402
+from FMSegCore.prompts import BoxPrompt, PointPrompt, SegmentPrompts  # noqa: E402
 
 LPS = np.diag([-1.0, -1.0, 1.0])
 

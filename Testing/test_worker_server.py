@@ -19,11 +19,11 @@ import requests
 from worker_fixtures import TOKEN, ct_case, kidney_roi, running_worker, sub_volume, upload
 
 from FMSegCore.engines.adaptation.defaults import DEFAULT_PIXEL_MM
-from FMSegCore.engines.prompting.prompts import BoxPrompt, PointPrompt, SegmentPrompts
 from FMSegCore.engines.prompting.session import PromptSession
 from FMSegCore.errors import FMSegError
 from FMSegCore.io.volume import Volume
 from FMSegCore.models.factory import load_model
+from FMSegCore.prompts import BoxPrompt, PointPrompt, SegmentPrompts
 from FMSegCore.server.app import MAX_JSON_BYTES, WorkerServer
 from FMSegCore.server.client import JobCancelledError, WorkerClient, WorkerError, WorkerUnavailable, geometry
 from FMSegCore.server.gate import Gate, GateSettings

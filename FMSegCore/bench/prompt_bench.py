@@ -25,10 +25,10 @@ import torch
 from scipy import ndimage
 
 from FMSegCore.bench.metrics import dice
-from FMSegCore.engines.prompting.prompts import BoxPrompt, PointPrompt, SegmentPrompts
 from FMSegCore.engines.prompting.session import PromptSession
 from FMSegCore.io.volume import Volume, read_volume
 from FMSegCore.preprocessing.slicing import bounding_box_2d
+from FMSegCore.prompts import BoxPrompt, PointPrompt, SegmentPrompts
 
 PROTOCOLS = ("box_per_slice", "roi_3d", "box_2d_propagated", "point_propagated", "box_2d_plus_5_clicks")
 

@@ -9,8 +9,8 @@ from typing import Any
 import numpy as np
 
 from FMSegCore.bench.metrics import dice
-from FMSegCore.engines.prompting.prompts import CORNER_SIGNS, BoxPrompt, SegmentPrompts, box_from_corners
 from FMSegCore.io.volume import Volume
+from FMSegCore.prompts import CORNER_SIGNS, BoxPrompt, SegmentPrompts, box_from_corners
 
 
 def tilted_roi(image: Volume, mask: np.ndarray, degrees: float, margin_mm: float = 2.0) -> BoxPrompt:

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from FMSegCore.bench.prompt_bench import corrective_click, dice
-from FMSegCore.engines.prompting.prompts import BoxPrompt, PointPrompt, SegmentPrompts
+from FMSegCore.prompts import BoxPrompt, PointPrompt, SegmentPrompts
 from FMSegCore.server.client import WorkerClient, geometry
 
 

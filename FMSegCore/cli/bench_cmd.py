@@ -110,9 +110,9 @@ def run_prompt_bench(args: argparse.Namespace) -> int:
 def _large_volume(model, device) -> dict:
     """Resample the bundled CT to 512x512x300 and segment the liver from one ROI: time and peak memory."""
     from FMSegCore.bench import prompt_bench
-    from FMSegCore.engines.prompting.prompts import BoxPrompt, SegmentPrompts
     from FMSegCore.engines.prompting.session import PromptSession
     from FMSegCore.preprocessing.slicing import resample_volume
+    from FMSegCore.prompts import BoxPrompt, SegmentPrompts
 
     image, labels, names = prompt_bench.load_case(resources_dir() / "SampleData" / "ct_abdomen_pelvis")
     size = np.array(image.shape_ijk, dtype=float)

@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 
-from FMSegCore.engines.prompting.prompts import SegmentPrompts
 from FMSegCore.errors import InputError
 from FMSegCore.io.colors import distinct_colors
 from FMSegCore.io.labelmap import (
@@ -31,6 +30,7 @@ from FMSegCore.io.labelmap import (
 from FMSegCore.io.markups import prompts_from_markups
 from FMSegCore.io.orientation import anatomical_axes
 from FMSegCore.io.volume import PathLike, Volume, read_volume
+from FMSegCore.prompts import SegmentPrompts
 from FMSegCore.zoo.registry import DEFAULT_PROMPTABLE, get_card
 
 if TYPE_CHECKING:

@@ -21,7 +21,10 @@ from typing import Optional, Union
 
 import numpy as np
 
-from FMSegCore.engines.prompting.prompts import (
+from FMSegCore.errors import InputError
+from FMSegCore.io.jsonfile import read_json
+from FMSegCore.io.volume import LPS_TO_RAS, PathLike, Volume
+from FMSegCore.prompts import (
     CORNER_SIGNS,
     BoxPrompt,
     PointPrompt,
@@ -30,9 +33,6 @@ from FMSegCore.engines.prompting.prompts import (
     excludes,
     is_placed,
 )
-from FMSegCore.errors import InputError
-from FMSegCore.io.jsonfile import read_json
-from FMSegCore.io.volume import LPS_TO_RAS, PathLike, Volume
 
 SUPPORTED_TYPES = ("Fiducial", "ROI")
 MARKUPS_SUFFIX = ".mrk.json"

@@ -18,7 +18,6 @@ import torch
 
 from FMSegCore import __version__
 from FMSegCore.device import inference_dtype, resolve_device, tune_cpu_runtime
-from FMSegCore.engines.prompting.prompts import BoxPrompt, PointPrompt, SegmentPrompts
 from FMSegCore.engines.prompting.session import PromptSession
 from FMSegCore.errors import FMSegError, InputError
 from FMSegCore.io.labelmap import SegmentInfo, default_segment
@@ -26,6 +25,7 @@ from FMSegCore.io.orientation import anatomical_axes
 from FMSegCore.io.volume import Volume
 from FMSegCore.models.factory import load_model
 from FMSegCore.preprocessing.slicing import AXIS_NAMES
+from FMSegCore.prompts import BoxPrompt, PointPrompt, SegmentPrompts
 from FMSegCore.server.fields import RequestError, parse
 from FMSegCore.server.jobs import Job, JobRunner
 from FMSegCore.server.schemas import (

@@ -8,7 +8,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from FMSegCore.engines.prompting.prompts import CORNER_SIGNS, box_from_corners, excludes, is_placed
+from FMSegCore.prompts import CORNER_SIGNS, box_from_corners, excludes, is_placed
 from FMSegSlicerLib.scene_geometry import from_vtk_matrix, world_to_ijk
 
 Box = tuple[tuple[float, float, float], tuple[float, float, float], Optional[tuple]]  # lo, hi, corners

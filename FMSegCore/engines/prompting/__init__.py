@@ -5,7 +5,7 @@ The session (torch) is imported on first use, so prompt types serve clients that
 
 from typing import Any
 
-from FMSegCore.engines.prompting.prompts import BoxPrompt, PointPrompt, SegmentPrompts
+from FMSegCore.prompts import BoxPrompt, PointPrompt, SegmentPrompts
 
 __all__ = ["BoxPrompt", "PointPrompt", "PromptSession", "PropagationSettings", "SegmentPrompts"]
 

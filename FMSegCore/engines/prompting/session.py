@@ -22,13 +22,13 @@ from scipy import ndimage
 
 from FMSegCore.engines.prompting.clicks import apply_clicks, refine_with_clicks
 from FMSegCore.engines.prompting.embedding_cache import EmbeddingCache
-from FMSegCore.engines.prompting.prompts import BoxPrompt, PointPrompt, SegmentPrompts
 from FMSegCore.engines.prompting.windows import SliceWindow, box_window, extract, full_window, paste
 from FMSegCore.errors import InputError
 from FMSegCore.io.volume import Volume
 from FMSegCore.models.interfaces import PromptableModel2D, PromptBatch2D
 from FMSegCore.preprocessing.intensity import guess_modality, normalize
 from FMSegCore.preprocessing.slicing import get_slice, in_plane_axes, mask_box_rc
+from FMSegCore.prompts import BoxPrompt, PointPrompt, SegmentPrompts
 
 BoxRC = tuple[float, float, float, float]  # row0, col0, row1, col1 (inclusive pixel centres)
 ProgressCallback = Callable[[str, int, int], None]

@@ -37,6 +37,11 @@ def error_response(status: int, message: str, close: bool = False, headers: Any 
     return JSONResponse({"error": " ".join(str(message).split())}, status, headers=extra)
 
 
+def internal_error(error: BaseException) -> JSONResponse:
+    """The one-line answer to a bug (500); the connection is closed."""
+    return error_response(500, f"internal error: {type(error).__name__}: {error}", close=True)
+
+
 def log(line: str) -> None:
     print(f"fmseg worker: {line}", file=sys.stderr, flush=True)
 
@@ -79,8 +84,7 @@ class Gate:
         except Exception as error:  # a bug must not take the worker down: report it, keep serving
             log(f"internal error on {scope['method']} {scope['path']}:\n{traceback.format_exc().rstrip()}")
             if not status:
-                await error_response(500, f"internal error: {type(error).__name__}: {error}", close=True)(
-                    scope, receive, send_noted)
+                await internal_error(error)(scope, receive, send_noted)
         finally:
             log_request()  # no answer sent (the client left): logged all the same
 

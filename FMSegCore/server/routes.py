@@ -18,7 +18,7 @@ from starlette.requests import ClientDisconnect
 from FMSegCore import __version__
 from FMSegCore.errors import FMSegError
 from FMSegCore.server.fields import RequestError, one_line
-from FMSegCore.server.gate import Gate, GateSettings, error_response
+from FMSegCore.server.gate import Gate, GateSettings, error_response, internal_error
 from FMSegCore.server.schemas import (
     AdapterInfo,
     AdaptRequest,
@@ -40,9 +40,12 @@ from FMSegCore.server.schemas import (
 from FMSegCore.server.service import Service
 from FMSegCore.server.wire import CONTENT_TYPE, WireError, decode_array, encode_mask
 
+OCTET_STREAM = "application/octet-stream"
 BINARY = {"content": {CONTENT_TYPE: {"schema": {"type": "string", "format": "binary"}}}}
+OCTETS = {"content": {OCTET_STREAM: {"schema": {"type": "string", "format": "binary"}}}}
+#: The bodies of the binary uploads: an array frame (volumes), an adapter file's bytes (adapters).
 UPLOAD = {"requestBody": {"required": True, **BINARY}}
-OCTETS = {"content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}
+ADAPTER_UPLOAD = {"requestBody": {"required": True, **OCTETS}}
 REFUSALS = {status: {"model": ErrorAnswer, "description": text} for status, text in [
     (400, "bad input (the field and the reason, in one line)"), (401, "missing or wrong token"),
     (404, "no such route, volume, session, adapter or job"), (413, "request body over the size limit"),
@@ -62,6 +65,13 @@ class WorkerRoute(APIRoute):
                 return await handler(request)
             except RequestValidationError as error:
                 raise RequestError(400, one_line(error.errors(), where)) from None
+            except HTTPException as error:
+                cause = error.__cause__
+                if error.status_code != 400 or cause is None:
+                    raise
+                # FastAPI's "There was an error parsing the body": say why (JSON nested too deep, ...)
+                raise RequestError(400, f"{where}: request body cannot be read as JSON "
+                                        f"({type(cause).__name__}: {cause})") from None
 
         return validated
 
@@ -111,15 +121,16 @@ def build_app(service: Service, settings: GateSettings, stop: Callable[[], None]
     @app.post("/v1/volumes", status_code=201, response_model=VolumeAdded, openapi_extra=UPLOAD,
               summary="Upload a volume (an array frame: KJI array, geometry, kind or segments in its meta)")
     async def add_volume(request: Request) -> Any:
-        data = await read_upload(request, settings.max_upload_bytes)
-        return await run_in_threadpool(lambda: service.add_volume(*decode_array(data)))
+        limit = settings.max_upload_bytes  # a compressed frame inflates to no more than a raw one may hold
+        data = await read_upload(request, limit)
+        return await run_in_threadpool(lambda: service.add_volume(*decode_array(data, max_bytes=limit)))
 
     @app.delete("/v1/volumes/{volume_id}", response_model=Removed)
     def remove_volume(volume_id: str) -> Any:
         service.remove_volume(volume_id)
         return {"removed": volume_id}
 
-    @app.post("/v1/adapters", status_code=201, response_model=AdapterInfo, openapi_extra=UPLOAD,
+    @app.post("/v1/adapters", status_code=201, response_model=AdapterInfo, openapi_extra=ADAPTER_UPLOAD,
               summary="Upload an adapter file (its bytes)")
     async def add_adapter(request: Request) -> Any:
         data = await read_upload(request, settings.max_upload_bytes)
@@ -128,7 +139,7 @@ def build_app(service: Service, settings: GateSettings, stop: Callable[[], None]
     @app.get("/v1/adapters/{adapter_id}", response_class=Response, responses={200: OCTETS},
              summary="Download an adapter file")
     def get_adapter(adapter_id: str) -> Response:
-        return Response(service.adapter_bytes(adapter_id), media_type="application/octet-stream")
+        return Response(service.adapter_bytes(adapter_id), media_type=OCTET_STREAM)
 
     @app.post("/v1/sessions", status_code=201, response_model=SessionOpened)
     def open_session(body: SessionRequest) -> Any:
@@ -183,7 +194,8 @@ def build_app(service: Service, settings: GateSettings, stop: Callable[[], None]
 
 
 def _answer_errors(app: FastAPI) -> None:
-    """Every refusal as one line: the service's (its status), bad frames and user errors (400), the router's."""
+    """Every refusal as one line: the service's (its status), bad frames and user errors (400), the router's,
+    and internal errors (500)."""
 
     @app.exception_handler(RequestError)
     async def refused(request: Request, error: RequestError) -> Response:
@@ -197,6 +209,10 @@ def _answer_errors(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, error: RequestValidationError) -> Response:  # outside a WorkerRoute
         return error_response(400, one_line(error.errors()))
+
+    @app.exception_handler(Exception)
+    async def internal(request: Request, error: Exception) -> Response:  # a bug: the gate logs its traceback
+        return internal_error(error)
 
     @app.exception_handler(HTTPException)
     async def routing(request: Request, error: HTTPException) -> Response:

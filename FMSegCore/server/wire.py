@@ -8,6 +8,7 @@ packed and compressed, so a prompt's answer stays a few kilobytes even for a 512
 from __future__ import annotations
 
 import json
+import math
 import struct
 import zlib
 from typing import Any, Optional
@@ -19,6 +20,9 @@ MAGIC = b"FMSEG1\n"
 DTYPES = ("bool", "uint8", "int8", "uint16", "int16", "uint32", "int32", "int64", "float32", "float64")
 ENCODINGS = ("raw", "zlib")
 MAX_HEADER_BYTES = 1 << 20
+MAX_DIMS = 4
+#: The longest side of an array in a frame.
+MAX_SIDE = 1 << 31
 CONTENT_TYPE = "application/x-fmseg-array"
 
 
@@ -40,8 +44,10 @@ def encode_array(array: np.ndarray, meta: Optional[dict[str, Any]] = None, compr
     return MAGIC + struct.pack("<I", len(header)) + header + data
 
 
-def decode_array(frame: bytes, max_elements: Optional[int] = None) -> tuple[np.ndarray, dict[str, Any]]:
-    """The array and meta of a frame; a malformed frame raises :class:`WireError`."""
+def decode_array(frame: bytes, max_elements: Optional[int] = None,
+                 max_bytes: Optional[int] = None) -> tuple[np.ndarray, dict[str, Any]]:
+    """The array and meta of a frame (its data at most ``max_bytes``, once inflated); a malformed frame raises
+    :class:`WireError`."""
     if not frame.startswith(MAGIC) or len(frame) < len(MAGIC) + 4:
         raise WireError("not an FMSeg array frame (bad magic bytes)")
     (length,) = struct.unpack_from("<I", frame, len(MAGIC))
@@ -50,19 +56,22 @@ def decode_array(frame: bytes, max_elements: Optional[int] = None) -> tuple[np.n
         raise WireError("frame header length is out of range")
     try:
         header = json.loads(frame[start:start + length])
-        shape = tuple(int(n) for n in header["shape"])
+        shape = header["shape"]
         dtype, encoding, meta = str(header["dtype"]), str(header.get("encoding", "raw")), header.get("meta", {})
-    except (ValueError, KeyError, TypeError) as error:
+    except (ValueError, KeyError, TypeError, RecursionError) as error:
         raise WireError(f"frame header is not valid JSON with shape and dtype ({error})") from None
-    if dtype not in DTYPES or encoding not in ENCODINGS or not isinstance(meta, dict):
+    shape = _shape(shape)
+    if dtype not in DTYPES or encoding not in ENCODINGS:
         raise WireError(f"unsupported frame dtype {dtype!r} or encoding {encoding!r}")
-    if any(n < 0 for n in shape) or len(shape) > 4:
-        raise WireError(f"bad array shape {list(shape)}")
-    elements = int(np.prod(shape, dtype=np.int64))
+    if not isinstance(meta, dict):
+        raise WireError(f"frame meta must be a JSON object, not {type(meta).__name__}")
+    elements = math.prod(shape)
     if max_elements is not None and elements > max_elements:
         raise WireError(f"array of {elements} elements exceeds the limit of {max_elements}")
-    data = frame[start + length:]
     expected = elements * np.dtype(dtype).itemsize
+    if max_bytes is not None and expected > max_bytes:
+        raise WireError(f"array of {expected} bytes exceeds the limit of {max_bytes} bytes")
+    data = frame[start + length:]
     if encoding == "zlib":
         try:  # never inflate past what the header announces (a small frame must not become a huge array)
             data = zlib.decompressobj().decompress(data, expected + 1)
@@ -72,6 +81,15 @@ def decode_array(frame: bytes, max_elements: Optional[int] = None) -> tuple[np.n
         raise WireError(f"frame holds {len(data)} bytes of data, the header announces {expected}")
     array = np.frombuffer(data, dtype=np.dtype(dtype).newbyteorder("<")).reshape(shape)
     return array.astype(np.dtype(dtype), copy=True), meta
+
+
+def _shape(value: Any) -> tuple[int, ...]:
+    """A header's shape: a list of at most ``MAX_DIMS`` integers from 0 to ``MAX_SIDE``."""
+    if not isinstance(value, list) or len(value) > MAX_DIMS or \
+            any(isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= MAX_SIDE for n in value):
+        raise WireError(f"bad array shape {json.dumps(value)[:80]} (a list of at most {MAX_DIMS} integers "
+                        f"from 0 to {MAX_SIDE})")
+    return tuple(value)
 
 
 def encode_mask(mask: np.ndarray, meta: Optional[dict[str, Any]] = None) -> bytes:

@@ -11,10 +11,11 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 import torch
 
+from FMSegCore.engines.adaptation.defaults import MODES
 from FMSegCore.errors import InputError
 from FMSegCore.io.atomic import atomic_output
 
@@ -85,4 +86,40 @@ def load_adapter(path: Union[str, Path]) -> Adapter:
     for key in ("base_model", "base_sha256", "mode", "method", "structures"):
         if key not in metadata:
             raise InputError(path, f"damaged adapter file (no '{key}' in its metadata)")
+    problem = metadata_problem(metadata)
+    if problem is None and not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        problem = "its weights are not named tensors"
+    if problem is not None:
+        raise InputError(path, f"damaged adapter file ({problem})")
     return Adapter(metadata, state, str(path))
+
+
+#: Metadata fields, the JSON type their readers rely on, and whether they may be absent or null.
+_FIELD_TYPES: dict[str, tuple[type, bool]] = {
+    "base_model": (str, False), "base_sha256": (str, False), "mode": (str, False), "method": (dict, False),
+    "structures": (list, False), "validation_dice": (dict, True), "fit": (dict, True), "geometry": (dict, True),
+    "trainable_parameters": (int, True), "views": (int, True)}
+_TYPE_NAMES = {str: "a string", dict: "an object", list: "a list", int: "an integer"}
+
+
+def _is(value: Any, kind: Any) -> bool:
+    """Whether ``value`` is of JSON type ``kind`` (a type or a tuple of types; a boolean is no number)."""
+    return isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
+
+
+def metadata_problem(metadata: dict[str, Any]) -> Optional[str]:
+    """What is wrong with an adapter's metadata (a field its readers cannot use), or None."""
+    for key, (kind, optional) in _FIELD_TYPES.items():
+        value = metadata.get(key)
+        if not (_is(value, kind) or (optional and value is None)):
+            return f"its metadata's '{key}' must be {_TYPE_NAMES[kind]}"
+    if metadata["mode"] not in MODES:
+        return f"its metadata's 'mode' must be one of {', '.join(MODES)}"
+    if not isinstance(metadata["method"].get("method"), str):
+        return "its metadata's 'method' names no method"
+    if not all(isinstance(s, dict) and isinstance(s.get("name"), str) and _is(s.get("value"), int)
+               for s in metadata["structures"]):
+        return "its metadata's 'structures' must each have a name and an integer value"
+    if not all(_is(v, (int, float)) for v in (metadata.get("validation_dice") or {}).values()):
+        return "its metadata's 'validation_dice' must map names to numbers"
+    return None

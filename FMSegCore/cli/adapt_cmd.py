@@ -11,21 +11,18 @@ import sys
 import time
 from pathlib import Path
 
+from FMSegCore.cli import option_args
+from FMSegCore.cli.option_args import add_option, modality_name
 from FMSegCore.cli.prompt_cmd import check_not_input, check_output
 from FMSegCore.engines.adaptation.defaults import (
     AUTO_DEFAULTS,
-    DEFAULT_PIXEL_MM,
-    DEFAULT_RANK,
-    DEFAULT_VIEWS,
     ENCODER_METHODS,
     HEAD_WARMUPS,
-    METHOD_CHOICES,
-    MODES,
     PROMPT_DEFAULTS,
     default_method,
 )
 from FMSegCore.errors import InputError
-from FMSegCore.zoo.registry import DEFAULT_PROMPTABLE
+from FMSegCore.options import Adaptation
 
 
 def _by_value(settings: dict) -> dict:
@@ -53,47 +50,42 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "partial labels allowed) and save only what was trained, as an adapter file. Mode 'auto' "
                     "trains an automatic segmenter (use it with 'fmseg segment'); mode 'prompt' adapts the "
                     "promptable model (use it with 'fmseg prompt --adapter').")
-    parser.add_argument("--model", default=DEFAULT_PROMPTABLE, help=f"base zoo model (default: {DEFAULT_PROMPTABLE})")
-    parser.add_argument("--method", choices=METHOD_CHOICES, default=None,
-                        help="adaptation method (default decoder: in auto mode a light decoder on the frozen "
-                             "encoder, in prompt mode SAM's mask decoder; both fast on CPU and best measured here)")
-    parser.add_argument("--mode", choices=MODES, default="auto",
-                        help="auto: segment with no prompt (default); prompt: a better promptable model")
+    add_option(parser, Adaptation, "model", "base zoo model")
+    add_option(parser, Adaptation, "method",
+               "adaptation method (default decoder: in auto mode a light decoder on the frozen encoder, in prompt "
+               "mode SAM's mask decoder; both fast on CPU and best measured here)")
+    add_option(parser, Adaptation, "mode", "auto: segment with no prompt; prompt: a better promptable model")
     parser.add_argument("--train", required=True, nargs=2, action="append", metavar=("IMAGE", "LABELS"),
                         help="a labelled case: image and label map (.nii.gz/.nrrd with labels.json, or .seg.nrrd); repeat")
     parser.add_argument("--labels", nargs="+", default=None, metavar="NAME|VALUE",
                         help="structures to learn (default: every labelled structure)")
     parser.add_argument("--val", nargs=2, action="append", default=[], metavar=("IMAGE", "LABELS"),
                         help="a validation case (repeat); its Dice is stored in the adapter")
-    parser.add_argument("--holdout", type=int, default=0, metavar="N",
-                        help="hold out the last N training cases for validation (default 0)")
-    parser.add_argument("--steps", type=int, default=None, help=_steps_help())
-    parser.add_argument("--batch-size", type=int, default=None,
-                        help=f"slices per step (default {PROMPT_DEFAULTS[1]}; in auto mode "
-                             f"{AUTO_DEFAULTS[ENCODER_METHODS[0]][1]} for the encoder methods)")
-    parser.add_argument("--pixel-mm", type=float, default=DEFAULT_PIXEL_MM,
-                        help="auto mode: the pixel size (mm) slices are resampled to; windows are 256 pixels "
-                             f"(default {DEFAULT_PIXEL_MM:g}: {256 * DEFAULT_PIXEL_MM:g} mm), larger slices are "
-                             "tiled; stored in the adapter")
-    parser.add_argument("--views", type=int, default=DEFAULT_VIEWS,
-                        help="auto mode: augmented training views, as many per structure, spread over the "
-                             f"slices that show it (default {DEFAULT_VIEWS})")
-    parser.add_argument("--whole-slice", action="store_true",
-                        help="auto mode: the pipeline before physical units (each whole slice as stored, resized "
-                             "to the model input, no augmentation); for comparison")
-    parser.add_argument("--rank", type=int, default=DEFAULT_RANK, help=f"LoRA/ARENA rank (default {DEFAULT_RANK})")
-    parser.add_argument("--lr", type=float, default=None, help="learning rate (default: the method's)")
+    add_option(parser, Adaptation, "holdout", "hold out the last N training cases for validation", metavar="N")
+    add_option(parser, Adaptation, "steps", _steps_help())
+    add_option(parser, Adaptation, "batch_size",
+               f"slices per step (default {PROMPT_DEFAULTS[1]}; in auto mode {AUTO_DEFAULTS[ENCODER_METHODS[0]][1]} "
+               "for the encoder methods)")
+    add_option(parser, Adaptation, "pixel_mm",
+               "auto mode: the pixel size (mm) slices are resampled to; windows are 256 pixels "
+               f"({256 * Adaptation.pixel_mm:g} mm at the default), larger slices are tiled; stored in the adapter")
+    add_option(parser, Adaptation, "views",
+               "auto mode: augmented training views, as many per structure, spread over the slices that show it")
+    add_option(parser, Adaptation, "whole_slice",
+               "auto mode: the pipeline before physical units (each whole slice as stored, resized to the model "
+               "input, no augmentation); for comparison")
+    add_option(parser, Adaptation, "rank", "LoRA/ARENA rank")
+    add_option(parser, Adaptation, "lr", "learning rate (default: the method's)")
     parser.add_argument("--targets", nargs="+", default=None, metavar="REGEX",
                         help="LoRA/ARENA target layers by name pattern (default: attention qkv projections)")
     parser.add_argument("--arena-lambda", type=float, default=1e-3, help="ARENA's L1 weight (default 1e-3)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    parser.add_argument("--axis", choices=("axial", "coronal", "sagittal"), default="axial",
-                        help="slicing direction (default: axial)")
-    parser.add_argument("--modality", choices=("auto", "CT", "MR"), default="auto", type=lambda t: t if t == "auto" else t.upper())
-    parser.add_argument("--window", default="abdomen", help="CT window: abdomen (default), lung or bone")
-    parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda or mps")
-    parser.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
-                        help="auto (default): mixed precision on CUDA and on CPUs with bf16 units")
+    add_option(parser, Adaptation, "seed", "random seed")
+    add_option(parser, Adaptation, "axis", "slicing direction")
+    add_option(parser, Adaptation, "modality", "intensity normalisation (auto: guessed from each image)",
+               type=modality_name)
+    add_option(parser, Adaptation, "window", "CT window: abdomen, lung or bone")
+    add_option(parser, Adaptation, "device", "auto, cpu, cuda, cuda:N or mps")
+    add_option(parser, Adaptation, "precision", "auto: mixed precision on CUDA and on CPUs with bf16 units")
     parser.add_argument("--output", required=True, metavar="ADAPTER", help="the adapter file to write (.pt)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing adapter file")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -109,6 +101,7 @@ def check_adapter_output(path: Path, overwrite: bool) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
+    option_args.check_options(Adaptation, vars(args))  # before anything heavy is imported
     from tqdm import tqdm
 
     from FMSegCore.device import resolve_device, tune_cpu_runtime
@@ -118,6 +111,7 @@ def run(args: argparse.Namespace) -> int:
     from FMSegCore.engines.adaptation.geometry import SliceGeometry
     from FMSegCore.engines.adaptation.methods import MethodSettings
     from FMSegCore.preprocessing.intensity import ct_window
+    from FMSegCore.progress import bar_callback
     from FMSegCore.zoo.registry import get_card
 
     began = time.perf_counter()
@@ -126,10 +120,6 @@ def run(args: argparse.Namespace) -> int:
     check_not_input(output, inputs)
     get_card(args.model)
     ct_window(args.window)
-    if any(value is not None and value < 1 for value in (args.steps, args.batch_size, args.views)):
-        raise InputError(None, "--steps, --batch-size and --views must be at least 1")
-    if not args.pixel_mm > 0:
-        raise InputError(None, "--pixel-mm must be positive")
     args.method = default_method(args.mode, args.method)
     try:
         method = MethodSettings(args.method, rank=args.rank, targets=args.targets, arena_lambda=args.arena_lambda)
@@ -149,15 +139,10 @@ def run(args: argparse.Namespace) -> int:
         tune_cpu_runtime()
     show = sys.stderr.isatty() and not args.no_progress
     bar = tqdm(total=training.total_steps, unit="step", desc=f"Adapting ({args.method})", disable=not show, file=sys.stderr)
-
-    def progress(update) -> None:
-        bar.n = update.step
-        bar.set_postfix(loss=f"{update.loss:.3f}")
-
     try:
         result = adapt(args.model, args.mode, cases, structures, method, training, device, val_cases,
-                       modality=cases[0].modality, window=args.window, axis=args.axis, progress=progress,
-                       geometry=geometry, views=args.views)
+                       modality=cases[0].modality, window=args.window, axis=args.axis,
+                       progress=bar_callback(bar), geometry=geometry, views=args.views)  # the phase as its title
     finally:
         bar.close()
     save_adapter(output, result.metadata, result.state, overwrite=args.overwrite)

@@ -18,11 +18,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional, Union
 
+from FMSegCore.cli import option_args
+from FMSegCore.cli.option_args import add_option, modality_name
 from FMSegCore.cli.prompt_cmd import AXES, PromptResult, check_not_input, check_output, report
 from FMSegCore.errors import InputError
 from FMSegCore.io.labelmap import SEGMENTATION_SUFFIX, SegmentInfo, write_labelmap
 from FMSegCore.io.volume import VOLUME_SUFFIXES, PathLike, Volume, read_volume, write_volume
-from FMSegCore.zoo.registry import DEFAULT_INCONTEXT, get_card
+from FMSegCore.options import InContext
+from FMSegCore.zoo.families import INCONTEXT, require_kind
 
 if TYPE_CHECKING:
     from FMSegCore.engines.incontext.anatomical import AlignedQuery
@@ -31,31 +34,31 @@ if TYPE_CHECKING:
 
 #: --axis accepts x/y/z as well as the anatomical names.
 AXIS_ALIASES = {"x": "sagittal", "y": "coronal", "z": "axial", **{name: name for name in AXES}}
-MATCHES = ("auto", "anatomy", "index")  # FMSegCore.engines.incontext.anatomical.MATCHES, without importing torch
 METHODS = ("model", "registration")
 
 
 @dataclass
 class InContextOptions:
-    """Model, device and the session's settings."""
+    """Model, device and the session's settings (defaults: :class:`FMSegCore.options.InContext`'s), and the
+    command's own: the method, the B-spline refinement and the progress bar."""
 
-    model: str = DEFAULT_INCONTEXT
-    device: str = "auto"
-    axis: str = "axial"
-    support_size: int = 8
-    ensemble: int = 1
-    tolerance: float = 0.05
-    modality: str = "auto"
-    window: str = "abdomen"
-    precision: str = "auto"
-    seed: int = 0
+    model: str = InContext.model
+    device: str = InContext.device
+    axis: str = InContext.axis
+    support_size: int = InContext.support_size
+    ensemble: int = InContext.ensemble
+    tolerance: float = InContext.tolerance
+    modality: str = InContext.modality
+    window: str = InContext.window
+    precision: str = InContext.precision
+    seed: int = InContext.seed
     progress: Optional[bool] = None
-    match: str = "auto"
+    match: str = InContext.match
     method: str = "model"
-    prior_margin_mm: Optional[float] = 20.0
+    prior_margin_mm: Optional[float] = InContext.prior_margin_mm  # None: no spatial prior
     deformable: bool = False
-    cross_modality: bool = False
-    registration_weight: float = 0.5
+    cross_modality: bool = InContext.cross_modality
+    registration_weight: float = InContext.registration_weight
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -74,42 +77,43 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--output", required=True, help=f"the result ({SEGMENTATION_SUFFIX}, .nii.gz, .nii or .nrrd)")
     parser.add_argument("--labels", nargs="+", default=None, metavar="NAME|VALUE",
                         help="structures to segment, by name or label value (default: every support label)")
-    parser.add_argument("--model", default=DEFAULT_INCONTEXT, help=f"zoo model (default: {DEFAULT_INCONTEXT})")
-    parser.add_argument("--support-size", type=int, default=8, help="support slices per query slice (default 8)")
-    parser.add_argument("--ensemble", type=int, default=1,
-                        help="average this many predictions from different support subsets (default 1)")
+    add_option(parser, InContext, "model", "zoo model")
+    add_option(parser, InContext, "support_size", "support slices per query slice")
+    add_option(parser, InContext, "ensemble", "average this many predictions from different support subsets")
     parser.add_argument("--uncertainty", default=None, metavar="VOLUME",
                         help="also write the per-voxel uncertainty (spread of the ensemble; needs --ensemble >= 2)")
-    parser.add_argument("--axis", default="z", choices=tuple(AXIS_ALIASES), help="slicing direction (default: z, axial)")
+    add_option(parser, InContext, "axis", "slicing direction (x, y, z: sagittal, coronal, axial)",
+               type=lambda text: AXIS_ALIASES.get(text.lower(), text))
     parser.add_argument("--method", default="model", choices=METHODS,
                         help="model: the in-context model (default); registration: the supports' labels warped "
                              "onto the query by the alignment (multi-atlas baseline, no model)")
-    parser.add_argument("--match", default="auto", choices=MATCHES,
-                        help="how support slices are matched to query slices: anatomy (align each support to "
-                             "the query, then match by position in mm), index (by relative slice position: "
-                             "right only for supports covering the query's field of view), auto (default: "
-                             "index for 2-D examples and supports on the query's own grid, else anatomy)")
-    parser.add_argument("--prior-margin", type=float, default=20.0, metavar="MM",
-                        help="with anatomy matching, keep a structure only within this distance of where the "
-                             "aligned supports put it (default 20; 0 or less: no spatial prior)")
-    parser.add_argument("--registration-weight", type=float, default=0.5, metavar="W",
-                        help="with anatomy matching, mix the aligned supports' labels into the model's "
-                             "probabilities: (1 - W) model + W labels (default 0.5; 0: the model alone)")
+    add_option(parser, InContext, "match",
+               "how support slices are matched to query slices: anatomy (align each support to the query, then "
+               "match by position in mm), index (by relative slice position: right only for supports covering the "
+               "query's field of view), auto (index for 2-D examples and supports on the query's own grid, else "
+               "anatomy)")
+    add_option(parser, InContext, "prior_margin_mm",
+               "with anatomy matching, keep a structure only within this distance of where the aligned supports "
+               "put it (0: no spatial prior)", metavar="MM")
+    add_option(parser, InContext, "registration_weight",
+               "with anatomy matching, mix the aligned supports' labels into the model's probabilities: "
+               "(1 - W) model + W labels (0: the model alone)", metavar="W")
     parser.add_argument("--deformable", action="store_true",
                         help="refine each alignment with a coarse B-spline (kept only when it improves the fit)")
-    parser.add_argument("--cross-modality", action="store_true",
-                        help="run the model although a support's modality (CT/MR) differs from the query's "
-                             "(refused by default: the model is weak there; --method registration is not)")
-    parser.add_argument("--tolerance", type=float, default=0.05,
-                        help="index matching: how far (fraction of the axis) a support slice may lie from the "
-                             "query slice's relative position (default 0.05)")
+    add_option(parser, InContext, "cross_modality",
+               "run the model although a support's modality (CT/MR) differs from the query's (refused by "
+               "default: the model is weak there; --method registration is not)")
+    add_option(parser, InContext, "tolerance",
+               "index matching: how far (fraction of the axis) a support slice may lie from the query slice's "
+               "relative position")
     parser.add_argument("--preview", default=None, metavar="PNG",
                         help="also write a PNG of three slices with the result overlaid")
-    parser.add_argument("--modality", default="auto", help="CT, MR or auto (default)")
-    parser.add_argument("--window", default="abdomen", help="CT window: abdomen (default), lung or bone")
-    parser.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto")
-    parser.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda or mps")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the ensemble's support subsets")
+    add_option(parser, InContext, "modality", "intensity normalisation (auto: guessed from each image)",
+               type=modality_name)
+    add_option(parser, InContext, "window", "CT window: abdomen, lung or bone")
+    add_option(parser, InContext, "precision", "auto: bf16/fp16 on CUDA, fp32 on CPU")
+    add_option(parser, InContext, "device", "auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps")
+    add_option(parser, InContext, "seed", "seed of the ensemble's support subsets")
     parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(func=run)
@@ -117,12 +121,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     options = InContextOptions(
-        model=args.model, device=args.device, axis=AXIS_ALIASES[args.axis], support_size=args.support_size,
+        model=args.model, device=args.device, axis=args.axis, support_size=args.support_size,
         ensemble=args.ensemble, tolerance=args.tolerance, modality=args.modality, window=args.window,
         precision=args.precision, seed=args.seed, progress=False if args.no_progress else None,
-        match=args.match, method=args.method,
-        prior_margin_mm=args.prior_margin if args.prior_margin > 0 else None, deformable=args.deformable,
-        cross_modality=args.cross_modality, registration_weight=args.registration_weight)
+        match=args.match, method=args.method, prior_margin_mm=args.prior_margin_mm or None,
+        deformable=args.deformable, cross_modality=args.cross_modality,
+        registration_weight=args.registration_weight)
     incontext_to_file(args.image, [tuple(pair) for pair in args.support], args.output, labels=args.labels,
                       uncertainty=args.uncertainty, options=options, overwrite=args.overwrite,
                       preview=args.preview)
@@ -132,24 +136,14 @@ def run(args: argparse.Namespace) -> int:
 def _check_options(options: InContextOptions, uncertainty: Optional[PathLike]) -> None:
     from FMSegCore.preprocessing.intensity import ct_window
 
-    get_card(options.model)
+    option_args.check_options(InContext, {**vars(options), "uncertainty": uncertainty is not None,
+                                          "prior_margin_mm": options.prior_margin_mm or 0.0})
+    require_kind(options.model, INCONTEXT, dims=2)
     ct_window(options.window)
-    if options.support_size < 1:
-        raise InputError(None, f"--support-size must be at least 1, got {options.support_size}")
-    if options.ensemble < 1:
-        raise InputError(None, f"--ensemble must be at least 1, got {options.ensemble}")
     if uncertainty is not None and options.ensemble < 2:
         raise InputError(uncertainty, "an uncertainty map needs --ensemble 2 or more")
-    if not 0 < options.tolerance <= 1:
-        raise InputError(None, f"--tolerance must be in (0, 1], got {options.tolerance}")
-    if not 0 <= options.registration_weight <= 1:
-        raise InputError(None, f"--registration-weight must be in [0, 1], got {options.registration_weight}")
     if options.method not in METHODS:
         raise InputError(None, f"unknown method {options.method!r} (use {', '.join(METHODS)})")
-    if options.match not in MATCHES:
-        raise InputError(None, f"unknown matching {options.match!r} (use {', '.join(MATCHES)})")
-    if options.modality.upper() not in ("AUTO", "CT", "MR"):
-        raise InputError(None, f"unknown modality {options.modality!r} (use CT, MR or auto)")
 
 
 def incontext_to_file(image_path: PathLike, supports: Sequence[tuple[PathLike, PathLike]], output: PathLike,
@@ -201,16 +195,14 @@ def incontext_to_file(image_path: PathLike, supports: Sequence[tuple[PathLike, P
 
 
 def _progress_bar(show: bool):
+    """A tqdm bar and the callback that shows the segmentation's progress on it (the segment's name as its
+    description)."""
     from tqdm import tqdm
 
+    from FMSegCore.progress import bar_callback
+
     bar = tqdm(total=None, unit="block", desc="Segmenting", disable=not show, file=sys.stderr)
-
-    def progress(name: str, done: int, total: int) -> None:
-        bar.total = total
-        bar.set_description(name)
-        bar.update(done - bar.n)
-
-    return bar, progress
+    return bar, bar_callback(bar)
 
 
 def _model(options: InContextOptions, show: bool):

@@ -7,10 +7,13 @@ import sys
 import time
 from pathlib import Path
 
+from FMSegCore.cli import option_args
+from FMSegCore.cli.option_args import add_option, modality_name
 from FMSegCore.cli.prompt_cmd import PromptResult, check_not_input, check_output, report
 from FMSegCore.errors import InputError
 from FMSegCore.io.labelmap import SEGMENTATION_SUFFIX, SegmentInfo, write_labelmap
 from FMSegCore.io.volume import read_volume
+from FMSegCore.options import AutoSegmentation
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -23,13 +26,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--image", required=True, help="the volume (NIfTI, NRRD, MetaImage or DICOM folder)")
     parser.add_argument("--adapter", required=True, help="an adapter file from 'fmseg adapt --mode auto'")
     parser.add_argument("--output", required=True, help=f"the result ({SEGMENTATION_SUFFIX}, .nii.gz, .nii or .nrrd)")
-    parser.add_argument("--modality", choices=("auto", "CT", "MR"), default="auto",
-                        type=lambda t: t if t == "auto" else t.upper(),
-                        help="how to normalise the scan (default auto: as the adapter was trained, and a scan "
-                             "that looks like another modality is refused)")
-    parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda or mps")
-    parser.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
-                        help="auto (default): bf16/fp16 on CUDA, fp32 on CPU")
+    add_option(parser, AutoSegmentation, "modality",
+               "how to normalise the scan (auto: as the adapter was trained, and a scan that looks like another "
+               "modality is refused)", type=modality_name)
+    add_option(parser, AutoSegmentation, "device", "auto, cpu, cuda, cuda:N or mps")
+    add_option(parser, AutoSegmentation, "precision", "auto: bf16/fp16 on CUDA, fp32 on CPU")
     parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(func=run)
@@ -41,15 +42,18 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def segment_to_file(image_path: str, adapter_path: str, output: str, device: str = "auto", precision: str = "auto",
-                    overwrite: bool = False, progress: bool = True, modality: str = "auto") -> PromptResult:
+def segment_to_file(image_path: str, adapter_path: str, output: str, device: str = AutoSegmentation.device,
+                    precision: str = AutoSegmentation.precision, overwrite: bool = False, progress: bool = True,
+                    modality: str = AutoSegmentation.modality) -> PromptResult:
     """What ``fmseg segment`` does: check, load the adapted model, segment, write atomically, report."""
+    option_args.check_options(AutoSegmentation, {"device": device, "precision": precision, "modality": modality})
     from tqdm import tqdm
 
     from FMSegCore.device import inference_dtype, resolve_device, tune_cpu_runtime
     from FMSegCore.engines.adaptation.adapter_file import load_adapter
     from FMSegCore.engines.adaptation.auto_segment import scan_modality, segment_with_adapter
     from FMSegCore.engines.adaptation.engine import build_adapted
+    from FMSegCore.progress import bar_callback
 
     began = time.perf_counter()
     output_path = check_output(output, overwrite)
@@ -67,15 +71,10 @@ def segment_to_file(image_path: str, adapter_path: str, output: str, device: str
     structures = adapter.metadata["structures"]
     show = progress and sys.stderr.isatty()
     bar = tqdm(total=None, unit="slice", desc="Segmenting", disable=not show, file=sys.stderr)
-
-    def advance(done: int, total: int) -> None:
-        bar.total = total
-        bar.n = done
-        bar.refresh()
-
     try:
         labels = segment_with_adapter(model, adapter.metadata, image, torch_device,
-                                      inference_dtype(torch_device, precision), progress=advance, modality=modality)
+                                      inference_dtype(torch_device, precision),
+                                      progress=bar_callback(bar, describe=False), modality=modality)
     finally:
         bar.close()
     infos = [SegmentInfo(int(s["value"]), str(s["name"]), tuple(float(c) for c in s["color"])) for s in structures]

@@ -26,6 +26,7 @@ from FMSegCore.io.jsonfile import read_json
 from FMSegCore.io.volume import LPS_TO_RAS, PathLike, Volume
 from FMSegCore.prompts import (
     CORNER_SIGNS,
+    PLACED_STATUS,
     BoxPrompt,
     PointPrompt,
     SegmentPrompts,
@@ -106,7 +107,7 @@ def _control_points(entry: dict, path: Path, where: str, to_lps: np.ndarray) -> 
     for number, point in enumerate(raw, start=1):
         if not isinstance(point, dict):
             raise InputError(path, f"{where}: control point {number} is not an object")
-        if not is_placed(str(point.get("positionStatus", "defined"))):
+        if not is_placed(str(point.get("positionStatus", PLACED_STATUS))):
             continue
         label = str(point.get("label", "") or number)
         position = _numbers(path, f"{where}: position of point '{label}'", point.get("position"), 3)

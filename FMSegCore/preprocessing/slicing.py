@@ -22,8 +22,10 @@ import torch.nn.functional as F
 
 from FMSegCore.errors import InputError
 from FMSegCore.io.volume import Volume
+from FMSegCore.options import AXES
 
-AXIS_NAMES = {"sagittal": 0, "coronal": 1, "axial": 2}
+#: Slicing directions by name (FMSegCore.options.AXES): the anatomical axis (L-R, A-P, S-I) slices are across.
+AXIS_NAMES = {name: index for index, name in enumerate(AXES)}
 Axis = Union[int, str]
 Box2D = tuple[tuple[int, int], tuple[int, int]]
 

@@ -1,17 +1,31 @@
 """The rules a request's JSON fields follow (pydantic types, strict: no string is read as a number), and their
 violations as one line naming the field (HTTP 400).
 
-The request models (:mod:`~FMSegCore.server.schemas`) are built from these types; FastAPI validates request bodies
-with them and the service validates an upload's meta with :func:`parse`, so each rule is written once.
+The request models (:mod:`~FMSegCore.server.schemas`) are built from these types and from the option sets of
+:mod:`FMSegCore.options` (:func:`options_model`); FastAPI validates request bodies with them and the service
+validates an upload's meta with :func:`parse`, so each rule is written once. ``fmseg`` validates its options with
+the same models and words (:func:`rule`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Annotated, Any, ClassVar, TypeVar
+from functools import cache
+from typing import Annotated, Any, ClassVar, Literal, Optional, TypeVar
 
-from pydantic import BaseModel, ConfigDict, PlainValidator, ValidationError, WithJsonSchema
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainValidator,
+    ValidationError,
+    WithJsonSchema,
+    create_model,
+)
 from pydantic_core import PydanticCustomError
+
+from FMSegCore.options import DeviceName, OptionInfo, options_of
 
 
 class RequestError(Exception):
@@ -53,6 +67,37 @@ def vector(length: int = 3, positive: bool = False) -> Any:
 
 Vector3 = vector(3)
 
+
+def device_type(rule: DeviceName) -> Any:
+    """The type of a device field following ``rule`` (:class:`FMSegCore.options.DeviceName`)."""
+
+    def check(name: str) -> str:
+        problem = rule.problem(name)
+        if problem:
+            raise PydanticCustomError("fmseg", problem)
+        return name
+
+    description = "auto, cpu, cuda, cuda:N or mps" + (f"; empty: {rule.empty}" if rule.empty else "")
+    return Annotated[str, AfterValidator(check), Field(description=description)]
+
+
+def option_type(info: OptionInfo) -> Any:
+    """The pydantic type of one option: its choices, range and device rule (None allowed when optional)."""
+    base: Any = Literal[info.choices] if info.choices else info.kind  # type: ignore[valid-type]
+    if info.device is not None:
+        base = device_type(info.device)
+    if info.range is not None:
+        base = Annotated[base, Field(ge=info.range.low, le=info.range.high)]
+    return Optional[base] if info.optional else base
+
+
+@cache
+def options_model(options: type) -> type[RequestModel]:
+    """A request model holding the options of an option set (:mod:`FMSegCore.options`): the same names, defaults,
+    choices and ranges, under this module's strict rules. Request bodies inherit it and add their own fields."""
+    fields: dict[str, Any] = {name: (option_type(info), info.default) for name, info in options_of(options).items()}
+    return create_model(f"{options.__name__}Options", __base__=RequestModel, **fields)
+
 Model = TypeVar("Model", bound=RequestModel)
 
 
@@ -80,8 +125,8 @@ _PHRASES = {
     "less_than_equal": "must be at most {le}",
     "greater_than": "must be more than {gt}",
     "less_than": "must be less than {lt}",
-    "too_short": "must hold at least {min_length} items",
-    "too_long": "must hold at most {max_length} items",
+    "too_short": "must hold at least {min_length} item(s)",
+    "too_long": "must hold at most {max_length} item(s)",
 }
 
 
@@ -103,11 +148,18 @@ def one_line(errors: Sequence[dict[str, Any]], where: str = "request") -> str:
         return f"{path}: expected a JSON object"
     if kind == "missing":
         return f"{path}: missing field '{name}'{more}"
+    subject = f"field '{name}' " if name is not None else ""
+    return " ".join(f"{path}: {subject}{rule(error)}{more}".split())
+
+
+def rule(error: dict[str, Any]) -> str:
+    """What one of pydantic's validation errors says the value must be (``must be at most 64``), without naming
+    the field: the worker's answers and ``fmseg``'s errors share these words."""
+    kind, ctx = error.get("type", ""), error.get("ctx") or {}
     phrase = str(error.get("msg", "is invalid")).removeprefix("Value error, ")
     if kind in _PHRASES:
         try:
             phrase = _PHRASES[kind].format(**ctx)
         except (KeyError, IndexError):  # a context this pydantic does not give: its own words
             pass
-    subject = f"field '{name}' " if name is not None else ""
-    return " ".join(f"{path}: {subject}{phrase}{more}".split())
+    return " ".join(phrase.split())

@@ -1,39 +1,26 @@
 """The worker's JSON bodies as pydantic models: what each request may hold (the only definition of those rules;
 the service reads the validated models) and what each answer holds (for ``/openapi.json`` and ``/docs``).
 
-Rules that need the worker's state (an id that exists, a point inside its volume, a model of the right kind)
-are the service's.
+The settings of sessions and jobs (model, axis, support size, rank...) are the option sets of
+:mod:`FMSegCore.options`, which ``fmseg`` and the Slicer module use too: each request body inherits its set's
+model (:func:`~FMSegCore.server.fields.options_model`) and adds what only the worker needs (uploaded ids; an empty
+device means the worker's own). Rules that need the worker's state (an id that exists, a point inside its volume,
+a model of the right kind) are the service's.
 """
 
 from __future__ import annotations
 
-import re
 from typing import Annotated, Any, Literal, Optional, Union
 
 import numpy as np
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainValidator, WithJsonSchema
 from pydantic_core import PydanticCustomError
 
-from FMSegCore.engines.adaptation.defaults import (
-    DEFAULT_PIXEL_MM,
-    DEFAULT_RANK,
-    DEFAULT_VIEWS,
-    MAX_RANK,
-    METHOD_CHOICES,
-    MODES,
-)
-from FMSegCore.engines.incontext.anatomical import MATCHES, PRIOR_MARGIN_MM, REGISTRATION_WEIGHT
-from FMSegCore.preprocessing.slicing import AXIS_NAMES
-from FMSegCore.server.fields import RequestModel, Vector3, vector
+from FMSegCore.options import Adaptation, AutoSegmentation, DeviceName, InContext, Prompting
+from FMSegCore.server.fields import RequestModel, Vector3, device_type, options_model, vector
 from FMSegCore.server.jobs import STATES
-from FMSegCore.zoo.registry import DEFAULT_INCONTEXT, DEFAULT_PROMPTABLE
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 VOLUME_KINDS = ("image", "labels")
-
-Axis = Literal[tuple(AXIS_NAMES)]  # type: ignore[valid-type]
-Precision = Literal[PRECISIONS]  # type: ignore[valid-type]
-Modality = Literal["auto", "CT", "MR"]
 
 
 def _rotation(values: tuple[float, ...]) -> tuple[float, ...]:
@@ -45,17 +32,8 @@ def _rotation(values: tuple[float, ...]) -> tuple[float, ...]:
 Spacing = vector(3, positive=True)
 Direction = Annotated[vector(9), AfterValidator(_rotation),
                       Field(description="3x3, row-major; its columns are the I, J, K axes in LPS")]
-Seed = Annotated[int, Field(ge=0, le=2 ** 32 - 1)]
-
-
-def _device(name: str) -> str:
-    if not re.fullmatch(r"(auto|cpu|cuda(:\d+)?|mps)?", name.lower()):
-        raise PydanticCustomError("fmseg", "must be auto, cpu, cuda, cuda:N or mps (empty: the worker's device)")
-    return name
-
-
-Device = Annotated[str, AfterValidator(_device), Field(description="auto, cpu, cuda, cuda:N or mps; empty: the "
-                                                                   "worker's own device")]
+#: A session's or job's device: empty (the default) is the worker's own, the one it was started on.
+WorkerDevice = device_type(DeviceName(empty="the worker's device"))
 
 
 def _label(value: Any) -> Union[int, str]:
@@ -105,19 +83,13 @@ class DownloadRequest(RequestModel):
     model: str
 
 
-class SessionRequest(RequestModel):
-    """A prompt session on an uploaded volume."""
+class SessionRequest(options_model(Prompting)):  # type: ignore[misc]
+    """A prompt session on an uploaded volume (the prompting options)."""
 
     where = "session"
     volume: str
-    model: str = DEFAULT_PROMPTABLE
     adapter: Optional[str] = None
-    axis: Axis = "axial"
-    context: Literal["auto", "crop", "full"] = "auto"
-    modality: Modality = "auto"
-    window: Optional[str] = None
-    precision: Precision = "auto"
-    device: Device = ""
+    device: WorkerDevice = ""
 
 
 class Box(RequestModel):
@@ -149,58 +121,32 @@ class Pair(RequestModel):
     labels: str
 
 
-class IncontextRequest(RequestModel):
+class IncontextRequest(options_model(InContext)):  # type: ignore[misc]
+    """In-context segmentation of an uploaded volume like uploaded supports (the in-context options)."""
+
     where = "incontext"
     volume: str
-    supports: Annotated[list[Pair], Field(max_length=256)]
+    supports: Annotated[list[Pair], Field(min_length=1, max_length=256)]
     classes: Labels = []
-    model: str = DEFAULT_INCONTEXT
-    support_size: Annotated[int, Field(ge=1, le=64)] = 8
-    ensemble: Annotated[int, Field(ge=1, le=16)] = 1
-    tolerance: Annotated[float, Field(ge=1e-3, le=1.0)] = 0.05
-    seed: Seed = 0
-    uncertainty: bool = False
-    axis: Axis = "axial"
-    modality: Modality = "auto"
-    window: str = "abdomen"
-    match: Literal[MATCHES] = "auto"  # type: ignore[valid-type]
-    prior_margin_mm: Annotated[float, Field(ge=0.0, le=500.0)] = PRIOR_MARGIN_MM
-    cross_modality: bool = False
-    registration_weight: Annotated[float, Field(ge=0.0, le=1.0)] = REGISTRATION_WEIGHT
-    precision: Precision = "auto"
-    device: Device = ""
+    device: WorkerDevice = ""
 
 
-class AdaptRequest(RequestModel):
+class AdaptRequest(options_model(Adaptation)):  # type: ignore[misc]
+    """Adaptation to uploaded labelled cases (the adaptation options)."""
+
     where = "adapt"
-    cases: Annotated[list[Pair], Field(max_length=256)]
+    cases: Annotated[list[Pair], Field(min_length=1, max_length=256)]
     labels: Labels = []
-    model: str = DEFAULT_PROMPTABLE
-    mode: Literal[MODES] = "auto"  # type: ignore[valid-type]
-    method: Optional[Literal[METHOD_CHOICES]] = None  # type: ignore[valid-type]
-    rank: Annotated[int, Field(ge=1, le=MAX_RANK)] = DEFAULT_RANK
-    steps: Optional[Annotated[int, Field(ge=1, le=100_000)]] = None
-    batch_size: Optional[Annotated[int, Field(ge=1, le=256)]] = None
-    lr: Optional[Annotated[float, Field(ge=0.0, le=10.0)]] = None
-    seed: Seed = 0
-    holdout: Annotated[int, Field(ge=0, le=255)] = 0
-    whole_slice: bool = False
-    pixel_mm: Annotated[float, Field(ge=0.05, le=20.0)] = DEFAULT_PIXEL_MM
-    views: Annotated[int, Field(ge=1, le=10_000)] = DEFAULT_VIEWS
-    axis: Axis = "axial"
-    modality: Modality = "auto"
-    window: str = "abdomen"
-    precision: Precision = "auto"
-    device: Device = ""
+    device: WorkerDevice = ""
 
 
-class SegmentRequest(RequestModel):
+class SegmentRequest(options_model(AutoSegmentation)):  # type: ignore[misc]
+    """Automatic segmentation of an uploaded volume with an uploaded adapter (the automatic options)."""
+
     where = "segment"
     volume: str
     adapter: str
-    modality: Modality = "auto"
-    precision: Precision = "auto"
-    device: Device = ""
+    device: WorkerDevice = ""
 
 
 # ---------------------------------------------------------------------------------------------- answers
@@ -218,7 +164,9 @@ class ErrorAnswer(Answer):
 
 class ModelCard(Answer):
     id: str
-    kind: str = Field(description="promptable, incontext, volume, or reference")
+    kind: str = Field(description="promptable, incontext, or 'weights only' (no family of FMSeg runs it yet)")
+    dims: Optional[int] = Field(None, description="2 or 3: the model works on slices or in 3-D")
+    task: Optional[str] = Field(None, description="the checkpoint's task, e.g. promptable-3d")
     title: str
     size_bytes: Optional[int] = None
     available: bool
@@ -272,7 +220,8 @@ class SessionOpened(Answer):
     session: str
     model: str
     device: str
-    axis: int = Field(description="the IJK axis the session slices along")
+    axis: int = Field(description="the IJK axis the session slices along (2-D models)")
+    dims: int = Field(description="2: the model segments slices and propagates; 3: it segments 3-D crops")
 
 
 class JobStatus(Answer):
@@ -282,6 +231,9 @@ class JobStatus(Answer):
     done: float
     total: float
     message: str
+    loss: Optional[float] = Field(None, description="the training loss at the last step (adaptation)")
+    elapsed: float = Field(0.0, description="seconds since the job started running")
+    remaining: Optional[float] = Field(None, description="estimated seconds left (null: unknown)")
     error: str
     result: dict[str, Any] = Field(description="the job's answer once done (kind-specific)")
     arrays: list[str] = Field(description="names of the array frames at jobs/<id>/arrays/<name>")

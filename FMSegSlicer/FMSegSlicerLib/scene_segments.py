@@ -14,6 +14,7 @@ import numpy as np
 import slicer
 import slicer.util
 
+from FMSegCore.io.colors import segment_color as new_segment_color
 from FMSegCore.io.terminology import terminology_entry
 
 
@@ -40,11 +41,16 @@ def prepare(segmentation_node: Any, volume_node: Any) -> None:
 
 def write_segment(segmentation_node: Any, volume_node: Any, name: str, mask_kji: np.ndarray,
                   color: Optional[Sequence[float]] = None) -> str:
-    """Store a boolean KJI mask (on the volume's grid) as the segment ``name``; its segment id."""
+    """Store a boolean KJI mask (on the volume's grid) as the segment ``name``; its segment id. A new segment gets
+    ``color``, else FMSeg's colour rule (``colors.segment_color``, as in its files) given the colours shown."""
     segmentation = segmentation_node.GetSegmentation()
     segment_id = segmentation.GetSegmentIdBySegmentName(name)
     if not segment_id:
-        segment_id = segmentation.AddEmptySegment(name, name, tuple(color) if color is not None else (0.5, 0.5, 0.5))
+        if color is None:
+            count = segmentation.GetNumberOfSegments()
+            taken = [segmentation.GetNthSegment(n).GetColor() for n in range(count)]
+            color = new_segment_color(name, count + 1, taken)
+        segment_id = segmentation.AddEmptySegment(name, name, tuple(color))
         entry = terminology_entry(name)
         if entry:
             segment = segmentation.GetSegment(segment_id)

@@ -15,7 +15,7 @@ from FMSegCore.engines.adaptation.lora import (
     kept_ranks,
     merge_lora,
 )
-from FMSegCore.engines.adaptation.losses import masked_dice_ce
+from FMSegCore.engines.adaptation.losses import dice_bce_loss
 from FMSegCore.engines.adaptation.methods import METHODS, MethodSettings, apply_method
 from FMSegCore.models.litemedsam import LiteMedSAM
 
@@ -127,10 +127,10 @@ def test_partial_labels_leave_unknown_structures_out_of_the_loss() -> None:
     other = target.clone()
     other[0, 1] = 1 - other[0, 1]
     other[1, 2] = 1 - other[1, 2]
-    assert torch.allclose(masked_dice_ce(logits, target, known), masked_dice_ce(logits, other, known))
-    assert not torch.allclose(masked_dice_ce(logits, target), masked_dice_ce(logits, other))
+    assert torch.allclose(dice_bce_loss(logits, target, known), dice_bce_loss(logits, other, known))
+    assert not torch.allclose(dice_bce_loss(logits, target), dice_bce_loss(logits, other))
     with pytest.raises(ValueError):
-        masked_dice_ce(logits, target, torch.zeros(2, 3, dtype=torch.bool))
+        dice_bce_loss(logits, target, torch.zeros(2, 3, dtype=torch.bool))
 
 
 def test_a_rank_outside_the_offered_range_is_refused() -> None:

@@ -83,6 +83,22 @@ def test_support_labels_resolved_by_name_and_value(ct):
         example_from_arrays(image, labels[:-1], None, "ct")
 
 
+def test_a_support_example_is_a_labelled_case_like_a_training_case(ct):
+    from FMSegCore.engines.adaptation.cases import TrainingCase, case_from_arrays
+
+    image, labels, by_name = ct
+    example = example_from_arrays(image, labels, None, "ct")
+    case = case_from_arrays(image, labels, None, "ct")
+    assert isinstance(example, TrainingCase) and type(example) is type(case)
+    assert example.is_volume and example.modality == case.modality == "CT"
+    spleen = by_name["spleen"]
+    assert np.array_equal(example.image, case.image) and example.value_of(f"segment_{spleen}") == spleen
+    # the case's slicing serves supports too: the annotated axial slices are those with a label
+    assert example.annotated_slices() == [k for k in range(labels.shape[0]) if labels[k].any()]
+    mr = example_from_arrays(np.abs(image) + 10.0, labels, None, "mr")
+    assert mr.modality == "MR" and float(mr.image.max()) <= 1.0
+
+
 def test_sparse_labels_propagate_through_the_same_scan(model, ct):
     image, labels, by_name = ct
     support, unlabelled = sparse_support(image, labels, every=8)

@@ -320,8 +320,8 @@ def test_adaptation_reports_progress_cancels_then_saves_loads_and_segments(logic
     pair = _pair(scene, image, labels, names, kidney, ["kidney_left"], "case")
     seen, stop = [], {"now": False}
 
-    def progress(done, total, message):
-        seen.append((done, total))
+    def progress(update):
+        seen.append((update.step, update.total, update.message))
 
     target = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "auto")
     pending = logic.adapt_async([pair], mode="auto", method="linear-probe", steps=100_000, batch_size=2,
@@ -341,6 +341,7 @@ def test_adaptation_reports_progress_cancels_then_saves_loads_and_segments(logic
     with pytest.raises(Cancelled):
         pending.result(timeout=300)
     assert seen and seen[-1][1] == 100_000 and not logic.adapter.data
+    assert "training (linear-probe)" in {message for *_, message in seen}  # the engine's message, via the job
 
     info = logic.adapt([pair], mode="auto", method="linear-probe", steps=4, batch_size=2)
     assert info["structures"][0]["name"] == "kidney_left"

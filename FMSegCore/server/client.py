@@ -14,6 +14,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 import requests
 
+from FMSegCore.progress import Progress, ProgressCallback
 from FMSegCore.server.wire import CONTENT_TYPE, decode_array, decode_mask, encode_array
 
 JSON_TIMEOUT = (5.0, 600.0)
@@ -60,8 +61,8 @@ class WorkerClient:
 
     # ------------------------------------------------------------------ plumbing
     def _call(self, method: str, route: str, json: Any = None, data: Optional[bytes] = None,
-              binary: bool = False) -> Any:
-        headers = {"Content-Type": CONTENT_TYPE} if data is not None else None
+              binary: bool = False, content_type: str = CONTENT_TYPE) -> Any:
+        headers = {"Content-Type": content_type} if data is not None else None
         try:
             response = self.http.request(method, f"{self.url}/v1/{route}", json=json, data=data, headers=headers,
                                          timeout=self.timeout)
@@ -97,7 +98,7 @@ class WorkerClient:
         self._call("DELETE", f"volumes/{volume_id}")
 
     def upload_adapter(self, data: bytes) -> dict[str, Any]:
-        return self._call("POST", "adapters", data=data)
+        return self._call("POST", "adapters", data=data, content_type="application/octet-stream")
 
     def download_adapter(self, adapter_id: str) -> bytes:
         return self._call("GET", f"adapters/{adapter_id}", binary=True)
@@ -137,16 +138,17 @@ class WorkerClient:
     def job_array(self, job_id: str, name: str) -> tuple[np.ndarray, dict[str, Any]]:
         return decode_array(self._call("GET", f"jobs/{job_id}/arrays/{name}", binary=True))
 
-    def wait(self, job_id: str, progress: Optional[Callable[[dict[str, Any]], None]] = None,
+    def wait(self, job_id: str, progress: Optional[ProgressCallback] = None,
              cancel: Optional[Callable[[], bool]] = None, interval: float = 0.2) -> dict[str, Any]:
-        """Poll a job until it ends; ``progress(status)`` on each poll; ``cancel()`` true cancels it.
+        """Poll a job until it ends; ``progress`` hears the job's :class:`Progress` on each poll; ``cancel()``
+        true cancels it.
         Returns the final status of a finished job; a failed job raises :class:`WorkerError`, a cancelled one
         :class:`JobCancelledError`."""
         cancelling = False
         while True:
             status = self.job(job_id)
             if progress:
-                progress(status)
+                progress(Progress.from_json(status))
             if status["state"] == "done":
                 return status
             if status["state"] == "failed":

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 from FMSegCore.errors import FMSegError
+from FMSegCore.progress import Progress
 
 STATES = ("queued", "running", "done", "failed", "cancelled")
 
@@ -30,18 +31,25 @@ class Job:
     done: float = 0.0
     total: float = 0.0
     message: str = ""
+    loss: Optional[float] = None
+    #: the seconds left the work last estimated (None: unknown), and when it did (time.monotonic())
+    remaining: Optional[float] = None
+    reported: float = 0.0
     error: str = ""
     result: dict[str, Any] = field(default_factory=dict)
     frames: dict[str, bytes] = field(default_factory=dict)
     created: float = field(default_factory=time.time)
+    started: Optional[float] = None
     finished: Optional[float] = None
     _cancel: threading.Event = field(default_factory=threading.Event, repr=False)
 
-    def progress(self, done: float, total: float, message: str = "") -> None:
-        """Record progress; raises :class:`JobCancelled` once cancellation was requested."""
-        self.done, self.total = float(done), float(total)
-        if message:
-            self.message = message
+    def progress(self, update: Progress) -> None:
+        """Record progress (an empty message keeps the last one); raises :class:`JobCancelled` once cancellation
+        was requested."""
+        self.done, self.total = float(update.step), float(update.total)
+        if update.message:
+            self.message = update.message
+        self.loss, self.remaining, self.reported = update.loss, update.remaining, time.monotonic()
         self.check()
 
     def check(self) -> None:
@@ -57,9 +65,19 @@ class Job:
     def cancelled(self) -> bool:
         return self._cancel.is_set()
 
+    def snapshot(self) -> Progress:
+        """The job's progress now: seconds since it started running, the last estimate of the seconds left
+        (less the time since it was made; none once the job ended)."""
+        now = time.time()
+        elapsed = 0.0 if self.started is None else (self.finished or now) - self.started
+        remaining = None
+        if self.remaining is not None and self.state in ("queued", "running"):
+            remaining = max(0.0, self.remaining - (time.monotonic() - self.reported))
+        return Progress(self.done, self.total, self.message, self.loss, elapsed, remaining)
+
     def status(self) -> dict[str, Any]:
-        return {"id": self.id, "kind": self.kind, "state": self.state, "done": self.done, "total": self.total,
-                "message": self.message, "error": self.error, "result": self.result, "arrays": sorted(self.frames)}
+        return {"id": self.id, "kind": self.kind, "state": self.state, **self.snapshot().to_json(),
+                "error": self.error, "result": self.result, "arrays": sorted(self.frames)}
 
 
 class JobRunner:
@@ -86,7 +104,7 @@ class JobRunner:
         if job.cancelled:
             job.state, job.finished = "cancelled", time.time()
             return
-        job.state = "running"
+        job.state, job.started = "running", time.time()
         try:
             job.result = work(job) or {}
             job.state = "done"

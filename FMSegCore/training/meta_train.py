@@ -2,8 +2,9 @@
 
 Each step samples a batch of tasks (real brain and body structures, or synthetic ones), a query and a support
 set per task, augments each image and each task, predicts the query from its supports and takes a Dice + BCE
-step. Held-out subjects and atlases (``training.sources``) never enter training; a fixed set of their episodes
-is scored every ``validate_every`` steps for monitoring (not for choosing a checkpoint: the last one ships).
+step (the adaptation's loss, with a Dice per episode) under the adaptation's warm-up + cosine schedule. Held-out
+subjects and atlases (``training.sources``) never enter training; a fixed set of their episodes is scored every
+``validate_every`` steps for monitoring (not for choosing a checkpoint: the last one ships).
 
 ``checkpoint.pt`` (model, optimiser, step) is written every ``checkpoint_every`` steps, atomically; running the
 same command again resumes from it. The random stream of step ``n`` is seeded by ``(seed, n)``, so a resumed run
@@ -13,17 +14,19 @@ draws the same episodes as an uninterrupted one.
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+from torch.optim.lr_scheduler import LRScheduler
 
+from FMSegCore.engines.adaptation.losses import dice_bce_loss
+from FMSegCore.engines.adaptation.trainer import warmup_cosine
 from FMSegCore.models.universeg import UniverSeg, build_universeg
 from FMSegCore.training.augment import augment_episode
 from FMSegCore.training.sources import held_out_bank, training_banks
@@ -86,25 +89,25 @@ def init_weights(model: UniverSeg) -> None:
             torch.nn.init.zeros_(module.bias)
 
 
-def dice_bce_loss(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Soft Dice + binary cross-entropy, and the per-item hard Dice for logging."""
-    probability = torch.sigmoid(logits)
-    dims = (1, 2, 3)
-    soft_dice = (2 * (probability * target).sum(dims) + 1) / (probability.sum(dims) + target.sum(dims) + 1)
-    loss = (1 - soft_dice).mean() + F.binary_cross_entropy_with_logits(logits, target)
-    with torch.no_grad():
-        hard = (logits > 0).float()
-        dice = (2 * (hard * target).sum(dims) + 1e-6) / (hard.sum(dims) + target.sum(dims) + 1e-6)
-    return loss, dice
+@torch.no_grad()
+def hard_dice(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-episode Dice of the thresholded prediction, for the log (1 when both masks are empty)."""
+    hard = (logits > 0).float()
+    dims = tuple(range(1, logits.ndim))
+    return (2 * (hard * target).sum(dims) + 1e-6) / (hard.sum(dims) + target.sum(dims) + 1e-6)
 
 
-def learning_rate(config: TrainConfig, step: int) -> float:
-    """Linear warm-up, then cosine decay to ``final_learning_rate``."""
-    if step < config.warmup_steps:
-        return config.learning_rate * (step + 1) / config.warmup_steps
-    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
-    cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-    return config.final_learning_rate + (config.learning_rate - config.final_learning_rate) * cosine
+def schedule(optimizer: torch.optim.Optimizer, config: TrainConfig, step: int = 0) -> LRScheduler:
+    """The learning-rate schedule (linear warm-up, cosine decay to ``final_learning_rate``) at ``step``: a run
+    resumed from a checkpoint takes the rates an uninterrupted one would."""
+    for group in optimizer.param_groups:  # a checkpoint's optimiser holds the rate of its last step
+        group["lr"] = group["initial_lr"] = config.learning_rate
+    scheduler = warmup_cosine(optimizer, config.steps, config.warmup_steps, config.final_learning_rate)
+    with warnings.catch_warnings():  # catching up before any optimiser step is the point here
+        warnings.simplefilter("ignore", UserWarning)
+        for _ in range(step):
+            scheduler.step()
+    return scheduler
 
 
 def stack_episodes(episodes: list[Episode]) -> tuple[torch.Tensor, ...]:
@@ -149,7 +152,7 @@ def validate(model: UniverSeg, bank: TaskBank, config: TrainConfig, device: torc
         query, label, images, labels = (t.to(device) for t in stack_episodes(episodes))
         with _autocast(device, config.precision):
             logits = model(query, images, labels)
-        scores.append(dice_bce_loss(logits.float(), label)[1])
+        scores.append(hard_dice(logits.float(), label))
     model.train()
     return float(torch.cat(scores).mean())
 
@@ -180,6 +183,7 @@ def train(config: TrainConfig, output: Path, device: torch.device, max_minutes: 
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         step = int(state["step"])
+    scheduler = schedule(optimizer, config, step)
     model.train()
     started, window_start = time.time(), time.time()
     sampler: Optional[EpisodeSampler] = None
@@ -196,22 +200,22 @@ def train(config: TrainConfig, output: Path, device: torch.device, max_minutes: 
         rng = np.random.default_rng([config.seed, step])
         support_size = int(rng.integers(config.support_min, config.support_max + 1))
         query, label, images, labels = (t.to(device) for t in sampler.batch(rng, stage.batch_size, support_size))
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(config, step)
         with _autocast(device, config.precision):
             logits = model(query, images, labels)
-        loss, dice = dice_bce_loss(logits.float(), label)
+        loss = dice_bce_loss(logits.float(), label, batch=False)
+        dice = hard_dice(logits.float(), label)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.gradient_clip)
         optimizer.step()
+        scheduler.step()
         step += 1
         losses.append(float(loss.detach()))
         dices.append(float(dice.mean()))
         if step % config.log_every == 0:
             seconds = (time.time() - window_start) / config.log_every
             record = {"step": step, "size": stage.size, "loss": round(float(np.mean(losses)), 4),
-                      "train_dice": round(float(np.mean(dices)), 4), "lr": round(learning_rate(config, step), 7),
+                      "train_dice": round(float(np.mean(dices)), 4), "lr": round(scheduler.get_last_lr()[0], 7),
                       "seconds_per_step": round(seconds, 3)}
             if validation_bank is not None and step % config.validate_every == 0:
                 record["held_out_dice"] = round(validate(model, validation_bank, config, device), 4)

@@ -23,19 +23,20 @@ import numpy as np
 import slicer
 import slicer.util
 
-from FMSegCore.engines.adaptation.defaults import DEFAULT_RANK, default_method
+from FMSegCore.engines.adaptation.defaults import default_method
 from FMSegCore.io.colors import segment_color
+from FMSegCore.options import Adaptation, InContext, Prompting
+from FMSegCore.progress import ProgressCallback
 from FMSegCore.server.client import JobCancelledError, WorkerClient, WorkerError, WorkerUnavailable
 from FMSegCore.server.launcher import PYTHON_ENV, LocalWorker
 from FMSegSlicerLib import scene_segments
 from FMSegSlicerLib.scene_geometry import add_volume_like, volume_meta
 from FMSegSlicerLib.scene_prompts import collect_prompts
 
-DEFAULT_PROMPT_MODEL = "litemedsam"
-DEFAULT_INCONTEXT_MODEL = "universeg-fmseg"
+DEFAULT_PROMPT_MODEL = Prompting.model  # the settings' defaults are FMSegCore.options' (the CLI's, the worker's)
+DEFAULT_INCONTEXT_MODEL = InContext.model
 UNDO_DEPTH = 20
 
-Progress = Callable[[float, float, str], None]
 Pair = tuple[Any, Any, Sequence[str]]  # (volume node, segmentation node, segment ids; empty: all)
 
 
@@ -224,12 +225,12 @@ class FMSegLogic:
     def models(self) -> list[dict[str, Any]]:
         return self._guarded(lambda: self._worker().models())
 
-    def download_model(self, model_id: str, progress: Optional[Progress] = None,
+    def download_model(self, model_id: str, progress: Optional[ProgressCallback] = None,
                        cancel: Optional[Callable[[], bool]] = None) -> dict[str, Any]:
         def request() -> dict[str, Any]:
             client = self._worker()
             job = client.start_download(model_id)
-            return client.wait(job["id"], _job_progress(progress), cancel)["result"]
+            return client.wait(job["id"], progress, cancel)["result"]
 
         return self._guarded(request)
 
@@ -388,9 +389,10 @@ class FMSegLogic:
 
     # ------------------------------------------------------------------ in-context
     def _prepare_incontext(self, volume_node: Any, segmentation_node: Any, supports: Sequence[Pair],
-                           support_size: int = 8, ensemble: int = 1, uncertainty: bool = False,
-                           model: str = DEFAULT_INCONTEXT_MODEL, progress: Optional[Progress] = None,
-                           cancel: Optional[Callable[[], bool]] = None, match: str = "auto") -> dict[str, Any]:
+                           support_size: int = InContext.support_size, ensemble: int = InContext.ensemble,
+                           uncertainty: bool = InContext.uncertainty, model: str = DEFAULT_INCONTEXT_MODEL,
+                           progress: Optional[ProgressCallback] = None, cancel: Optional[Callable[[], bool]] = None,
+                           match: str = InContext.match) -> dict[str, Any]:
         """``match``: ``anatomy`` aligns each support to the query first, ``index`` matches slices by relative
         position (supports on the query's own grid), ``auto`` picks (the worker decides)."""
         if segmentation_node is None:
@@ -411,7 +413,7 @@ class FMSegLogic:
             started = client.start_job("incontext", dict(body, **self._device_option()))
         finally:  # the job has read the label maps (or was refused): the worker may drop them
             self._discard([support["labels"] for support in supports])
-        status = client.wait(started["id"], _job_progress(job["progress"]), job["cancel"])
+        status = client.wait(started["id"], job["progress"], job["cancel"])
         labels, _ = client.job_array(started["id"], "labels")
         uncertainty = client.job_array(started["id"], "uncertainty")[0] if "uncertainty" in status["arrays"] else None
         return {"labels": labels, "uncertainty": uncertainty, "segments": status["result"]["segments"]}
@@ -435,9 +437,9 @@ class FMSegLogic:
         return self._async(job, self._request_incontext, lambda answer: self._apply_incontext(job, answer))
 
     # ------------------------------------------------------------------ adaptation
-    def _prepare_adapt(self, cases: Sequence[Pair], mode: str = "auto", method: Optional[str] = None,
-                       rank: int = DEFAULT_RANK, steps: int = 0, model: str = DEFAULT_PROMPT_MODEL,
-                       progress: Optional[Progress] = None, cancel: Optional[Callable[[], bool]] = None,
+    def _prepare_adapt(self, cases: Sequence[Pair], mode: str = Adaptation.mode, method: Optional[str] = None,
+                       rank: int = Adaptation.rank, steps: int = 0, model: str = Adaptation.model,
+                       progress: Optional[ProgressCallback] = None, cancel: Optional[Callable[[], bool]] = None,
                        **training: Any) -> dict[str, Any]:
         pairs, _ = self._prepare_pairs(cases, "labelled case")
         body = {"mode": mode, "method": default_method(mode, method), "rank": int(rank), "model": model,
@@ -451,7 +453,7 @@ class FMSegLogic:
             started = client.start_job("adapt", dict(job["body"], cases=cases, **self._device_option()))
         finally:  # the job has read the label maps (or was refused): the worker may drop them
             self._discard([case["labels"] for case in cases])
-        result = client.wait(started["id"], _job_progress(job["progress"]), job["cancel"])["result"]
+        result = client.wait(started["id"], job["progress"], job["cancel"])["result"]
         return AdapterState(result, result["adapter"], client.download_adapter(result["adapter"]))
 
     def _apply_adapt(self, state: AdapterState) -> dict[str, Any]:
@@ -498,7 +500,7 @@ class FMSegLogic:
         self.adapter = AdapterState(info, info["adapter"], data)
         return info
 
-    def _prepare_auto(self, volume_node: Any, segmentation_node: Any, progress: Optional[Progress] = None,
+    def _prepare_auto(self, volume_node: Any, segmentation_node: Any, progress: Optional[ProgressCallback] = None,
                       cancel: Optional[Callable[[], bool]] = None) -> dict[str, Any]:
         if self.adapter.info.get("mode") != "auto":
             raise ValueError("load or train an automatic ('auto' mode) adapter first")
@@ -512,7 +514,7 @@ class FMSegLogic:
         client = self._worker()
         body = {"volume": self._volume_id(job["volume_node"], job["array"], job["meta"]), "adapter": self._adapter_id()}
         started = client.start_job("segment", dict(body, **self._device_option()))
-        status = client.wait(started["id"], _job_progress(job["progress"]), job["cancel"])
+        status = client.wait(started["id"], job["progress"], job["cancel"])
         return {"labels": client.job_array(started["id"], "labels")[0], "segments": status["result"]["segments"]}
 
     def _apply_auto(self, job: dict[str, Any], answer: dict[str, Any]) -> list[str]:
@@ -540,10 +542,3 @@ def _prompt_arguments(volume_node: Any, segmentation_node: Any, segment_name: st
 def _image_mtime(volume_node: Any) -> int:
     """When a volume's voxels last changed (VTK's modification time of its image data)."""
     return int(volume_node.GetImageData().GetMTime())
-
-
-def _job_progress(progress: Optional[Progress]) -> Optional[Callable[[dict[str, Any]], None]]:
-    if progress is None:
-        return None
-    return lambda status: progress(status["done"], status["total"], status["message"])
-

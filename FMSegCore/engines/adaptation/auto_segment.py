@@ -8,7 +8,7 @@ older adapters see each whole slice, squared and resized to the model input, as 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Callable, Optional
+from typing import Optional
 
 import numpy as np
 import torch
@@ -28,6 +28,7 @@ from FMSegCore.io.orientation import anatomical_axes
 from FMSegCore.io.volume import Volume
 from FMSegCore.preprocessing.intensity import guess_modality, normalize
 from FMSegCore.preprocessing.slicing import AXIS_NAMES, get_slice, in_plane_axes, resize_2d
+from FMSegCore.progress import ProgressCallback, ProgressClock
 
 
 def _run(segmenter: AutoSegmenter2D, inputs: list[torch.Tensor], device: torch.device,
@@ -98,7 +99,7 @@ def probabilities_on_slice(logits: torch.Tensor, window: SliceWindow, shape: tup
 
 def segment_volume_auto(segmenter: AutoSegmenter2D, image: np.ndarray, axis: int, spacing: Sequence[float],
                         values: Sequence[int], device: torch.device, autocast: Optional[torch.dtype] = None,
-                        batch_size: int = 4, progress: Optional[Callable[[int, int], None]] = None,
+                        batch_size: int = 4, progress: Optional[ProgressCallback] = None,
                         geometry: Optional[SliceGeometry] = None) -> np.ndarray:
     """Label map (KJI, uint16) of a normalised volume (or a 2D slice), slice by slice across ``axis``; with a
     ``geometry``, only the body region, in physical units (the volume must be in the geometry's orientation)."""
@@ -115,6 +116,7 @@ def segment_volume_auto(segmenter: AutoSegmenter2D, image: np.ndarray, axis: int
     region = (slice(None), slice(None)) if geometry is None else \
         body_region(image, axis, spacing_rc, geometry.margin_mm)
     count = image.shape[2 - axis]
+    clock = ProgressClock(progress, count, "segmenting")
     labels = np.zeros(image.shape, dtype=np.uint16)
     for start in range(0, count, batch_size):
         indices = list(range(start, min(count, start + batch_size)))
@@ -126,8 +128,7 @@ def segment_volume_auto(segmenter: AutoSegmenter2D, image: np.ndarray, axis: int
             probabilities = slice_probabilities(segmenter, slices, spacing_rc, device, autocast)
         for index, item in zip(indices, probabilities):
             get_slice(labels, axis, index)[region] = labels_from_probabilities(item, values)
-        if progress is not None:
-            progress(indices[-1] + 1, count)
+        clock(indices[-1] + 1)
     return labels
 
 
@@ -151,7 +152,7 @@ def scan_modality(image: Volume, source: object, metadata: dict, modality: str =
 
 def segment_with_adapter(segmenter: AutoSegmenter2D, metadata: dict, volume: Volume, device: torch.device,
                          autocast: Optional[torch.dtype] = None,
-                         progress: Optional[Callable[[int, int], None]] = None,
+                         progress: Optional[ProgressCallback] = None,
                          modality: Optional[str] = None) -> np.ndarray:
     """Label map (KJI, uint16) of a raw volume from an automatic adapter's model, normalised and sliced as the
     adapter was trained (its metadata: modality, CT window, slicing direction, geometry, structures' values).

@@ -16,57 +16,19 @@ from typing import Optional, Union
 
 import numpy as np
 
+from FMSegCore.engines.labelled import LabelledCase
 from FMSegCore.errors import InputError
 from FMSegCore.io.labelmap import SegmentInfo, check_labelled_arrays, default_segment, read_labelmap
 from FMSegCore.io.orientation import anatomical_axes
 from FMSegCore.io.volume import read_volume
 from FMSegCore.preprocessing.intensity import DEFAULT_CT_WINDOW, Window, guess_modality, normalize
-from FMSegCore.preprocessing.slicing import AXIS_NAMES, get_slice, in_plane_axes
+from FMSegCore.preprocessing.slicing import AXIS_NAMES
 
 PathLike = Union[str, Path]
 
 
-@dataclass
-class TrainingCase:
-    """One labelled case: normalised image in [0, 1] and labels (KJI arrays, or 2-D), with their names."""
-
-    image: np.ndarray
-    labels: np.ndarray
-    segments: list[SegmentInfo]
-    source: str
-    spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)  # i, j, k (mm)
-    axis: int = 2  # the ijk axis slices are taken across
-    digest: str = ""
-    modality: str = "CT"  # how the image was normalised (CT window or MR percentiles)
-    #: the volume's direction matrix (columns: I, J, K in LPS); None: unknown (a 2-D case, or arrays only)
-    direction: Optional[np.ndarray] = None
-
-    def value_of(self, name: str) -> Optional[int]:
-        """The label value this case gives the structure ``name`` (None: not in its label set)."""
-        for segment in self.segments:
-            if segment.name.lower() == name.lower():
-                return segment.value
-        return None
-
-    def annotated_slices(self) -> list[int]:
-        """Indices of slices with at least one labelled pixel (a 2-D case: [0])."""
-        if self.labels.ndim == 2:
-            return [0]
-        return [index for index in range(self.labels.shape[2 - self.axis])
-                if np.any(get_slice(self.labels, self.axis, index))]
-
-    def slice(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        """(image, labels) of one slice."""
-        if self.image.ndim == 2:
-            return self.image, self.labels
-        return get_slice(self.image, self.axis, index), get_slice(self.labels, self.axis, index)
-
-    def spacing_rc(self) -> tuple[float, float]:
-        """In-plane pixel spacing (rows, cols) of the slices."""
-        if self.image.ndim == 2:
-            return (float(self.spacing[1]), float(self.spacing[0]))
-        rows, cols = in_plane_axes(self.axis)
-        return (float(self.spacing[rows]), float(self.spacing[cols]))
+#: A labelled training case (the one labelled-case type, shared with in-context supports).
+TrainingCase = LabelledCase
 
 
 def _digest(image: np.ndarray, labels: np.ndarray) -> str:

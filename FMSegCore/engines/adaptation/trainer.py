@@ -1,5 +1,6 @@
-"""The training loop every adaptation shares: AdamW with linear warm-up and cosine decay, early stop on a
-plateau of the training loss, ARENA's proximal step, progress callbacks and cooperative cancel.
+"""The training loop every adaptation shares: AdamW with linear warm-up and cosine decay (torch's schedulers,
+:func:`warmup_cosine`, which meta-training uses too), early stop on a plateau of the training loss, ARENA's
+proximal step, progress callbacks and cooperative cancel.
 
 What a batch is and how its loss is computed belong to a :class:`Learner` (prompted 2D, automatic 2D, 3D), so
 new model families plug in without touching this loop.
@@ -14,10 +15,12 @@ from typing import Any, Callable, Optional, Protocol
 
 import torch
 from torch import nn
+from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, LRScheduler, SequentialLR
 
 from FMSegCore.device import inference_dtype
 from FMSegCore.engines.adaptation.lora import arena_penalty, arena_soft_threshold
 from FMSegCore.errors import FMSegError
+from FMSegCore.progress import ProgressCallback, ProgressClock
 
 
 class Cancelled(FMSegError):
@@ -53,17 +56,6 @@ class TrainSettings:
 
     def to_json(self) -> dict:
         return asdict(self)
-
-
-@dataclass
-class Progress:
-    """One training step, for a progress bar: step (1-based), total steps, loss, seconds so far and to go."""
-
-    step: int
-    steps: int
-    loss: float
-    elapsed: float
-    remaining: float
 
 
 @dataclass
@@ -107,39 +99,43 @@ def _cpu_has_amx() -> bool:
         return False
 
 
-def learning_rate_at(step: int, steps: int, warmup: int) -> float:
-    """Multiplier of the base learning rate: linear warm-up, then cosine decay to zero."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, steps - warmup)
-    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+def warmup_cosine(optimiser: torch.optim.Optimizer, steps: int, warmup: int,
+                  final_lr: float = 0.0) -> LRScheduler:
+    """Each group's rate times (n + 1) / ``warmup`` at step n < ``warmup`` (linear warm-up), then cosine decay
+    from the rate (step ``warmup``) towards ``final_lr`` (reached at step ``steps``). Call ``step()`` after each
+    optimiser step; the rates start at step 0's."""
+    cosine = CosineAnnealingLR(optimiser, T_max=max(1, steps - warmup), eta_min=final_lr)
+    if warmup <= 0:
+        return cosine
+    linear = LinearLR(optimiser, start_factor=1.0 / warmup, end_factor=1.0, total_iters=max(1, warmup - 1))
+    return SequentialLR(optimiser, [linear, cosine], milestones=[warmup])
 
 
 def fit(learner: Learner, settings: TrainSettings, learning_rate: float, device: torch.device,
-        arena_lambda: float = 0.0, progress: Optional[Callable[[Progress], None]] = None,
+        arena_lambda: float = 0.0, progress: Optional[ProgressCallback] = None,
         cancel: Optional[Callable[[], bool]] = None) -> FitResult:
-    """Train ``learner.root``'s trainable parameters; raises :class:`Cancelled` when ``cancel()`` turns true."""
+    """Train ``learner.root``'s trainable parameters; raises :class:`Cancelled` when ``cancel()`` turns true.
+    ``progress`` hears of every step (1-based) with its loss."""
     generator = torch.Generator().manual_seed(settings.seed)
     groups = learner.parameter_groups(learning_rate, settings.head_learning_rate)
     if not any(group["params"] for group in groups):
         raise ValueError("nothing to train: the method left no trainable parameter")
-    for group in groups:
-        group["initial_lr"] = group["lr"]
     optimiser = torch.optim.AdamW(groups, weight_decay=settings.weight_decay)
     warmup = settings.warmup_steps if settings.warmup_steps is not None else max(1, settings.steps // 10)
+    schedule = warmup_cosine(optimiser, settings.steps, warmup)
+    # the group whose rate tells the step's share of the base rate (ARENA's threshold follows the base rate)
+    reference = next((g for g in optimiser.param_groups if g["initial_lr"] > 0), None)
     dtype = autocast_dtype(device, settings.precision)
     scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 and device.type == "cuda" else None
     learner.root.eval()  # frozen statistics (BatchNorm) and no dropout: few cases cannot re-estimate them
     began = time.perf_counter()
+    clock = ProgressClock(progress, settings.steps, "training")
     losses: list[float] = []
     smoothed, best, best_step, stopped_early = None, math.inf, 0, False
     step = 0
     for step in range(settings.steps):
         if cancel is not None and cancel():
             raise Cancelled("adaptation cancelled")
-        scale = learning_rate_at(step, settings.steps, warmup)
-        for group in optimiser.param_groups:
-            group["lr"] = group["initial_lr"] * scale
         batch = learner.sample(generator, settings.batch_size)
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             loss = learner.loss(batch)
@@ -151,8 +147,10 @@ def fit(learner: Learner, settings: TrainSettings, learning_rate: float, device:
         else:
             loss.backward()
             optimiser.step()
-        if arena_lambda > 0:
+        if arena_lambda > 0 and reference is not None:
+            scale = reference["lr"] / reference["initial_lr"]
             arena_soft_threshold(learner.root, learning_rate * scale * arena_lambda)
+        schedule.step()
         value = float(loss.detach())
         penalty = arena_penalty(learner.root) if arena_lambda > 0 else None
         if penalty is not None:
@@ -161,10 +159,7 @@ def fit(learner: Learner, settings: TrainSettings, learning_rate: float, device:
         smoothed = value if smoothed is None else 0.9 * smoothed + 0.1 * value
         if smoothed < best - settings.min_delta:
             best, best_step = smoothed, step
-        elapsed = time.perf_counter() - began
-        if progress is not None:
-            per_step = elapsed / (step + 1)
-            progress(Progress(step + 1, settings.steps, value, elapsed, per_step * (settings.steps - step - 1)))
+        clock(step + 1, loss=value)
         if settings.patience is not None and step >= warmup and step - best_step >= settings.patience:
             stopped_early = True
             break

@@ -24,18 +24,14 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from FMSegCore.engines.incontext.session import (
-    InContextResult,
-    InContextSession,
-    InContextSettings,
-    ProgressCallback,
-)
+from FMSegCore.engines.incontext.session import InContextResult, InContextSession, InContextSettings
 from FMSegCore.engines.incontext.support import SupportExample, SupportScan, SupportSet
 from FMSegCore.engines.label_vote import most_probable
 from FMSegCore.errors import InputError
 from FMSegCore.io.labelmap import SegmentInfo
 from FMSegCore.io.volume import Volume
 from FMSegCore.models.interfaces import InContextModel2D
+from FMSegCore.options import MATCHES, PRIOR_MARGIN_MM, REGISTRATION_WEIGHT
 from FMSegCore.preprocessing.alignment import (
     Alignment,
     PreparedScan,
@@ -45,12 +41,10 @@ from FMSegCore.preprocessing.alignment import (
     resample_onto,
 )
 from FMSegCore.preprocessing.intensity import DEFAULT_CT_WINDOW, Window, guess_modality, normalize
+from FMSegCore.progress import ProgressCallback
 
-#: Default distance (mm) from the aligned support labels beyond which a class is not looked for.
-PRIOR_MARGIN_MM = 20.0
-#: Default weight of the warped support labels mixed into the model's probabilities (chosen on the development
-#: scenarios, ``fmseg bench incontext --cross --margins``: 0.5 raised mean Dice by 0.05 over the model alone).
-REGISTRATION_WEIGHT = 0.5
+# The defaults of the spatial prior's margin and of the registration weight are FMSegCore.options' (with how
+# they were chosen), as are the matchings (MATCHES): one definition for the CLI, the worker and Slicer.
 #: Margin (mm) around the query's body in the work grid's square.
 BODY_MARGIN_MM = 10.0
 #: Thinnest slice (mm) of the work grid: finer queries are sliced at this spacing (the cost grows with the
@@ -71,7 +65,8 @@ class AnatomicalSettings:
     deformable: bool = False
     working_mm: float = 4.0
     #: run the model with supports of another modality than the query (CT <-> MR): refused by default, as the
-    #: model compares appearances (measured: Dice 0.07 against 0.41 for the registration baseline, CT -> MR)
+    #: model compares appearances (far below the registration baseline from CT to MR: ``fmseg bench incontext
+    #: --cross``, scenario ``ct_to_mr``)
     allow_cross_modality: bool = False
 
 
@@ -87,10 +82,6 @@ class AlignedQuery:
     notes: dict = field(default_factory=dict)
     #: the model's outputs on the work grid, by settings (reused when only the priors change)
     model_outputs: dict = field(default_factory=dict, repr=False)
-
-
-#: How support slices are matched to query slices.
-MATCHES = ("auto", "anatomy", "index")
 
 
 def choose_match(match: str, query: Volume, supports: Sequence[Volume]) -> str:
@@ -178,7 +169,7 @@ def align_supports(query: Volume, supports: Sequence[SupportScan], size: int, ax
         labels = resample_onto(scan.volume, scan.labels.astype(np.int32), grid, alignment.transform, nearest=True)
         alignments.append(alignment)
         examples.append(SupportExample(image.astype(np.float32), labels.astype(np.int32), scan.segments,
-                                       scan.source))
+                                       scan.source, modality=support_modality))
     return AlignedQuery(grid, grid_axis, alignments, examples, time.perf_counter() - began,
                         {"query_modality": query_modality, "support_modalities": modalities})
 

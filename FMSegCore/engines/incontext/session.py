@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Union
+from typing import Optional, Union
 
 import numpy as np
 import torch
@@ -33,8 +33,7 @@ from FMSegCore.io.labelmap import SegmentInfo
 from FMSegCore.models.interfaces import InContextModel2D
 from FMSegCore.preprocessing.intensity import DEFAULT_CT_WINDOW, Window, normalize
 from FMSegCore.preprocessing.slicing import Axis, axis_index, fit_square, get_slice, put_slice, unfit_square
-
-ProgressCallback = Callable[[str, int, int], None]
+from FMSegCore.progress import ProgressCallback, ProgressClock
 
 
 @dataclass
@@ -225,6 +224,7 @@ class InContextSession:
                                         self.settings.block_slices, self.slice_spacing_mm))
                  for segment in self.classes]
         total, done = sum(len(blocks) for _, blocks in plans), 0
+        clock = ProgressClock(progress, total)
         for segment, blocks in plans:
             rng = np.random.default_rng([self.settings.seed, segment.value])
             probability = np.zeros(volume.shape, dtype=np.float32)
@@ -238,8 +238,7 @@ class InContextSession:
                         std = members[:, row].std(axis=0)
                         put_slice(deviation, query_axis, index, unfit_square(std, fits[index], "bilinear"))
                 done += 1
-                if progress is not None:
-                    progress(segment.name, done, total)
+                clock(done, message=segment.name)
             vote.add(segment.value, probability)
             if spread is not None and deviation is not None:
                 np.maximum(spread, deviation, out=spread)

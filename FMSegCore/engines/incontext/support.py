@@ -15,26 +15,18 @@ from typing import Optional, Union
 
 import numpy as np
 
+from FMSegCore.engines.labelled import LabelledCase
 from FMSegCore.errors import InputError
 from FMSegCore.io.labelmap import SegmentInfo, check_labelled_arrays, default_segment, read_labelmap
 from FMSegCore.io.volume import Volume, read_volume
-from FMSegCore.preprocessing.intensity import DEFAULT_CT_WINDOW, Window, normalize
+from FMSegCore.preprocessing.intensity import DEFAULT_CT_WINDOW, Window, guess_modality, normalize
 
 PathLike = Union[str, Path]
 
 
-@dataclass
-class SupportExample:
-    """One labelled example: a normalised image (3-D KJI or 2-D) and its integer label map."""
-
-    image: np.ndarray
-    labels: np.ndarray
-    segments: list[SegmentInfo]
-    source: str
-
-    @property
-    def is_volume(self) -> bool:
-        return self.image.ndim == 3
+#: One labelled example: a normalised image (3-D KJI or 2-D) and its integer label map (the one labelled-case
+#: type, shared with adaptation's training cases).
+SupportExample = LabelledCase
 
 
 @dataclass
@@ -118,7 +110,8 @@ def example_from_arrays(image: np.ndarray, labels: np.ndarray, segments: Optiona
     labels = labels.astype(np.int32)
     if segments is None:
         segments = [default_segment(int(v)) for v in np.unique(labels) if v != 0]
-    return SupportExample(normalize(image, modality, window), labels, segments, source)
+    modality = guess_modality(image) if modality.lower() == "auto" else modality.upper()
+    return SupportExample(normalize(image, modality, window), labels, segments, source, modality=modality)
 
 
 def load_support_set(pairs: Sequence[tuple[PathLike, PathLike]], modality: str = "auto",

@@ -24,7 +24,7 @@ from FMSegCore.engines.adaptation.engine import (
 )
 from FMSegCore.engines.adaptation.lora import LoRALayer, merge_lora
 from FMSegCore.engines.adaptation.methods import LEARNING_RATES, AdaptableParts, MethodSettings, apply_method
-from FMSegCore.engines.adaptation.trainer import Cancelled, TrainSettings, fit
+from FMSegCore.engines.adaptation.trainer import Cancelled, TrainSettings
 from FMSegCore.errors import InputError
 from FMSegCore.io.labelmap import SegmentInfo
 from FMSegCore.zoo.cache import resources_dir
@@ -79,8 +79,10 @@ def test_progress_reports_every_step_and_cancel_stops(base, abdomen, index):
     cases = [slice_case(abdomen, index)]
     seen = []
     _adapt(base, cases, steps=4, progress=seen.append)
-    assert [p.step for p in seen] == [1, 2, 3, 4] and seen[-1].remaining == 0
-    assert all(p.elapsed > 0 and np.isfinite(p.loss) for p in seen)
+    assert [(p.step, p.total) for p in seen] == [(1, 4), (2, 4), (3, 4), (4, 4)] and seen[-1].remaining == 0
+    assert all(p.elapsed > 0 and np.isfinite(p.loss) and p.remaining is not None for p in seen)
+    assert [p.elapsed for p in seen] == sorted(p.elapsed for p in seen)
+    assert seen[0].message == "training (linear-probe)" and seen[0].describe().startswith("1/4, loss ")
     calls = []
     with pytest.raises(Cancelled):
         _adapt(base, cases, steps=50, cancel=lambda: calls.append(1) or len(calls) > 2)
@@ -99,7 +101,8 @@ def test_auto_mode_trains_every_step_and_warms_an_encoder_methods_head_first(bas
                    TrainSettings(steps=2, batch_size=2, precision="fp32", head_steps=3), CPU,
                    base=(copy.deepcopy(model), digest), progress=seen.append)
     # one progress count over both phases: 3 head steps, then 2 of the method
-    assert [(p.step, p.steps) for p in seen] == [(1, 5), (2, 5), (3, 5), (4, 5), (5, 5)]
+    assert [(p.step, p.total) for p in seen] == [(1, 5), (2, 5), (3, 5), (4, 5), (5, 5)]
+    assert [p.message for p in seen] == ["warming up the head (decoder)"] * 3 + ["training (bitfit)"] * 2
     assert result.metadata["fit"]["head_steps"] == 3 and result.fit.steps == 2
     cold = _adapt(base, cases, method="bitfit", steps=2)
     # the warm head moved away from a fresh head's initialisation (same seed): its weights differ
@@ -222,20 +225,3 @@ def test_same_methods_adapt_the_in_context_model():
     merge_lora(model)
     with torch.no_grad():
         assert torch.allclose(model.predict(query, model.encode_support(images, labels)), adapted, atol=1e-4)
-
-
-def test_same_engine_adapts_a_3d_backbone_on_a_real_volume(abdomen):
-    from FMSegCore.engines.adaptation.volume_learner import VolumeLearner3D
-    from FMSegCore.models.swinunetr import build_swinunetr
-
-    torch.manual_seed(0)
-    volume = abdomen
-    structures = resolve_structures([volume], ["liver", "spleen"])
-    learner = VolumeLearner3D(build_swinunetr(14, feature_size=12), [volume], structures,
-                              MethodSettings("lora"), CPU, crop=64)
-    frozen = {n: p.detach().clone() for n, p in learner.root.named_parameters() if not p.requires_grad}
-    assert learner.report.wrapped and all("attn.qkv" in n for n in learner.report.wrapped)
-    result = fit(learner, TrainSettings(steps=2, batch_size=1, precision="fp32"), 1e-3, CPU)
-    assert result.steps == 2 and np.isfinite(result.final_loss)
-    assert all(torch.equal(p, frozen[n]) for n, p in learner.root.named_parameters() if n in frozen)
-    assert learner.root.head.weight.shape[0] == 2

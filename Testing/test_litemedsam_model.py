@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from FMSegCore.bench.prompt_bench import reference_module
 from FMSegCore.errors import ModelError
 from FMSegCore.io.volume import read_volume
 from FMSegCore.models.litemedsam import LiteMedSAM, load_litemedsam
@@ -15,7 +16,7 @@ from FMSegCore.preprocessing.intensity import normalize
 from FMSegCore.zoo.cache import fetch, resources_dir
 from FMSegCore.zoo.registry import get_card
 
-reference = pytest.importorskip("FMSegCore.bench.reference_litemedsam")
+reference = reference_module()  # benchmark-only code, from the source checkout
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +38,7 @@ def test_forward_matches_reference_on_a_real_slice(checkpoint, ct_slice):
         ref = reference.build_reference_litemedsam()
     except (ImportError, importlib.metadata.PackageNotFoundError) as error:
         pytest.skip(f"reference package unavailable: {error}")
-    ours = load_litemedsam(checkpoint, fuse=True)
+    ours = load_litemedsam(checkpoint, )
     box = torch.tensor([[90.0, 80.0, 170.0, 160.0]])
     with torch.inference_mode():
         expected = ref(ct_slice, box.numpy())
@@ -68,8 +69,8 @@ def test_checkpoint_keys_load_strictly(checkpoint, tmp_path):
 
 
 def test_fused_encoder_equals_unfused(checkpoint):
-    plain = load_litemedsam(checkpoint, fuse=False)
-    fused = load_litemedsam(checkpoint, fuse=True)
+    plain = load_litemedsam(checkpoint, trainable=True)
+    fused = load_litemedsam(checkpoint, )
     torch.manual_seed(1)
     images = torch.rand(2, 3, 256, 256)
     with torch.inference_mode():
@@ -82,7 +83,7 @@ def test_fused_encoder_equals_unfused(checkpoint):
 def test_bf16_decoder_agrees_with_fp32_and_leaves_the_state_dict_alone(checkpoint, ct_slice):
     from FMSegCore.models.interfaces import PromptBatch2D
 
-    model = load_litemedsam(checkpoint, fuse=True)
+    model = load_litemedsam(checkpoint, )
     keys = set(model.state_dict())
     prompts = PromptBatch2D(embedding_index=torch.zeros(1, dtype=torch.long),
                             boxes=torch.tensor([[90.0, 80.0, 170.0, 160.0]]))

@@ -37,6 +37,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from FMSegCore.engines.adaptation.defaults import DEFAULT_METHODS, DEFAULT_RANK, MAX_RANK, METHOD_CHOICES  # noqa: E402
+from FMSegCore.progress import Progress  # noqa: E402
 
 pytest.importorskip("PySide6")
 pytest.importorskip("PySide6.QtUiTools")
@@ -53,6 +54,7 @@ for path in (ROOT / "Testing", MODULE_DIR):
 
 import qt_standins  # noqa: E402
 from PySide6 import QtCore, QtWidgets  # noqa: E402
+from slicer_parameter_node import parameter_node_fields  # noqa: E402
 
 qt_standins.set_features(__name__)  # this module: plain PySide6, Qt getters
 
@@ -401,7 +403,7 @@ def test_ui_widget_settings(ui):
     assert combo_items(ui.promptModelSelector) == ["litemedsam"]
     assert combo_items(ui.incontextModelSelector) == ["universeg-fmseg"]
     spins = {"supportSizeSpinBox": (1, 64, 8), "ensembleSpinBox": (1, 16, 1), "rankSpinBox": (1, MAX_RANK, DEFAULT_RANK),
-             "stepsSpinBox": (0, 10000, 0)}
+             "stepsSpinBox": (0, 100_000, 0)}
     for name, expected in spins.items():
         spin = getattr(ui, name)
         assert (spin.minimum(), spin.maximum(), spin.value()) == expected, name
@@ -462,43 +464,7 @@ def test_a_broken_ui_connection_is_reported(tmp_path, app):
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# The parameter node (read from FMSegSlicer.py with ast: it imports Slicer)
-
-
-def _dotted(node) -> str:
-    if isinstance(node, ast.Name):
-        return node.id
-    if isinstance(node, ast.Attribute):
-        return f"{_dotted(node.value)}.{node.attr}"
-    return ""
-
-
-def _annotation(node) -> dict:
-    """{"type": name, "choices": [...] or None, "range": (min, max) or None} of a field annotation."""
-    if isinstance(node, ast.Subscript) and _dotted(node.value).endswith("Annotated"):
-        base, *extras = node.slice.elts
-        info = {"type": _dotted(base), "choices": None, "range": None}
-        for extra in extras:
-            if isinstance(extra, ast.Call) and _dotted(extra.func).endswith("Choice"):
-                info["choices"] = ast.literal_eval(extra.args[0])
-            elif isinstance(extra, ast.Call) and _dotted(extra.func).endswith("WithinRange"):
-                info["range"] = tuple(ast.literal_eval(a) for a in extra.args)
-        return info
-    return {"type": _dotted(node), "choices": None, "range": None}
-
-
-def parameter_node_fields() -> dict:
-    tree = ast.parse(MODULE_FILE.read_text())
-    classes = [node for node in tree.body if isinstance(node, ast.ClassDef)
-               and any(_dotted(d).endswith("parameterNodeWrapper") for d in node.decorator_list)]
-    assert [c.name for c in classes] == ["FMSegSlicerParameterNode"]
-    fields = {}
-    for statement in classes[0].body:
-        if isinstance(statement, ast.AnnAssign) and isinstance(statement.target, ast.Name):
-            info = _annotation(statement.annotation)
-            info["default"] = ast.literal_eval(statement.value) if statement.value is not None else None
-            fields[statement.target.id] = info
-    return fields
+# The parameter node (FMSegSlicer.py imports Slicer: its parameter node class runs on its own, slicer_parameter_node)
 
 
 def test_slicer_parameter_names_are_the_parameter_node_fields(widget):
@@ -543,7 +509,7 @@ def test_each_bound_widget_can_represent_its_parameter(widget):
             assert [field["type"]] == w.nodeTypes and field["default"] is None, name
         else:
             raise AssertionError(f"{name}: no parameter node connector for {cls}")
-    # the adaptation settings are FMSegCore's (the parameter node and the .ui spell them as literals)
+    # the adaptation settings are FMSegCore's (the .ui spells them as literals; test_options_schema checks the rest)
     assert fields["method"]["choices"] == list(METHOD_CHOICES)
     assert (fields["method"]["default"], fields["rank"]["default"]) == (DEFAULT_METHODS["auto"], DEFAULT_RANK)
 
@@ -717,13 +683,13 @@ def test_adaptation_shows_progress_locks_buttons_and_then_reverts(panel, ui, mrm
     gate, reported = threading.Event(), threading.Event()
 
     def adapt(cases, mode, method, rank, steps, progress, cancel):
-        # the Logic reports (done, total, message); the brief's shape was (step, steps, loss): both are shown.
+        # the Logic reports a Progress: count, loss, the phase, the time left are all shown.
         # steps 0 (the panel's default) leaves the count to the worker, which reports the method's (here 150)
         total = steps or 150
-        progress(30, total, "loss 0.5000" if async_variants else 0.5)
+        progress(Progress(30, total, "training (lora)", loss=0.5, elapsed=12.0, remaining=48.0))
         reported.set()
         assert gate.wait(5)
-        progress(total, total, "done" if async_variants else 0.125)
+        progress(Progress(total, total, "training (lora)", loss=0.125, elapsed=60.0, remaining=0.0))
         return {"structures": ["liver", "spleen"], "validation_dice": 0.87, "method": method}
 
     logic = LogicTestDouble(async_variants, adapt=adapt)
@@ -744,7 +710,7 @@ def test_adaptation_shows_progress_locks_buttons_and_then_reverts(panel, ui, mrm
     assert ui.cancelButton.isEnabled() and not ui.adaptButton.isEnabled()
     assert not ui.segmentWithAdapterButton.isEnabled() and not ui.loadAdapterButton.isEnabled()
     wait_until(lambda: reported.is_set() and ui.adaptProgressBar.value() == 20, what="20 % progress")
-    assert "step 30/150" in ui.statusLabel.text() and "loss 0.5000" in ui.statusLabel.text()
+    assert ui.statusLabel.text() == "Adaptation: step 30/150, loss 0.5000: training (lora), 48 s left"
     assert ui.cancelButton.isEnabled() and not ui.adaptButton.isEnabled()
     assert controller.timer.isActive()
 
@@ -769,7 +735,7 @@ def test_cancel_stops_the_adaptation(panel, ui, mrml, make_controller, async_var
         step = 0
         while not cancel():
             step += 1
-            progress(step, steps or 150, f"step {step}")
+            progress(Progress(step, steps or 150, "training (lora)"))
             time.sleep(0.005)
         raise cancelled("cancelled")
 
@@ -895,7 +861,7 @@ def test_incontext_run_passes_the_support_set_and_can_be_cancelled(panel, ui, mr
 
     def run_incontext(volume_node, segmentation_node, supports, support_size, ensemble, uncertainty, model,
                       progress, cancel):
-        progress(1, 4)
+        progress(Progress(1, 4, "liver", elapsed=2.0, remaining=6.0))
         started.set()
         while not cancel():
             time.sleep(0.005)
@@ -917,6 +883,7 @@ def test_incontext_run_passes_the_support_set_and_can_be_cancelled(panel, ui, mr
     ui.runInContextButton.click()  # connects first
     wait_until(started.is_set, what="the run to start")
     wait_until(lambda: "1/4" in ui.statusLabel.text(), what="progress text")
+    assert ui.statusLabel.text() == "In-context segmentation: 1/4: liver, 6 s left"
     assert ui.cancelButton.isEnabled() and not ui.runInContextButton.isEnabled()
     assert ui.adaptProgressBar.value() == 0  # in-context progress is text only
     ui.cancelButton.click()
@@ -961,13 +928,13 @@ def test_connect_fills_the_models_and_download_shows_progress(panel, ui, mrml, m
     models = [{"id": "litemedsam", "kind": "promptable", "available": True},
               {"id": "sam-med3d", "kind": "promptable", "available": False},
               {"id": "universeg-fmseg", "kind": "incontext", "available": True},
-              {"id": "swinunetr-btcv", "kind": "backbone", "available": True}]
+              {"id": "suprem-swinunetr", "kind": "weights only", "available": True}]
     gate = threading.Event()
 
     def download_model(model_id, progress):
-        progress(3_000_000, 12_000_000)
+        progress(Progress(3_000_000, 12_000_000, "downloading sam-med3d", elapsed=40.0, remaining=120.0))
         assert gate.wait(5)
-        progress(12_000_000, 12_000_000)
+        progress(Progress(12_000_000, 12_000_000, "downloading sam-med3d", elapsed=160.0, remaining=0.0))
 
     logic = LogicTestDouble(connect=lambda **a: {"version": "0.1.0", "device": "cuda", "models": models},
                             download_model=download_model)
@@ -985,7 +952,7 @@ def test_connect_fills_the_models_and_download_shows_progress(panel, ui, mrml, m
     ui.downloadModelButton.click()
     assert not ui.downloadModelButton.isEnabled()
     wait_until(lambda: ui.downloadProgressBar.value() == 25, what="25 %")
-    assert ui.statusLabel.text() == "Download: sam-med3d 25 %"
+    assert ui.statusLabel.text() == "Download: sam-med3d 25 %, 2 min left"
     gate.set()
     wait_until(lambda: ui.downloadModelButton.isEnabled(), what="download end")
     assert ui.downloadProgressBar.value() == 100 and ui.statusLabel.text().startswith("Downloaded sam-med3d")

@@ -23,6 +23,7 @@ from FMSegCore.engines.prompting.session import PromptSession
 from FMSegCore.errors import FMSegError
 from FMSegCore.io.volume import Volume
 from FMSegCore.models.factory import load_model
+from FMSegCore.progress import Progress
 from FMSegCore.prompts import BoxPrompt, PointPrompt, SegmentPrompts
 from FMSegCore.server.app import MAX_JSON_BYTES, WorkerServer
 from FMSegCore.server.client import JobCancelledError, WorkerClient, WorkerError, WorkerUnavailable, geometry
@@ -204,10 +205,14 @@ def test_the_api_is_described_at_openapi_json_and_docs_behind_the_token(worker):
     ("sessions", {"volume": "v", "axis": "upwards"}, "session: field 'axis' must be one of"),
     ("sessions", {"volume": "v", "device": "gpu"}, "session: field 'device' must be auto, cpu"),
     ("sessions", [1, 2], "session: must be a JSON object"),
-    ("jobs/adapt", {"cases": [], "steps": 0}, "adapt: field 'steps' must be at least 1"),
+    ("jobs/adapt", {"cases": [{"image": "i", "labels": "l"}], "steps": 0}, "adapt: field 'steps' must be at least 1"),
     ("jobs/adapt", {"cases": [{"image": "a"}]}, "adapt.cases[0]: missing field 'labels'"),
-    ("jobs/incontext", {"volume": "v", "supports": [], "seed": "3"}, "incontext: field 'seed' must be an integer"),
-    ("jobs/incontext", {"volume": "v", "supports": [], "uncertainty": 1}, "field 'uncertainty' must be true or false"),
+    ("jobs/incontext", {"volume": "v", "supports": [{"image": "i", "labels": "l"}], "seed": "3"},
+     "incontext: field 'seed' must be an integer"),
+    ("jobs/incontext", {"volume": "v", "supports": [{"image": "i", "labels": "l"}], "uncertainty": 1},
+     "field 'uncertainty' must be true or false"),
+    ("jobs/adapt", {"cases": []}, "adapt: field 'cases' must hold at least 1 item"),
+    ("jobs/incontext", {"volume": "v", "supports": []}, "incontext: field 'supports' must hold at least 1 item"),
     ("models/download", {}, "download: missing field 'model'"),
 ])
 def test_request_fields_are_checked_by_their_models_and_refused_in_one_line_naming_the_field(worker, route, body,
@@ -336,7 +341,10 @@ def test_incontext_job_matches_the_in_process_session_and_reports_progress(clien
                                          "support_size": 4, "ensemble": 2, "uncertainty": True, "match": "index"})
     status = client.wait(job["id"], progress=seen.append, interval=0.05)
     assert status["result"]["segments"] == [{"value": 1, "name": "liver", "color": [0.8, 0.4, 0.3]}]
-    assert seen[-1]["state"] == "done" and seen[-1]["total"] >= 1
+    # one Progress a poll; the last: every block done, under the segment's name, no time left, time taken
+    assert all(isinstance(update, Progress) for update in seen)
+    assert seen[-1].step == seen[-1].total >= 1 and seen[-1].message == "liver"
+    assert seen[-1].remaining is None and seen[-1].elapsed > 0
     result_labels, _ = client.job_array(job["id"], "labels")
     uncertainty, _ = client.job_array(job["id"], "uncertainty")
 
@@ -390,6 +398,8 @@ def test_adaptation_job_is_cancelled_between_steps_then_a_short_one_gives_a_usab
     job = client.start_job("adapt", body)
     while (status := client.job(job["id"]))["done"] < 2 and status["state"] in ("queued", "running"):
         time.sleep(0.05)
+    assert status["state"] == "running" and status["message"] == "training (linear-probe)"
+    assert status["loss"] > 0 and status["elapsed"] > 0 and status["remaining"] > 0
     began = time.perf_counter()
     client.cancel(job["id"])
     with pytest.raises(JobCancelledError):

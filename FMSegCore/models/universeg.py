@@ -227,8 +227,10 @@ def build_universeg() -> UniverSeg:
     return UniverSeg()
 
 
-def load_universeg(checkpoint: Union[str, Path], device: Union[str, torch.device] = "cpu") -> UniverSeg:
-    """Build UniverSeg v1 and load a checkpoint (``weights_only=True``, strict keys) in eval mode.
+def load_universeg(checkpoint: Union[str, Path], device: Union[str, torch.device] = "cpu",
+                   trainable: bool = False) -> UniverSeg:
+    """Build UniverSeg v1 and load a checkpoint (``weights_only=True``, strict keys) in eval mode (``trainable``
+    changes nothing: the same network trains).
 
     Accepts a plain state_dict (the official release) or a dict holding it under ``"model"`` or
     ``"state_dict"``. Raises :class:`ModelError` with a one-line message on an unreadable or wrong checkpoint.

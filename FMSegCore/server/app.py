@@ -33,6 +33,7 @@ import uvicorn
 
 from FMSegCore.errors import FMSegError
 from FMSegCore.io.atomic import atomic_output
+from FMSegCore.server.defaults import EMBEDDING_BUDGET, SESSION_IDLE_S
 from FMSegCore.server.gate import MAX_JSON_BYTES, GateSettings
 from FMSegCore.server.routes import build_app
 from FMSegCore.server.service import Service
@@ -121,9 +122,11 @@ class WorkerServer:
 
 def serve(host: str = "127.0.0.1", port: int = DEFAULT_PORT, token: str = "", device: str = "auto",
           max_upload_bytes: int = 2 << 30, ready_file: Optional[str] = None, verbose: bool = False,
-          ready: Optional[Callable[[WorkerServer], None]] = None) -> None:
+          ready: Optional[Callable[[WorkerServer], None]] = None, embedding_budget_bytes: int = EMBEDDING_BUDGET,
+          session_idle_s: float = SESSION_IDLE_S) -> None:
     """Run the worker until shut down (``POST /v1/shutdown`` or Ctrl-C)."""
-    server = WorkerServer(Service(device), host, port, token, max_upload_bytes, verbose)
+    service = Service(device, embedding_budget_bytes=embedding_budget_bytes, session_idle_s=session_idle_s)
+    server = WorkerServer(service, host, port, token, max_upload_bytes, verbose)
     print(f"fmseg worker on {server.url} (device {server.service.device}; "
           f"{'token required' if token else 'no token: this machine only'}; API at {server.url}/docs); "
           "Ctrl-C stops it", file=sys.stderr, flush=True)

@@ -18,14 +18,17 @@ import torch
 
 from FMSegCore import __version__
 from FMSegCore.device import inference_dtype, resolve_device, tune_cpu_runtime
-from FMSegCore.engines.prompting.session import PromptSession
+from FMSegCore.engines.prompting.embedding_cache import SharedBudget
+from FMSegCore.engines.prompting.sessions import AnySession, open_prompt_session, session_dims
 from FMSegCore.errors import FMSegError, InputError
 from FMSegCore.io.labelmap import SegmentInfo, default_segment
 from FMSegCore.io.orientation import anatomical_axes
 from FMSegCore.io.volume import Volume
 from FMSegCore.models.factory import load_model
 from FMSegCore.preprocessing.slicing import AXIS_NAMES
+from FMSegCore.progress import Progress, ProgressClock
 from FMSegCore.prompts import BoxPrompt, PointPrompt, SegmentPrompts
+from FMSegCore.server.defaults import EMBEDDING_BUDGET, SESSION_IDLE_S
 from FMSegCore.server.fields import RequestError, parse
 from FMSegCore.server.jobs import Job, JobRunner
 from FMSegCore.server.schemas import (
@@ -39,17 +42,8 @@ from FMSegCore.server.schemas import (
     VolumeMeta,
 )
 from FMSegCore.server.wire import encode_array
+from FMSegCore.zoo.families import INCONTEXT, PROMPTABLE, model_dims, model_kind, require_kind
 from FMSegCore.zoo.registry import get_card, list_cards
-
-#: What each architecture does, for clients choosing a model.
-KINDS = {"litemedsam": "promptable", "universeg": "incontext", "swinunetr": "volume"}
-#: A prompt session unused this long is dropped (its embedding cache with it).
-SESSION_IDLE_S = 30 * 60.0
-
-
-def model_kind(card: Any) -> str:
-    """promptable, incontext, volume, or 'reference' for cards FMSeg cannot run yet."""
-    return KINDS.get(card.architecture or "", "reference")
 
 
 def volume_from_frame(array: np.ndarray, meta: VolumeMeta) -> Volume:
@@ -72,7 +66,7 @@ def segments_from_meta(segments: Sequence[SegmentMeta], labels: np.ndarray) -> l
 class SessionEntry:
     """A prompt session, the lock that serialises its prompts, and when it was last used."""
 
-    session: PromptSession
+    session: AnySession
     volume_id: str
     lock: threading.Lock
     used: float
@@ -82,8 +76,10 @@ class Service:
     """The worker's state and operations; request threads and the job thread share it (``_lock`` guards its
     dictionaries)."""
 
-    def __init__(self, device: str = "auto", max_sessions: int = 8, session_idle_s: float = SESSION_IDLE_S) -> None:
+    def __init__(self, device: str = "auto", max_sessions: int = 8, session_idle_s: float = SESSION_IDLE_S,
+                 embedding_budget_bytes: int = EMBEDDING_BUDGET) -> None:
         self.device = resolve_device(device)
+        self.embeddings = SharedBudget(embedding_budget_bytes)
         if self.device.type == "cpu":
             tune_cpu_runtime()
         self.volumes: dict[str, Volume] = {}
@@ -102,7 +98,8 @@ class Service:
     def info(self) -> dict[str, Any]:
         with self._lock:
             self._expire_sessions()
-            counts = {"volumes": len(self.volumes), "sessions": len(self.sessions), "adapters": len(self.adapters)}
+            counts = {"volumes": len(self.volumes), "sessions": len(self.sessions), "adapters": len(self.adapters),
+                      "embedding_bytes": self.embeddings.bytes, "embedding_budget_bytes": self.embeddings.max_bytes}
         return {"version": __version__, "device": str(self.device), "torch": torch.__version__,
                 "cuda": torch.cuda.is_available(), **counts, "models": self.models()}
 
@@ -110,7 +107,8 @@ class Service:
         """The zoo's cards: id, kind, title, size, and whether the file is here already."""
         from FMSegCore.zoo.cache import is_cached
 
-        return [{"id": card.name, "kind": model_kind(card), "title": card.title, "size_bytes": card.size_bytes,
+        return [{"id": card.name, "kind": model_kind(card), "dims": model_dims(card), "task": card.task,
+                 "title": card.title, "size_bytes": card.size_bytes,
                  "available": is_cached(card), "licence": card.licence} for card in list_cards()]
 
     def start_download(self, request: DownloadRequest) -> Job:
@@ -131,9 +129,10 @@ class Service:
             thread = threading.Thread(target=_capture, args=(outcome, fetch, card), kwargs={"progress": False},
                                       daemon=True)
             thread.start()
+            size = partial.stat().st_size if partial.exists() else 0
+            clock = ProgressClock(job.progress, card.size_bytes or 0, f"downloading {name}", start=size)
             while thread.is_alive():
-                size = partial.stat().st_size if partial.exists() else 0
-                job.progress(size, card.size_bytes or 0, f"downloading {name}")
+                clock(partial.stat().st_size if partial.exists() else 0)
                 thread.join(0.2)
             if "error" in outcome:
                 raise outcome["error"]
@@ -231,18 +230,19 @@ class Service:
         options = {"context": request.context, "modality": request.modality}
         if request.window is not None:
             options["window"] = request.window
-        _check_card(request.model, "promptable")
+        _check_card(request.model, PROMPTABLE)
         model = self.model(request.model, device, request.adapter)
         axis = anatomical_axes(volume.direction)[AXIS_NAMES[request.axis]]
-        session = PromptSession(volume, model, device, axis=axis,
-                                autocast_dtype=inference_dtype(device, request.precision), **options)
+        session = open_prompt_session(volume, model, device, axis=axis, budget=self.embeddings,
+                                      autocast_dtype=inference_dtype(device, request.precision), **options)
         session_id = uuid.uuid4().hex[:16]
         with self._lock:
             self._expire_sessions()
             self.sessions[session_id] = SessionEntry(session, request.volume, threading.Lock(), time.time())
             while len(self.sessions) > self.max_sessions:  # the least recently used goes first
                 del self.sessions[min(self.sessions, key=lambda s: self.sessions[s].used)]
-        return {"session": session_id, "model": request.model, "device": str(device), "axis": axis}
+        return {"session": session_id, "model": request.model, "device": str(device), "axis": axis,
+                "dims": session_dims(model)}
 
     def _expire_sessions(self) -> None:
         """Drop sessions idle longer than ``session_idle_s`` (never one that is answering a prompt)."""
@@ -301,7 +301,7 @@ class Service:
         settings = InContextSettings(support_size=request.support_size, ensemble=request.ensemble,
                                      match_tolerance=request.tolerance, seed=request.seed)
         name = request.model
-        _check_card(name, "incontext")
+        _check_card(name, INCONTEXT, dims=2)
         uncertainty = request.uncertainty
         axis_name = request.axis
         axis = anatomical_axes(query.direction)[AXIS_NAMES[axis_name]]
@@ -312,17 +312,17 @@ class Service:
                                         registration_weight=request.registration_weight)
 
         def work(job: Job) -> dict[str, Any]:
-            job.progress(0, 1, f"loading {name}")
+            job.progress(Progress(0, 1, f"loading {name}"))
             model = self.model(name, device)
             autocast = inference_dtype(device, request.precision)
-            report = lambda message, done, total: job.progress(done, total, message)  # noqa: E731
+            report = job.progress
             alignments = []
             if match == "anatomy":
                 scans = [SupportScan(volume, example.labels, example.segments, example.source)
                          for volume, example in zip(support_volumes, examples)]
                 engine = AnatomicalInContext(model, scans, [c.value for c in classes], axis_name, settings,
                                              anatomical, device, autocast, modality, window)
-                job.progress(0, 1, "aligning supports to the query")
+                job.progress(Progress(0, 1, "aligning supports to the query"))
                 result, aligned = engine.segment(query, uncertainty=uncertainty, progress=report)
                 alignments = [{"support": scan.source, "body_dice": round(a.body_dice, 3),
                                "overlap": round(a.overlap, 3), "stages": list(a.stages)}
@@ -369,10 +369,10 @@ class Service:
         device = self._device(request.device)
 
         def work(job: Job) -> dict[str, Any]:
-            job.progress(0, training.total_steps, "loading")
+            job.progress(Progress(0, training.total_steps, f"loading {name}"))
             result = adapt(name, mode, cases, structures, method, training, device, held_out,
                            modality=cases[0].modality if cases else modality, window=window, axis=axis_name,
-                           progress=lambda p: job.progress(p.step, p.steps, f"loss {p.loss:.3f}"),
+                           progress=job.progress,
                            cancel=lambda: job.cancelled, geometry=geometry, views=views)
             adapter_id = uuid.uuid4().hex[:16]
             path = Path(self._workdir.name) / f"{adapter_id}.pt"
@@ -399,11 +399,11 @@ class Service:
             raise RequestError(400, str(error)) from None
 
         def work(job: Job) -> dict[str, Any]:
-            job.progress(0, 1, "loading")
+            job.progress(Progress(0, 1, f"loading {adapter.base_model}"))
             model = self.model(adapter.base_model, device, request.adapter)
             labels = segment_with_adapter(model, adapter.metadata, volume, device,
                                           inference_dtype(device, request.precision),
-                                          progress=lambda done, total: job.progress(done, total, "segmenting"),
+                                          progress=job.progress,
                                           modality=modality)
             job.frames["labels"] = encode_array(labels.astype(np.uint16), compress=True)
             return {"segments": adapter.metadata["structures"]}
@@ -431,13 +431,12 @@ def _capture(outcome: dict[str, Any], function: Any, *args: Any, **kwargs: Any) 
         outcome["error"] = error
 
 
-def _check_card(name: str, kind: str) -> None:
+def _check_card(name: str, kind: str, dims: Optional[int] = None) -> None:
+    """Refuse (400) a model that is not of ``kind`` (or, given ``dims``, works in other dimensions)."""
     try:
-        card = get_card(name)
+        require_kind(name, kind, dims)
     except FMSegError as error:
         raise RequestError(400, str(error)) from None
-    if model_kind(card) != kind:
-        raise RequestError(400, f"model '{name}' is not a {kind} model (it is {model_kind(card)})")
 
 
 def _segment_json(segment: SegmentInfo) -> dict[str, Any]:
@@ -474,4 +473,4 @@ def _segment_prompts(request: PromptRequest, shape_ijk: tuple[int, int, int]) ->
     return prompts
 
 
-__all__ = ["Service", "SESSION_IDLE_S", "volume_from_frame"]
+__all__ = ["Service", "volume_from_frame"]

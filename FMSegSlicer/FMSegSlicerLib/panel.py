@@ -8,8 +8,9 @@
   worker on the Logic's background thread and returns a ``Pending``; other calls go through
   ``logic.submit(function, ...)``, which returns a ``concurrent.futures.Future``. A ``qt.QTimer`` polls ``done()``
   and calls ``result()`` on the GUI thread (a ``Pending`` writes its result into the scene then). Progress
-  callbacks run on the worker thread and only store their arguments, which the timer displays. Runs that need
-  the worker connect first (a "connect" job with the panel's URL, token and device), then start;
+  callbacks (one ``FMSegCore.progress.Progress`` each) run on the worker thread and only store it, for the timer
+  to display. Runs that need the worker connect first (a "connect" job with the panel's URL, token and device),
+  then start;
 - ``qt``: PythonQt's ``qt`` module in Slicer, a PySide6 namespace in the tests;
 - ``hooks``: the scene side (``PanelHooks``): node names and segments, prompt ROI nodes, place mode, file
   dialogs, error dialogs. The Slicer module passes a subclass.
@@ -23,9 +24,13 @@ pass different argument counts for overloaded signals such as ``currentNodeChang
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
+
+from FMSegCore.progress import Progress
+from FMSegCore.zoo import families
 
 LOG = logging.getLogger(__name__)
 
@@ -35,8 +40,6 @@ INSTALL = "install"
 
 DEFAULT_SEGMENT_NAME = "Segment_1"
 STATUS_LIMIT = 240
-PROMPTABLE_KINDS = ("promptable", "prompt", "interactive")
-INCONTEXT_KINDS = ("incontext", "in-context", "in_context")
 
 
 def one_line(text, limit: int = STATUS_LIMIT) -> str:
@@ -154,7 +157,7 @@ class _Job:
         self.progressBar = progressBar
         self.formatter = formatter
         self.future = None
-        self.progress = None  # (args, kwargs) of the latest progress call, set by the worker thread
+        self.progress = None  # the latest Progress reported, set by the worker thread
         self.shown = None
         self.started = time.monotonic()
 
@@ -162,48 +165,36 @@ class _Job:
     def cancellable(self) -> bool:
         return self.cancelEvent is not None
 
-    def report(self, *args, **kwargs) -> None:
-        """The progress callback given to the Logic: runs on the worker thread, only stores its arguments."""
-        self.progress = (args, kwargs)
+    def report(self, update: Progress) -> None:
+        """The progress callback given to the Logic: runs on the worker thread, only stores the update."""
+        self.progress = update
 
     def cancelled(self) -> bool:
         return self.cancelEvent is not None and self.cancelEvent.is_set()
 
 
-def _numbers(args) -> list[float]:
-    return [a for a in args if isinstance(a, (int, float)) and not isinstance(a, bool)]
+def _short(update: Progress) -> Progress:
+    return dataclasses.replace(update, message=one_line(update.message, limit=120))
 
 
-def _message(args, kwargs) -> str:
-    texts = [a for a in args[2:] if isinstance(a, str) and a.strip()]
-    message = texts[0] if texts else kwargs.get("message", "")
-    return one_line(message, limit=120) if isinstance(message, str) else ""
+def _steps_text(update: Progress) -> str:
+    """Adaptation: "step 30/150, loss 0.5000: training (lora), 40 s left"."""
+    text = _short(update).describe()
+    return f"step {text}" if update.total else text
 
 
-def _steps_text(args, kwargs) -> str:
-    """Adaptation: progress(step, steps, message) from the Logic, or progress(step, steps, loss)."""
-    numbers = _numbers(args)
-    text = f"step {int(numbers[0])}/{int(numbers[1])}" if len(numbers) >= 2 else ""
-    loss = numbers[2] if len(numbers) >= 3 else kwargs.get("loss")
-    if isinstance(loss, (int, float)) and not isinstance(loss, bool):
-        text += f", loss {loss:.4f}"
-    message = _message(args, kwargs)
-    return f"{text}: {message}" if text and message else text or message
+def _count_text(update: Progress) -> str:
+    """In-context and automatic runs: "3/12: liver, 20 s left"."""
+    return _short(update).describe()
 
 
-def _count_text(args, kwargs) -> str:
-    numbers = _numbers(args)
-    text = f"{numbers[0]:g}/{numbers[1]:g}" if len(numbers) >= 2 else ""
-    message = _message(args, kwargs)
-    return f"{text}: {message}" if text and message else text or message
-
-
-def _percent_text(args, kwargs) -> str:
-    """Downloads: progress(done, total, model id); the worker's units are not assumed, the share is shown."""
-    numbers = _numbers(args)
-    name = _message(args, kwargs)
-    share = f"{100.0 * numbers[0] / numbers[1]:.0f} %" if len(numbers) >= 2 and numbers[1] else ""
-    return " ".join(part for part in (name, share) if part)
+def _percent_text(update: Progress) -> str:
+    """Downloads: "sam-med3d 25 %, 2 min left"; the worker's units are not assumed, the share is shown."""
+    fraction = update.fraction
+    share = f"{100.0 * fraction:.0f} %" if fraction is not None else ""
+    text = " ".join(part for part in (one_line(update.message, limit=120), share) if part)
+    left = update.left()
+    return f"{text}, {left}" if text and left else text or left
 
 
 class PanelController:
@@ -405,15 +396,14 @@ class PanelController:
         self.updateButtons()
 
     def _showProgress(self, job: _Job) -> None:
-        progress = job.progress
-        if progress is None or progress is job.shown:
+        update = job.progress
+        if update is None or update is job.shown:
             return
-        job.shown = progress
-        args, kwargs = progress
-        numbers = _numbers(args)
-        if job.progressBar is not None and len(numbers) >= 2 and numbers[1]:
-            job.progressBar.value = max(0, min(100, int(round(100.0 * numbers[0] / numbers[1]))))
-        detail = job.formatter(args, kwargs)
+        job.shown = update
+        fraction = update.fraction
+        if job.progressBar is not None and fraction is not None:
+            job.progressBar.value = int(round(100.0 * fraction))
+        detail = job.formatter(update)
         if not job.cancelled():
             self.setStatus(f"{job.label}: {detail}" if detail else f"{job.label}\u2026")
 
@@ -515,8 +505,9 @@ class PanelController:
         if not cards:
             return
         self.models = {card["id"]: card for card in cards}
-        prompt = [c["id"] for c in cards if c["kind"] in PROMPTABLE_KINDS or c["kind"] is None]
-        incontext = [c["id"] for c in cards if c["kind"] in INCONTEXT_KINDS or c["kind"] is None]
+        # weights-only models are not listed: nothing in FMSeg runs them yet
+        prompt = [c["id"] for c in cards if c["kind"] in (families.PROMPTABLE, None)]
+        incontext = [c["id"] for c in cards if c["kind"] in (families.INCONTEXT, None)]
         self._fillCombo(self.ui.promptModelSelector, prompt)
         self._fillCombo(self.ui.incontextModelSelector, incontext)
 
@@ -545,8 +536,8 @@ class PanelController:
             return None
         def run(progress=None):
             for model_id in wanted:
-                self.logic.download_model(
-                    model_id, progress=lambda done, total, *_rest, m=model_id: progress(done, total, m))
+                self.logic.download_model(  # the status names the model, the worker's message aside
+                    model_id, progress=lambda update, m=model_id: progress(dataclasses.replace(update, message=m)))
             return wanted
 
         return self.start(DOWNLOAD, "Download", run, onDone=self._downloadDone, reportsProgress=True,

@@ -1,8 +1,9 @@
 """Automatic segmentation from a few labelled cases: a foundation encoder (frozen or adapted) plus a new head
 with one output per structure, so new scans are segmented with no prompt at all.
 
-Works with any 2D encoder that runs in named stages (``stages``, ``run_stages``, ``forward_stem``, ``stem_map``,
-``forward_trunk``, and the name patterns of its attention projections and MLPs): LiteMedSAM's TinyViT here. When
+Works with any promptable model whose image encoder is an
+:class:`~FMSegCore.models.interfaces.AdaptableBackbone` (named stages, the stem feature map, the name patterns
+of its attention projections and MLPs): LiteMedSAM's TinyViT today. When
 the method leaves the whole encoder frozen, its outputs are computed once per training input; otherwise the
 output of the stages before the first trainable one is (by a BatchNorm-folded copy of the frozen encoder).
 
@@ -26,7 +27,7 @@ from FMSegCore.engines.adaptation.cases import Structure, TrainingCase
 from FMSegCore.engines.adaptation.defaults import DEFAULT_VIEWS
 from FMSegCore.engines.adaptation.geometry import SliceGeometry, canonical_case
 from FMSegCore.engines.adaptation.heads import HEAD_FOR_METHOD, build_head
-from FMSegCore.engines.adaptation.losses import masked_dice_ce
+from FMSegCore.engines.adaptation.losses import dice_bce_loss
 from FMSegCore.engines.adaptation.methods import (
     AdaptableParts,
     MethodReport,
@@ -36,12 +37,13 @@ from FMSegCore.engines.adaptation.methods import (
 )
 from FMSegCore.engines.adaptation.slice_inputs import WindowedSlice, whole_slice_window, windowed_slice
 from FMSegCore.engines.adaptation.views import Augmentation, ViewMaker, balanced_views
+from FMSegCore.models.interfaces import AdaptableBackbone, AdaptableModel
 
 
 class AutoSegmenter2D(nn.Module):
     """Encoder + head: (B, 3, S, S) images -> (B, K, S, S) logits, one sigmoid output per structure."""
 
-    def __init__(self, encoder: nn.Module, head: nn.Module, input_size: int,
+    def __init__(self, encoder: AdaptableBackbone, head: nn.Module, input_size: int,
                  preprocess: Callable[[np.ndarray], torch.Tensor]) -> None:
         super().__init__()
         self.encoder = encoder
@@ -70,8 +72,8 @@ def head_kind(method: str) -> str:
     return HEAD_FOR_METHOD.get(method, "decoder")
 
 
-def build_auto_segmenter(base: nn.Module, classes: int, method: str) -> AutoSegmenter2D:
-    """An automatic segmenter on ``base``'s image encoder (a LiteMedSAM-like promptable model)."""
+def build_auto_segmenter(base: AdaptableModel, classes: int, method: str) -> AutoSegmenter2D:
+    """An automatic segmenter on ``base``'s image encoder."""
     encoder = base.image_encoder
     head = build_head(head_kind(method), encoder.out_channels, encoder.stem_channels, classes, base.input_size)
     return AutoSegmenter2D(encoder, head.to(next(encoder.parameters()).device), base.input_size, base.preprocess)
@@ -87,7 +89,7 @@ def auto_parts(root: AutoSegmenter2D) -> AdaptableParts:
 class AutoLearner2D:
     """Training batches and loss for :class:`AutoSegmenter2D` on the annotated slices of the cases."""
 
-    def __init__(self, base: nn.Module, cases: Sequence[TrainingCase], structures: Sequence[Structure],
+    def __init__(self, base: AdaptableModel, cases: Sequence[TrainingCase], structures: Sequence[Structure],
                  settings: MethodSettings, device: torch.device, cache_dtype: torch.dtype = torch.float32,
                  feature_cache: Optional[dict] = None, geometry: Optional[SliceGeometry] = None,
                  views: int = DEFAULT_VIEWS, augmentation: Optional[Augmentation] = None, seed: int = 0) -> None:
@@ -172,4 +174,4 @@ class AutoLearner2D:
     def loss(self, batch: list[int]) -> torch.Tensor:
         targets = torch.stack([self._slice(i).targets for i in batch]).to(self.device)
         known = torch.stack([self._slice(i).known for i in batch]).to(self.device)
-        return masked_dice_ce(self.logits(batch), targets, known)
+        return dice_bce_loss(self.logits(batch), targets, known)

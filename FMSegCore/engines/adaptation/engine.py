@@ -52,13 +52,11 @@ from FMSegCore.engines.adaptation.prompt_learner import (
     build_prompt_model,
     prompt_parts,
 )
-from FMSegCore.engines.adaptation.trainer import FitResult, Progress, TrainSettings, autocast_dtype, fit
+from FMSegCore.engines.adaptation.trainer import FitResult, TrainSettings, autocast_dtype, fit
 from FMSegCore.engines.adaptation.views import Augmentation
 from FMSegCore.errors import InputError, ModelError
+from FMSegCore.progress import ProgressCallback
 from FMSegCore.zoo.registry import get_card
-
-#: Zoo architectures whose encoders the 2D adaptation engine knows how to adapt.
-ADAPTABLE_ARCHITECTURES = ("litemedsam",)
 
 
 @dataclass
@@ -73,23 +71,33 @@ class AdaptationResult:
     state: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
+def _adaptable_card(model_name: str) -> Any:
+    """The zoo card of a model whose family implements :class:`AdaptableModel`."""
+    from FMSegCore.zoo.families import families, family_of
+
+    card = get_card(model_name)
+    family = family_of(card)
+    if family is None or "AdaptableModel" not in family.implements:
+        adaptable = [f.name for f in families() if "AdaptableModel" in f.implements]
+        raise ModelError(f"model '{model_name}' cannot be adapted (its family has no adaptable image encoder; "
+                         f"adaptable families: {', '.join(adaptable)})")
+    return card
+
+
 def _base_checkpoint(model_name: str, allow_download: bool = True) -> tuple[Any, str]:
     from FMSegCore.zoo.cache import fetch, file_digest
 
-    card = get_card(model_name)
-    if card.architecture not in ADAPTABLE_ARCHITECTURES:
-        raise ModelError(f"model '{model_name}' cannot be adapted yet (adaptable: "
-                         f"{', '.join(c for c in ADAPTABLE_ARCHITECTURES)})")
+    card = _adaptable_card(model_name)
     path = fetch(card, allow_download=allow_download)
     return path, card.sha256 or file_digest(path)
 
 
 def load_base(model_name: str, device: torch.device, allow_download: bool = True) -> tuple[nn.Module, str]:
-    """A fresh, trainable (unfused) copy of a zoo model, and its checkpoint's sha256."""
-    from FMSegCore.models.litemedsam import load_litemedsam
+    """A fresh, trainable copy of a zoo model (an :class:`AdaptableModel`), and its checkpoint's sha256."""
+    from FMSegCore.models.factory import build_network
 
     path, digest = _base_checkpoint(model_name, allow_download)
-    return load_litemedsam(path, device=device, fuse=False), digest
+    return build_network(get_card(model_name), device, trainable=True, allow_download=allow_download), digest
 
 
 def cases_digest(cases: Sequence[TrainingCase]) -> str:
@@ -142,7 +150,7 @@ def _load_warm_head(head: nn.Module, warm: dict[str, torch.Tensor]) -> None:
 def adapt(model_name: str, mode: str, cases: Sequence[TrainingCase], structures: Sequence[Structure],
           method: MethodSettings, training: TrainSettings, device: torch.device,
           val_cases: Sequence[TrainingCase] = (), modality: str = "auto", window: Union[str, Sequence[float]] = "abdomen",
-          axis: str = "axial", progress: Optional[Callable[[Progress], None]] = None,
+          axis: str = "axial", progress: Optional[ProgressCallback] = None,
           cancel: Optional[Callable[[], bool]] = None, base: Optional[tuple[nn.Module, str]] = None,
           geometry: Optional[SliceGeometry] = None, views: int = DEFAULT_VIEWS,
           augmentation: Optional[Augmentation] = None) -> AdaptationResult:
@@ -166,10 +174,11 @@ def adapt(model_name: str, mode: str, cases: Sequence[TrainingCase], structures:
     head_steps, total = training.head_steps, training.total_steps
     began = time.perf_counter()
 
-    def report(offset: int) -> Optional[Callable[[Progress], None]]:
+    def report(offset: int, message: str) -> Optional[ProgressCallback]:
+        """One count over both phases (the head's warm-up, then the method's steps), saying which runs."""
         if progress is None:
             return None
-        return lambda p: progress(dataclasses.replace(p, step=offset + p.step, steps=total))
+        return lambda p: progress(dataclasses.replace(p, step=offset + p.step, total=total, message=message))
 
     # the warm-up's and the method's learners draw the same views: frozen encoder outputs are computed once
     features: dict = {}
@@ -190,7 +199,7 @@ def adapt(model_name: str, mode: str, cases: Sequence[TrainingCase], structures:
         head_batch = max(default_schedule("auto", warm_method)[1], training.batch_size)
         fit(warm, dataclasses.replace(training, steps=head_steps, batch_size=head_batch, learning_rate=None),
             LEARNING_RATES[warm_method], device,
-            progress=report(0), cancel=cancel)
+            progress=report(0, f"warming up the head ({warm_method})"), cancel=cancel)
         warm_head = warm.root.head.state_dict()
     learner = learner_for(method)
     learning_rate = training.learning_rate or LEARNING_RATES[method.method]
@@ -201,7 +210,7 @@ def adapt(model_name: str, mode: str, cases: Sequence[TrainingCase], structures:
             learning_rate = training.learning_rate
     result = fit(learner, training, learning_rate, device,
                  arena_lambda=method.arena_lambda if method.method == "arena" else 0.0,
-                 progress=report(head_steps), cancel=cancel)
+                 progress=report(head_steps, f"training ({method.method})"), cancel=cancel)
     result = dataclasses.replace(result, seconds=time.perf_counter() - began)  # the head's warm-up included
     root = learner.root
     validation = validate(root, mode, val_cases, structures, device, training.precision, geometry) \

@@ -1,4 +1,4 @@
-"""Adapting a promptable model (LiteMedSAM) on a few labelled cases, with box and point prompts sampled from
+"""Adapting a promptable model (an :class:`~FMSegCore.models.interfaces.AdaptableModel`: LiteMedSAM today) on a few labelled cases, with box and point prompts sampled from
 the labels, for domains where the zero-shot model is weak.
 
 The adapted model keeps the :class:`~FMSegCore.models.interfaces.PromptableModel2D` interface, so the prompting
@@ -17,7 +17,7 @@ from torch import nn
 
 from FMSegCore.engines.adaptation.cases import Structure, TrainingCase, case_targets
 from FMSegCore.engines.adaptation.heads import SpatialAdapter
-from FMSegCore.engines.adaptation.losses import masked_dice_ce
+from FMSegCore.engines.adaptation.losses import dice_bce_loss
 from FMSegCore.engines.adaptation.methods import (
     AdaptableParts,
     MethodReport,
@@ -27,7 +27,7 @@ from FMSegCore.engines.adaptation.methods import (
 )
 from FMSegCore.engines.adaptation.slice_inputs import WindowedSlice, windowed_slice
 from FMSegCore.engines.prompting.windows import SliceWindow, box_window, full_window
-from FMSegCore.models.interfaces import PromptBatch2D
+from FMSegCore.models.interfaces import AdaptableModel, PromptBatch2D
 from FMSegCore.preprocessing.slicing import mask_box_rc
 
 #: Prompts per training batch: boxes (MedSAM's training prompt) or include/exclude points.
@@ -37,7 +37,7 @@ BOX_PROBABILITY = 0.7
 class PromptAdaptedModel(nn.Module):
     """A promptable model with an optional black-box adapter on its image embeddings (spatial adapter)."""
 
-    def __init__(self, base: nn.Module, embedding_adapter: Optional[nn.Module] = None) -> None:
+    def __init__(self, base: AdaptableModel, embedding_adapter: Optional[nn.Module] = None) -> None:
         super().__init__()
         self.base = base
         self.embedding_adapter = embedding_adapter or nn.Identity()
@@ -62,7 +62,7 @@ class PromptAdaptedModel(nn.Module):
         return low_res
 
 
-def build_prompt_model(base: nn.Module, method: str) -> PromptAdaptedModel:
+def build_prompt_model(base: AdaptableModel, method: str) -> PromptAdaptedModel:
     """The promptable model to adapt (a spatial adapter on the embeddings for that method)."""
     if method == "linear-probe":
         raise ValueError("a linear probe trains a head for automatic segmentation: use --mode auto")
@@ -91,7 +91,7 @@ def prompt_window(case: TrainingCase, index: int, box_rc: tuple[int, int, int, i
 class PromptLearner2D:
     """Batches of (slice, structure, prompt) and the mask loss, for :class:`PromptAdaptedModel`."""
 
-    def __init__(self, base: nn.Module, cases: Sequence[TrainingCase], structures: Sequence[Structure],
+    def __init__(self, base: AdaptableModel, cases: Sequence[TrainingCase], structures: Sequence[Structure],
                  settings: MethodSettings, device: torch.device, min_pixels: int = 5,
                  cache_dtype: torch.dtype = torch.float32, feature_cache: Optional[dict] = None) -> None:
         self.root = build_prompt_model(base, settings.method)
@@ -166,7 +166,7 @@ class PromptLearner2D:
                                 points=None if prompts.get("points") is None else prompts["points"].to(self.device),
                                 point_labels=None if prompts.get("labels") is None else prompts["labels"].to(self.device))
         logits = self.root.decode_trainable(self.embeddings(batch["items"]), prompts)
-        return masked_dice_ce(logits, batch["targets"].to(self.device))
+        return dice_bce_loss(logits, batch["targets"].to(self.device))
 
 
 def _box_prompts(targets: torch.Tensor, generator: torch.Generator) -> dict[str, torch.Tensor]:

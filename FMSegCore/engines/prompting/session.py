@@ -14,24 +14,24 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Optional
 
 import numpy as np
 import torch
 from scipy import ndimage
 
 from FMSegCore.engines.prompting.clicks import apply_clicks, refine_with_clicks
-from FMSegCore.engines.prompting.embedding_cache import EmbeddingCache
+from FMSegCore.engines.prompting.embedding_cache import EmbeddingCache, SharedBudget
 from FMSegCore.engines.prompting.windows import SliceWindow, box_window, extract, full_window, paste
 from FMSegCore.errors import InputError
 from FMSegCore.io.volume import Volume
 from FMSegCore.models.interfaces import PromptableModel2D, PromptBatch2D
 from FMSegCore.preprocessing.intensity import guess_modality, normalize
 from FMSegCore.preprocessing.slicing import get_slice, in_plane_axes, mask_box_rc
+from FMSegCore.progress import ProgressCallback, ProgressClock
 from FMSegCore.prompts import BoxPrompt, PointPrompt, SegmentPrompts
 
 BoxRC = tuple[float, float, float, float]  # row0, col0, row1, col1 (inclusive pixel centres)
-ProgressCallback = Callable[[str, int, int], None]
 
 
 @dataclass
@@ -94,7 +94,7 @@ class PromptSession:
     def __init__(self, volume: Volume, model: PromptableModel2D, device: torch.device | str | None = None, *,
                  axis: int = 2, context: str = "auto", modality: str = "auto", window: str = "auto",
                  cache_bytes: int = 2 << 30, autocast_dtype: Optional[torch.dtype] = None,
-                 settings: Optional[PropagationSettings] = None) -> None:
+                 settings: Optional[PropagationSettings] = None, budget: Optional[SharedBudget] = None) -> None:
         if context not in ("auto", "crop", "full"):
             raise ValueError("context must be 'auto', 'crop' or 'full'")
         self.volume = volume
@@ -108,7 +108,7 @@ class PromptSession:
         self.window = window
         self._images: dict[str, np.ndarray] = {}
         self.use_window(window if window != "auto" else "abdomen")
-        self.cache = EmbeddingCache(cache_bytes)
+        self.cache = EmbeddingCache(cache_bytes, budget)
         self.timings = Timings()
         self.results: dict[str, np.ndarray] = {}
         self._propagations: dict[tuple, dict[int, SliceRecord]] = {}
@@ -236,9 +236,9 @@ class PromptSession:
                          for seed in seeds if seed.box is not None])
             records: dict[int, SliceRecord] = {}
             seed_slices = {seed.index for seed in seeds}
+            clock = ProgressClock(progress, len(seeds), prompts.name)
             for number, seed in enumerate(seeds):
-                if progress:
-                    progress(prompts.name, number, len(seeds))
+                clock(number)  # seeds propagated so far: the message names the segment before its slices
                 self._grow(seed, axis, records, stop_at=seed_slices)
             self._propagations[base_key] = records
         records = self._correct(dict(self._propagations[base_key]), corrections, axis)

@@ -23,7 +23,7 @@ from FMSegCore.io.volume import Volume
 from FMSegCore.models.factory import build_network, load_model
 from FMSegCore.models.interfaces import PromptableModel2D, PromptableModel3D
 from FMSegCore.prompts import BoxPrompt, PointPrompt, SegmentPrompts
-from FMSegCore.server.client import WorkerClient
+from FMSegCore.server.client import WorkerClient, WorkerError
 from FMSegCore.server.service import Service
 from FMSegCore.zoo.families import (
     ENTRY_POINT_GROUP,
@@ -283,3 +283,23 @@ def test_the_workers_sessions_share_one_embedding_budget(plugin, case):
         assert info["embedding_bytes"] == crop_bytes <= info["embedding_budget_bytes"]
         # the second session's crop pushed the first one's out of the shared budget: encoded again
         assert client.prompt(first, "liver", points=[(click, True)])[1]["encoded"] == 1
+
+
+def test_a_3d_in_context_family_is_refused_by_the_2d_in_context_engine_in_one_line(plugin, case):
+    image, labels, _names = case
+    card = type(get_card(MODEL))(**{**get_card(MODEL).__dict__, "name": "ic3d-test", "task": "in-context-3d",
+                                    "architecture": "ic3d"})
+    register_family(Family("ic3d", "fmseg_dummy3d:load", ("InContextModel3D",), cards=(card,)))
+    try:
+        assert (model_kind(card), model_dims(card)) == ("incontext", 3)
+        with pytest.raises(ModelError, match="is a 3-D incontext model; this engine runs 2-D ones only so far"):
+            require_kind("ic3d-test", "incontext", dims=2)
+        with running_worker() as server:
+            client = WorkerClient(server.url, TOKEN)
+            volume = upload(client, image)
+            pair = {"image": volume, "labels": upload(client, image, labels.astype(np.uint16), kind="labels")}
+            with pytest.raises(WorkerError, match="3-D incontext model; this engine runs 2-D") as raised:
+                client.start_job("incontext", {"volume": volume, "model": "ic3d-test", "supports": [pair]})
+            assert raised.value.status == 400
+    finally:
+        unregister_family("ic3d")

@@ -55,7 +55,7 @@ def tune_cpu_runtime(threads: Optional[int] = None) -> None:
     """Use every core and keep large buffers in the heap between layers (glibc), once per process.
 
     Feature maps of tens of MB are otherwise returned to the OS after each layer and page-faulted back in,
-    which costs about a third of an encoder pass on CPU. Call this from a CLI or worker, not from a library
+    which costs a sizeable share of an encoder pass on CPU. Call this from a CLI or worker, not from a library
     user's process that wants its default allocator.
     """
     global _TUNED

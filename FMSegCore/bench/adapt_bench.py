@@ -222,9 +222,10 @@ def run_benchmark(base: torch.nn.Module, datasets: Sequence[str], shots: Sequenc
             data = split(case, structures, k)
             tests = TestSlices(base, data, device)
             train_cases = slice_cases(case, data.train)
-            if k == shots[0]:
+            if k == shots[0]:  # scored on this k's test set, which ``test_shots`` records
                 zero = PromptAdaptedModel(base)
-                emit(RunResult(name, 0, "prompt", "zero-shot (box)", evaluate_prompted(zero, tests)))
+                emit(RunResult(name, 0, "prompt", "zero-shot (box)", evaluate_prompted(zero, tests),
+                               extra={"test_shots": k}))
             features: dict = {}
             for method in FROZEN_METHODS + ENCODER_METHODS:
                 if wanted is not None and method not in wanted:

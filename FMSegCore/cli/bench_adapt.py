@@ -14,16 +14,19 @@ def add_parser(kinds: argparse._SubParsersAction) -> None:
     parser = kinds.add_parser("adapt", help="few-shot adaptation: Dice per method and shots, time, memory")
     parser.add_argument("--device", default="auto", choices=DEVICE_CHOICES)
     parser.add_argument("--datasets", nargs="+", default=["ct", "mr"], choices=("ct", "mr"))
-    parser.add_argument("--shots", type=int, nargs="+", default=[1, 5, 10], help="labelled slices (default 1 5 10)")
+    parser.add_argument("--shots", type=int, nargs="+", default=[1, 5, 10],
+                        help="labelled slices (default 1 5 10); the zero-shot baseline is scored on the first "
+                             "one's test set (test_shots in the JSON)")
     parser.add_argument("--steps", type=int, default=150, help="steps of frozen-encoder methods (default 150)")
     parser.add_argument("--encoder-steps", type=int, default=40,
-                        help="steps of encoder methods (LoRA, ARENA, BitFit, ...; default 40: they cost ~10x more a step on CPU)")
+                        help="steps of encoder methods (LoRA, ARENA, BitFit, ...; default 40: their steps cost far more on CPU)")
     parser.add_argument("--encoder-shots", type=int, nargs="+", default=[5], help="shots for encoder methods (default 5)")
     parser.add_argument("--encoder-datasets", nargs="+", default=["ct"], choices=("ct", "mr"))
     parser.add_argument("--prompt-shots", type=int, nargs="+", default=[5], help="shots for prompt-mode methods (default 5)")
     parser.add_argument("--prompt-methods", nargs="+", default=["decoder"], choices=("decoder", "spatial-adapter"),
                         help="prompt-mode methods (default: decoder)")
-    parser.add_argument("--methods", nargs="+", default=None, help="only these methods")
+    parser.add_argument("--methods", nargs="+", default=None,
+                        help="only these methods (a name matching none, e.g. none: only the zero-shot baseline)")
     parser.add_argument("--json", type=Path, default=None, help="write every figure to this JSON file (with "
                         f"--cross, default Resources/{CROSS_JSON})")
     parser.add_argument("--cross", action="store_true",

@@ -283,7 +283,8 @@ class TinyViT(nn.Module):
             nn.init.zeros_(module.bias)
 
     #: The encoder's stages, run in order (then the neck). Stages before the first one with trainable
-    #: parameters can be computed once per image when adapting (the first two hold about 60 % of the compute).
+    #: parameters can be computed once per image when adapting (the first two, at the highest resolutions, take a
+    #: large share of an encoder pass on CPU).
     stages = ("patch_embed", "layers.0", "layers.1", "layers.2", "layers.3")
     #: The stage whose output is the stem feature map (128 channels at half resolution), for decoders' skips.
     stem_stage = 1

@@ -23,10 +23,10 @@ DEFAULT_METHODS = {"auto": "decoder", "prompt": "decoder"}
 #: Automatic mode's default (steps, slices per step) per method, chosen on the development MR (held out from the
 #: reported scenarios) to fit 5 minutes on a whole labelled CT on 2 CPU cores (``fmseg bench adapt --cross``
 #: times each). A head from scratch needs hundreds of steps; with its prior initialisation (``heads``) the
-#: decoder found all six large organs in 200-300 (without it, 400 still missed the aorta). Encoder methods
-#: backpropagate through 8 transformer blocks, seconds a step on a CPU, and the spatial adapter's 3x3
-#: convolutions on 256 channels cost a second, so their heads are first trained alone (``HEAD_WARMUPS``) and then
-#: fewer steps train the method.
+#: decoder found all six large organs within its default steps on the development MR (without it, more steps
+#: still missed the aorta). Encoder methods backpropagate through 8 transformer blocks and the spatial adapter's
+#: 3x3 convolutions run on 256 channels, both expensive steps on a CPU, so their heads are first trained alone
+#: (``HEAD_WARMUPS``) and then fewer steps train the method.
 AUTO_DEFAULTS = ({"decoder": (300, 4), "linear-probe": (600, 4), "spatial-adapter": (100, 4)}
                  | {method: (20, 2) for method in ENCODER_METHODS})
 #: Auto mode: the cheaper method that first trains a method's new head alone, on cached frozen features, and for

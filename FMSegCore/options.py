@@ -20,15 +20,20 @@ from dataclasses import dataclass
 from functools import cache
 from typing import Annotated, Any, Literal, Optional, Union, get_args, get_origin
 
-from FMSegCore.engines.adaptation.defaults import (
-    DEFAULT_PIXEL_MM,
-    DEFAULT_RANK,
-    DEFAULT_VIEWS,
-    MAX_RANK,
-    METHOD_CHOICES,
-    MODES,
-)
 from FMSegCore.zoo.registry import DEFAULT_INCONTEXT, DEFAULT_PROMPTABLE
+
+#: Adaptation: the methods as a user is offered them (the recommended one first), and the modes. The engines'
+#: own rules about them (which methods adapt the encoder, each one's steps) are in
+#: :mod:`FMSegCore.engines.adaptation.defaults`.
+METHOD_CHOICES = ("decoder", "spatial-adapter", "linear-probe", "lora", "arena", "bitfit", "affine", "adaptformer",
+                  "full")
+MODES = ("auto", "prompt")
+DEFAULT_RANK = 4
+#: The largest rank of low-rank methods (LoRA, ARENA) anyone is offered: the CLI, the worker and the panel.
+MAX_RANK = 64
+#: Auto mode: the pixel size (mm) slices are resampled to, and the augmented training views encoded.
+DEFAULT_PIXEL_MM = 1.5
+DEFAULT_VIEWS = 48
 
 
 @dataclass(frozen=True)

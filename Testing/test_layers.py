@@ -16,6 +16,8 @@ FORBIDDEN = {
     "preprocessing": ("engines", "models", "server", "cli", "bench", "training", "zoo"),
     "prompts.py": ("io", "preprocessing", "engines", "models", "server", "cli", "bench", "training", "zoo"),
     "progress.py": ("io", "preprocessing", "engines", "models", "server", "cli", "bench", "training", "zoo"),
+    # the options every entry point reads: below the engines (which read their defaults from it)
+    "options.py": ("io", "preprocessing", "engines", "models", "server", "cli", "bench", "training"),
     "models": ("engines", "server", "cli", "bench", "training"),
     "zoo": ("engines", "server", "cli", "bench", "training"),
     "engines": ("server", "cli", "bench", "training"),

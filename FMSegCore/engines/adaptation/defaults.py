@@ -1,10 +1,20 @@
-"""Adaptation's options and their defaults, defined once for ``fmseg adapt``, the worker, the benchmarks and the
-Slicer module. Torch-free, so parsers and the Slicer panel can read them without loading a model.
+"""Adaptation's rules and defaults (methods, steps, warm-ups), defined once for ``fmseg adapt``, the worker, the
+benchmarks and the Slicer module; the options a user sets come from :mod:`FMSegCore.options`. Torch-free, so
+parsers and the Slicer panel can read them without loading a model.
 """
 
 from __future__ import annotations
 
 from typing import Optional
+
+from FMSegCore.options import (  # noqa: F401  (the user-facing adaptation options, re-exported here)
+    DEFAULT_PIXEL_MM,
+    DEFAULT_RANK,
+    DEFAULT_VIEWS,
+    MAX_RANK,
+    METHOD_CHOICES,
+    MODES,
+)
 
 #: Every method, in the order the benchmark reports them.
 METHODS = ("full", "decoder", "linear-probe", "spatial-adapter", "bitfit", "affine", "lora", "arena",
@@ -13,10 +23,6 @@ METHODS = ("full", "decoder", "linear-probe", "spatial-adapter", "bitfit", "affi
 ENCODER_METHODS = ("full", "bitfit", "affine", "lora", "arena", "adaptformer")
 #: Methods that keep the encoder frozen and train a head (or, in prompt mode, the decoder).
 FROZEN_METHODS = tuple(m for m in METHODS if m not in ENCODER_METHODS)
-#: The methods as a user is offered them: the recommended one first.
-METHOD_CHOICES = ("decoder", "spatial-adapter", "linear-probe", "lora", "arena", "bitfit", "affine", "adaptformer",
-                  "full")
-MODES = ("auto", "prompt")
 #: The method each mode uses unless told: auto mode chosen across subjects on the development scenarios (README,
 #: ``fmseg bench adapt --cross``), prompt mode on the same-scan benchmark (``fmseg bench adapt``).
 DEFAULT_METHODS = {"auto": "decoder", "prompt": "decoder"}
@@ -39,12 +45,6 @@ HEAD_WARMUPS = {method: ("decoder", 200) for method in ENCODER_METHODS} | {"spat
 WARMED_MAX_RATE = 1e-3
 #: Prompt mode's default (steps, slices per step), every method.
 PROMPT_DEFAULTS = (150, 4)
-DEFAULT_RANK = 4
-#: The largest rank of low-rank methods (LoRA, ARENA) anyone is offered: the CLI, the worker and the panel.
-MAX_RANK = 64
-#: Auto mode: the pixel size (mm) slices are resampled to, and the augmented training views encoded.
-DEFAULT_PIXEL_MM = 1.5
-DEFAULT_VIEWS = 48
 
 
 def default_method(mode: str, method: Optional[str] = None) -> str:

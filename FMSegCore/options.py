@@ -71,6 +71,8 @@ Device = Annotated[str, DeviceName()]
 Seed = Annotated[int, Range(0, 2 ** 32 - 1)]
 
 AXES: tuple[str, ...] = get_args(Axis)
+#: Slicing directions by name -> the anatomical axis (0 L-R, 1 A-P, 2 S-I) slices are across.
+AXIS_INDEX: dict[str, int] = {name: index for index, name in enumerate(AXES)}
 MODALITIES: tuple[str, ...] = get_args(Modality)
 PRECISIONS: tuple[str, ...] = get_args(Precision)
 MATCHES: tuple[str, ...] = get_args(Match)

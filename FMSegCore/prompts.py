@@ -146,3 +146,7 @@ class SegmentPrompts:
 
     def is_empty(self) -> bool:
         return not self.boxes and not self.include_points
+
+    def box_bounds(self) -> tuple[np.ndarray, np.ndarray]:
+        """The (lo, hi) IJK corners enclosing every box of the segment (it must have one)."""
+        return np.min([b.lo for b in self.boxes], axis=0), np.max([b.hi for b in self.boxes], axis=0)

@@ -197,9 +197,19 @@ def _points_markup(path: Path, image: Volume, points_ijk, name: str) -> Path:
     return path
 
 
-def test_fmseg_prompt_runs_the_plugin_family_in_a_fresh_process(plugin, case, tmp_path):
+@pytest.fixture(scope="module")
+def liver(plugin, case):
+    """A click in the liver and the mask the engine gives for it in this process: what every entry point must
+    give."""
     image, labels, names = case
     click = liver_click(labels, names)
+    session = PromptSession3D(image, load_model(MODEL, "cpu"), "cpu")
+    return click, session.segment(SegmentPrompts("liver", points=[PointPrompt(click)]))
+
+
+def test_fmseg_prompt_runs_the_plugin_family_in_a_fresh_process(plugin, case, liver, tmp_path):
+    image = case[0]
+    click, expected = liver
     prompts = _points_markup(tmp_path / "liver.mrk.json", image, [click], "liver")
     output = tmp_path / "liver.nii.gz"
     env = dict(os.environ, **plugin)
@@ -214,14 +224,12 @@ def test_fmseg_prompt_runs_the_plugin_family_in_a_fresh_process(plugin, case, tm
     labelmap, segments = read_labelmap(output)
     written = labelmap.array == 1
     assert [s.name for s in segments] == ["liver"]
-    expected = PromptSession3D(image, load_model(MODEL, "cpu"), "cpu").segment(
-        SegmentPrompts("liver", points=[PointPrompt(click)]))
     assert expected.sum() > 1000 and np.array_equal(written, expected)
 
 
-def test_the_worker_serves_the_plugin_family_and_lists_it(plugin, case):
-    image, labels, names = case
-    click = liver_click(labels, names)
+def test_the_worker_serves_the_plugin_family_and_lists_it(plugin, case, liver):
+    image = case[0]
+    click, expected = liver
     with running_worker() as server:
         client = WorkerClient(server.url, TOKEN)
         listed = {m["id"]: m for m in client.models()}
@@ -230,12 +238,10 @@ def test_the_worker_serves_the_plugin_family_and_lists_it(plugin, case):
         session = client.open_session(upload(client, image), model=MODEL, device="cpu")
         got, info = client.prompt(session, "liver", points=[(click, True)])
         assert (info["encoded"], info["decoded"]) == (1, 1)
-    expected = PromptSession3D(image, load_model(MODEL, "cpu"), "cpu").segment(
-        SegmentPrompts("liver", points=[PointPrompt(click)]))
     assert np.array_equal(got, expected)
 
 
-def test_the_slicer_logic_prompts_the_plugin_family_through_its_own_worker_process(plugin, case, monkeypatch):
+def test_the_slicer_logic_prompts_the_plugin_family_through_its_own_worker_process(plugin, liver, monkeypatch):
     pytest.importorskip("slicer")
     import slicer
     import slicer.util
@@ -244,12 +250,11 @@ def test_the_slicer_logic_prompts_the_plugin_family_through_its_own_worker_proce
     from FMSegSlicerLib.scene_geometry import ijk_to_ras
     from slicer_scene import new_scene
 
-    image, labels, names = case
+    click, expected = liver
     for key, value in plugin.items():
         monkeypatch.setenv(key, value)
     scene = new_scene()
     node = slicer.modules.volumes.logic().AddArchetypeVolume(str(CT_CASE / "image.nii.gz"), "CT")
-    click = liver_click(labels, names)
     markups = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "include")
     markups.AddControlPointWorld(vtk.vtkVector3d(*(ijk_to_ras(node) @ np.r_[click, 1.0])[:3]))
     segmentation = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "result")
@@ -261,8 +266,6 @@ def test_the_slicer_logic_prompts_the_plugin_family_through_its_own_worker_proce
         logic.shutdown()
     segment_id = segmentation.GetSegmentation().GetSegmentIdBySegmentName("liver")
     got = slicer.util.arrayFromSegmentBinaryLabelmap(segmentation, segment_id, node).astype(bool)
-    expected = PromptSession3D(image, load_model(MODEL, "cpu"), "cpu").segment(
-        SegmentPrompts("liver", points=[PointPrompt(click)]))
     assert expected.sum() > 1000 and np.array_equal(got, expected)
 
 

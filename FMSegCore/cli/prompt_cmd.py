@@ -32,8 +32,7 @@ from FMSegCore.io.labelmap import (
 from FMSegCore.io.markups import prompts_from_markups
 from FMSegCore.io.orientation import anatomical_axes
 from FMSegCore.io.volume import PathLike, Volume, read_volume
-from FMSegCore.options import AXES as AXIS_ORDER
-from FMSegCore.options import Prompting
+from FMSegCore.options import AXIS_INDEX, Prompting
 from FMSegCore.prompts import SegmentPrompts
 from FMSegCore.zoo.families import PROMPTABLE, require_kind
 
@@ -43,7 +42,7 @@ if TYPE_CHECKING:
 # torch and MONAI are imported only when a command runs, so that `fmseg --help` and `fmseg models` start fast.
 
 #: Slicing directions, as indices into :func:`anatomical_axes` (L-R, A-P, S-I): slices perpendicular to it.
-AXES = {name: index for index, name in enumerate(AXIS_ORDER)}
+AXES = AXIS_INDEX
 
 
 @dataclass

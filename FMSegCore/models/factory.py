@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Union
+from pathlib import Path
+from typing import Optional, Union
 
 import torch
 from torch import nn
@@ -27,12 +28,13 @@ def card_family(card: ModelCard) -> Family:
     return family
 
 
-def build_network(card: ModelCard, device: torch.device, trainable: bool = False,
-                  allow_download: bool = True) -> nn.Module:
-    """A new network of ``card``'s family with its verified checkpoint, checked against the declared interfaces."""
+def build_network(card: ModelCard, device: torch.device, trainable: bool = False, allow_download: bool = True,
+                  checkpoint: Optional[Path] = None) -> nn.Module:
+    """A new network of ``card``'s family with its verified checkpoint (``checkpoint``: already fetched), checked
+    against the declared interfaces."""
     family = card_family(card)
     loader = family.load_function()
-    path = fetch(card, allow_download=allow_download)
+    path = checkpoint or fetch(card, allow_download=allow_download)
     network = loader(path, device=device, trainable=trainable)
     missing = [name for name in family.implements if not isinstance(network, INTERFACES[name])]
     if missing:

@@ -22,10 +22,10 @@ import torch.nn.functional as F
 
 from FMSegCore.errors import InputError
 from FMSegCore.io.volume import Volume
-from FMSegCore.options import AXES
+from FMSegCore.options import AXIS_INDEX
 
-#: Slicing directions by name (FMSegCore.options.AXES): the anatomical axis (L-R, A-P, S-I) slices are across.
-AXIS_NAMES = {name: index for index, name in enumerate(AXES)}
+#: Slicing directions by name: the anatomical axis (L-R, A-P, S-I) slices are across (FMSegCore.options').
+AXIS_NAMES = AXIS_INDEX
 Axis = Union[int, str]
 Box2D = tuple[tuple[int, int], tuple[int, int]]
 

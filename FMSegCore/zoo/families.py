@@ -24,8 +24,9 @@ PROMPTABLE = "promptable"
 INCONTEXT = "incontext"
 #: A card whose weights FMSeg can fetch but no family of it runs (yet).
 WEIGHTS_ONLY = "weights only"
-_KIND_OF_INTERFACE = (("PromptableModel3D", PROMPTABLE), ("PromptableModel2D", PROMPTABLE),
-                      ("InContextModel3D", INCONTEXT), ("InContextModel2D", INCONTEXT))
+#: The task interfaces: what a client can do with a model that implements one, and in how many dimensions.
+_TASK_INTERFACES = {"PromptableModel3D": (PROMPTABLE, 3), "PromptableModel2D": (PROMPTABLE, 2),
+                    "InContextModel3D": (INCONTEXT, 3), "InContextModel2D": (INCONTEXT, 2)}
 #: Interface names a family may declare (those of :mod:`FMSegCore.models.interfaces`).
 INTERFACE_NAMES = ("PromptableModel2D", "PromptableModel3D", "InContextModel2D", "InContextModel3D",
                    "AdaptableModel")
@@ -57,13 +58,17 @@ class Family:
     @property
     def kind(self) -> str:
         """promptable, incontext, or 'weights only' when it implements no interface an engine runs."""
-        return next((kind for interface, kind in _KIND_OF_INTERFACE if interface in self.implements), WEIGHTS_ONLY)
+        return self._task()[0]
 
     @property
     def dims(self) -> Optional[int]:
         """2 or 3 for the model's task interface, None for none."""
-        dims = {int(name[-2]) for name in self.implements if name[-2:] in ("2D", "3D") and name != "AdaptableModel"}
-        return max(dims) if dims else None
+        return self._task()[1]
+
+    def _task(self) -> tuple[str, Optional[int]]:
+        """(kind, dims) of the first task interface the family implements (3-D before 2-D)."""
+        return next((task for interface, task in _TASK_INTERFACES.items() if interface in self.implements),
+                    (WEIGHTS_ONLY, None))
 
     def load_function(self) -> Callable[..., Any]:
         """The loader function, imported now."""

@@ -84,20 +84,15 @@ def _adaptable_card(model_name: str) -> Any:
     return card
 
 
-def _base_checkpoint(model_name: str, allow_download: bool = True) -> tuple[Any, str]:
+def load_base(model_name: str, device: torch.device, allow_download: bool = True) -> tuple[nn.Module, str]:
+    """A fresh, trainable copy of a zoo model (an :class:`AdaptableModel`), and its checkpoint's sha256."""
+    from FMSegCore.models.factory import build_network
     from FMSegCore.zoo.cache import fetch, file_digest
 
     card = _adaptable_card(model_name)
     path = fetch(card, allow_download=allow_download)
-    return path, card.sha256 or file_digest(path)
-
-
-def load_base(model_name: str, device: torch.device, allow_download: bool = True) -> tuple[nn.Module, str]:
-    """A fresh, trainable copy of a zoo model (an :class:`AdaptableModel`), and its checkpoint's sha256."""
-    from FMSegCore.models.factory import build_network
-
-    path, digest = _base_checkpoint(model_name, allow_download)
-    return build_network(get_card(model_name), device, trainable=True, allow_download=allow_download), digest
+    network = build_network(card, device, trainable=True, checkpoint=path)
+    return network, card.sha256 or file_digest(path)
 
 
 def cases_digest(cases: Sequence[TrainingCase]) -> str:

@@ -460,8 +460,7 @@ def _segment_axis(prompts: SegmentPrompts, default: int) -> int:
 def _prompt_region(prompts: SegmentPrompts, shape: tuple[int, int, int]) -> tuple[slice, slice, slice]:
     """KJI slices of the region the prompts point at: their boxes' bounds, or 2 cm around the points."""
     if prompts.boxes:
-        lo = np.min([b.lo for b in prompts.boxes], axis=0)
-        hi = np.max([b.hi for b in prompts.boxes], axis=0)
+        lo, hi = prompts.box_bounds()
     else:
         ijk = np.array([p.ijk for p in prompts.include_points])
         lo, hi = ijk.min(axis=0) - 3, ijk.max(axis=0) + 3

@@ -75,8 +75,7 @@ class PromptSession3D:
     def crop_for(self, prompts: SegmentPrompts) -> Crop:
         """The crop a segment's prompts are decoded in."""
         if prompts.boxes:
-            corners = np.array([corner for box in prompts.boxes for corner in (box.lo, box.hi)], dtype=float)
-            centre = (corners.min(axis=0) + corners.max(axis=0)) / 2.0
+            centre = np.mean(prompts.box_bounds(), axis=0)
         else:
             centre = np.mean([point.ijk for point in prompts.include_points], axis=0)
         spacing = self.model.crop_spacing_mm or tuple(float(s) for s in self.volume.spacing)
@@ -136,8 +135,7 @@ class PromptSession3D:
             batch.points = torch.as_tensor(points, dtype=torch.float32, device=self.device)[None]
             batch.point_labels = torch.tensor([[1 if p.include else 0 for p in prompts.points]], device=self.device)
         if prompts.boxes:
-            corners = np.array([c for box in prompts.boxes for c in (box.lo, box.hi)], dtype=float)
-            lo, hi = crop.to_crop(corners.min(axis=0), spacing), crop.to_crop(corners.max(axis=0), spacing)
+            lo, hi = (crop.to_crop(corner, spacing) for corner in prompts.box_bounds())
             batch.boxes = torch.as_tensor(np.r_[lo, hi], dtype=torch.float32, device=self.device)[None]
         batch.mask_logits = previous
         return batch

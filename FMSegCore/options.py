@@ -97,6 +97,7 @@ class Prompting:
     context: Context = "auto"
     modality: Modality = "auto"
     window: Optional[str] = None  # CT window preset; None: the session's choice per segment
+    three_planes: bool = False  # 2-D models: also propagate along the two other axes and vote (experimental)
     precision: Precision = "auto"
     device: Device = "auto"
 

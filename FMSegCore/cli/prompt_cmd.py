@@ -55,6 +55,7 @@ class SegmentOptions:
     context: str = Prompting.context
     modality: str = Prompting.modality
     window: Optional[str] = Prompting.window  # CT window preset; None: the session's default (auto per segment)
+    three_planes: bool = Prompting.three_planes
     precision: str = Prompting.precision  # auto: bf16/fp16 on CUDA, fp32 elsewhere; bf16: also on CPUs with bf16 units
     progress: Optional[bool] = None  # None: a progress bar when stderr is a terminal
     adapter: Optional[str] = None  # an adapter file from `fmseg adapt --mode prompt`
@@ -105,8 +106,11 @@ def add_segment_options(parser: argparse.ArgumentParser, full: bool = True) -> N
                    type=modality_name)
         parser.add_argument("--adapter", default=None, metavar="ADAPTER",
                             help="an adapter file from 'fmseg adapt --mode prompt' for this model")
-        add_option(parser, Prompting, "window", "CT intensity window: auto (the default: lung for air-filled "
-                   "prompts, else abdomen), abdomen, lung or bone", metavar="WINDOW")
+        add_option(parser, Prompting, "window", "CT intensity window: auto (the default: abdomen, or lung where "
+                   "the prompt holds much air and the model is surer with it), abdomen, lung or bone", metavar="WINDOW")
+        add_option(parser, Prompting, "three_planes", "2-D models, experimental: also propagate along the two "
+                   "other axes and keep what two of the three planes find (see the README's benchmark: it helps "
+                   "leaking structures, hurts vessels; about three times the encoding)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -114,7 +118,7 @@ def add_segment_options(parser: argparse.ArgumentParser, full: bool = True) -> N
 def options_from_args(args: argparse.Namespace) -> SegmentOptions:
     """The :class:`SegmentOptions` of parsed arguments (defaults for options the command lacks)."""
     defaults = SegmentOptions()
-    names = ("model", "device", "axis", "context", "modality", "window", "precision", "adapter")
+    names = ("model", "device", "axis", "context", "modality", "window", "three_planes", "precision", "adapter")
     values = {name: getattr(args, name, getattr(defaults, name)) for name in names}
     return SegmentOptions(**values, progress=False if args.no_progress else None)
 
@@ -242,7 +246,7 @@ def segment_volume(image: Volume, segments: Sequence[SegmentPrompts], options: S
     window = {} if options.window is None else {"window": options.window}
     session = open_prompt_session(image, model, device, axis=axis, context=options.context,
                                   modality=options.modality, autocast_dtype=inference_dtype(device, options.precision),
-                                  **window)
+                                  three_planes=options.three_planes, **window)
     if isinstance(session, PromptSession3D):  # one decoder call per segment: a bar over segments
         with tqdm(total=len(segments), unit="segment", desc="Segmenting", disable=not show, file=sys.stderr) as bar:
             labels, _ = session.run(list(segments), progress=lambda update: bar.set_description(update.message))

@@ -227,7 +227,7 @@ class Service:
         if request.adapter is not None and self.adapter(request.adapter, "session.adapter").mode != "prompt":
             raise RequestError(400, "session: this adapter is an automatic segmenter, not a promptable model")
         device = self._device(request.device)
-        options = {"context": request.context, "modality": request.modality}
+        options = {"context": request.context, "modality": request.modality, "three_planes": request.three_planes}
         if request.window is not None:
             options["window"] = request.window
         _check_card(request.model, PROMPTABLE)

@@ -3,7 +3,10 @@
 A 2D box on one slice, or include points alone, segment a structure in 3D by propagating slice to slice
 (each slice prompted with the box of its neighbour's mask) until the structure ends. A 3D ROI segments the
 slices it spans the same way, starting from its middle slice and staying inside it. Boxes on several slices
-each seed their own slice. Points refine the slice they lie on (include/exclude clicks).
+each seed their own slice. Points refine the slice they lie on (include/exclude clicks), and the corrected
+slice prompts its neighbours again, so a click changes the 3D result. Optionally (``planes=3``) the structure
+is also propagated along the two other axes and the three planes vote. Where segments overlap, the model's
+logits decide.
 
 Image embeddings are cached per (axis, slice, window): a new prompt re-runs only the decoder unless it needs
 a slice or window not yet encoded.
@@ -12,7 +15,7 @@ a slice or window not yet encoded.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -40,6 +43,9 @@ class PropagationSettings:
 
     #: stop when the predicted mask is smaller than this many mm^2
     min_area_mm2: float = 10.0
+    #: with the ``auto`` CT window, the share of air (below -500 HU) in the prompted region above which the
+    #: lung window is tried too (chosen on the bundled chest CT's lungs and a gas-filled copy of the stomach)
+    air_fraction_for_lung_window: float = 0.2
     #: stop when the mask shrinks below this fraction of the previous slice's
     min_area_ratio: float = 0.15
     #: stop when the model's own quality estimate (predicted IoU) falls below this
@@ -51,6 +57,8 @@ class PropagationSettings:
     max_intensity_drift: float = 2.5
     #: sides (mm) of the candidate boxes tried around include points given without a box
     point_box_sizes_mm: tuple[float, ...] = (20.0, 40.0, 80.0, 160.0)
+    #: how many slices on each side of a corrected slice are prompted again from it (0: only the clicked slice)
+    click_reach_slices: int = 8
     #: how many slices on each side an include click on a slice nothing reached may grow into
     click_growth_slices: int = 2
 
@@ -88,15 +96,57 @@ class SliceRecord:
     step: int  # +1 / -1: reached by propagation in that direction; 0: a seed slice
 
 
+@dataclass
+class PlaneResult:
+    """How a segment was made along one slicing axis: the window, the slices' records and the clicks."""
+
+    axis: int
+    window: str
+    records: dict[int, SliceRecord]
+    clicks: list[PointPrompt]
+
+
+def label_by_confidence(masks: Sequence[np.ndarray],
+                        confidence: Callable[[int, np.ndarray], np.ndarray]) -> np.ndarray:
+    """One label map (values 1..N) from N boolean masks; a voxel several masks claim goes to the mask with
+    the highest ``confidence(number, where)`` there (scores at the voxels of ``where``, in C order)."""
+    if not masks:
+        raise ValueError("no masks to label")
+    claims = np.zeros(masks[0].shape, dtype=np.uint8)
+    for mask in masks:
+        claims += mask
+    labels = np.zeros(masks[0].shape, dtype=np.uint16)
+    for value, mask in enumerate(masks, start=1):
+        labels[mask & (claims == 1)] = value
+    contested = claims > 1
+    if contested.any():
+        best = np.full(int(contested.sum()), -np.inf, dtype=np.float32)
+        winner = np.zeros(best.shape, dtype=np.uint16)
+        for number, mask in enumerate(masks):
+            inside = mask[contested]
+            if not inside.any():
+                continue
+            scores = np.full(best.shape, -np.inf, dtype=np.float32)
+            scores[inside] = confidence(number, contested & mask)
+            better = scores > best
+            best[better], winner[better] = scores[better], number + 1
+        labels[contested] = winner
+    return labels
+
+
 class PromptSession:
     """Holds a volume, a promptable 2D model and its embedding cache; segments named structures from prompts."""
 
     def __init__(self, volume: Volume, model: PromptableModel2D, device: torch.device | str | None = None, *,
                  axis: int = 2, context: str = "auto", modality: str = "auto", window: str = "auto",
                  cache_bytes: int = 2 << 30, autocast_dtype: Optional[torch.dtype] = None,
-                 settings: Optional[PropagationSettings] = None, budget: Optional[SharedBudget] = None) -> None:
+                 settings: Optional[PropagationSettings] = None, budget: Optional[SharedBudget] = None,
+                 planes: int = 1) -> None:
         if context not in ("auto", "crop", "full"):
             raise ValueError("context must be 'auto', 'crop' or 'full'")
+        if planes not in (1, 3):
+            raise ValueError("planes must be 1 or 3")
+        self.planes = planes
         self.volume = volume
         self.model = model
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
@@ -112,6 +162,9 @@ class PromptSession:
         self.timings = Timings()
         self.results: dict[str, np.ndarray] = {}
         self._propagations: dict[tuple, dict[int, SliceRecord]] = {}
+        self._window_choices: dict[tuple, str] = {}
+        self._planes: dict[str, list[PlaneResult]] = {}
+        self._crossings: dict[tuple, dict[int, dict[int, SliceRecord]]] = {}
 
     # ------------------------------------------------------------------ intensities
     def use_window(self, window: str) -> None:
@@ -122,14 +175,31 @@ class PromptSession:
         self.image = self._images[name]
         self._image_key = name
 
-    def choose_window(self, prompts: SegmentPrompts, axis: int) -> str:
-        """``auto`` window per segment: the lung window when most of the prompted region is air-filled lung
-        (below -500 HU, invisible in a soft-tissue window), else the abdomen (soft-tissue) window."""
+    def candidate_windows(self, prompts: SegmentPrompts) -> list[str]:
+        """The CT windows a segment may use: the one asked for; with ``auto``, the soft-tissue window, and also
+        the lung window where much of the prompted region is air (below -500 HU): lung, but also a gas-filled
+        stomach or bowel, which the lung window would hide. :meth:`choose_window` decides between them."""
         if self.window != "auto" or self.modality != "CT":
-            return self.window if self.window != "auto" else "abdomen"
+            return [self.window if self.window != "auto" else "abdomen"]
         region = _prompt_region(prompts, self.volume.array.shape)
         values = self.volume.array[region]
-        return "lung" if values.size and float(np.mean(values < -500)) > 0.5 else "abdomen"
+        air = float(np.mean(values < -500)) if values.size else 0.0
+        return ["abdomen", "lung"] if air > self.settings.air_fraction_for_lung_window else ["abdomen"]
+
+    def choose_window(self, prompts: SegmentPrompts, axis: int) -> str:
+        """``auto`` window per segment: of the candidate windows, the one whose answer on the first seed slice
+        the model is most confident about (its predicted IoU); soft tissue when there is no choice."""
+        candidates = self.candidate_windows(prompts)
+        if len(candidates) == 1:
+            return candidates[0]
+        seeding = SegmentPrompts(prompts.name, prompts.boxes, [] if prompts.boxes else prompts.include_points)
+        scores = []
+        for window in candidates:
+            self.use_window(window)
+            seeds = self._seeds(seeding, axis)
+            found = self._seed_slice(seeds[0], axis) if seeds else None
+            scores.append(found[1] if found is not None else -1.0)
+        return candidates[int(np.argmax(scores))]
 
     # ------------------------------------------------------------------ geometry
     def num_slices(self, axis: Optional[int] = None) -> int:
@@ -189,9 +259,9 @@ class PromptSession:
             for key, embedding in zip(chunk, embeddings):
                 self.cache.put(key, embedding)  # kept in the encoder's dtype (bf16 halves the cache)
 
-    def decode_slice(self, axis: int, index: int, box: Optional[BoxRC], points: Sequence[PointPrompt] = (),
-                     window: Optional[SliceWindow] = None) -> tuple[np.ndarray, float, SliceWindow]:
-        """Segment one slice from a box and/or points: (mask on the slice, model quality, window used)."""
+    def decode_logits(self, axis: int, index: int, box: Optional[BoxRC], points: Sequence[PointPrompt] = (),
+                      window: Optional[SliceWindow] = None) -> tuple[torch.Tensor, float, SliceWindow]:
+        """The model's logits on one slice for a box and/or points, its quality estimate and the window used."""
         if window is None:
             window = self._window(box if box is not None else self._points_box(points, axis), axis)
         key = (self._image_key, axis, index, window)
@@ -209,25 +279,33 @@ class PromptSession:
             logits, quality = self.model.decode(embedding[None], prompts)
         self.timings.decode_seconds += time.perf_counter() - began
         self.timings.decoded += 1
-        mask = paste(logits[0, 0].float(), window, self.slice_shape(axis)).numpy() > 0
-        mask = apply_clicks(mask, [self._to_slice(p.ijk, axis)[1:] + (p.include,) for p in points])
-        return mask, float(quality[0]), window
+        return paste(logits[0, 0].float(), window, self.slice_shape(axis)), float(quality[0]), window
+
+    def decode_slice(self, axis: int, index: int, box: Optional[BoxRC], points: Sequence[PointPrompt] = (),
+                     window: Optional[SliceWindow] = None) -> tuple[np.ndarray, float, SliceWindow]:
+        """Segment one slice from a box and/or points: (mask on the slice, model quality, window used)."""
+        logits, quality, window = self.decode_logits(axis, index, box, points, window)
+        mask = apply_clicks(logits.numpy() > 0, [self._to_slice(p.ijk, axis)[1:] + (p.include,) for p in points])
+        return mask, quality, window
 
     # ------------------------------------------------------------------ segmentation
     def segment(self, prompts: SegmentPrompts, progress: Optional[ProgressCallback] = None) -> np.ndarray:
         """A boolean KJI mask of one structure from its prompts; remembered under its name.
 
         Boxes (and points given alone) are propagated; the propagation is kept per prompt set, so corrective
-        clicks added afterwards only re-decode the slices they lie on. An exclude click that empties a slice
-        ends the propagation there; an include click on a slice nothing reached seeds it and grows outward
-        into slices not yet segmented.
+        clicks added afterwards re-decode only the slices they lie on and the neighbours they carry to. An
+        exclude click that empties a slice ends the propagation there; an include click on a slice nothing
+        reached seeds it and grows outward into slices not yet segmented.
         """
         if prompts.is_empty():
             raise InputError(None, f"segment '{prompts.name}' has no box and no include point")
         axis = _segment_axis(prompts, self.axis)
-        self.use_window(self.choose_window(prompts, axis))
         seeding_points = [] if prompts.boxes else prompts.include_points
         corrections = [p for p in prompts.points if p not in seeding_points]
+        choice_key = (axis, tuple(prompts.boxes), tuple(seeding_points))
+        if choice_key not in self._window_choices:  # corrective clicks keep the window their prompt chose
+            self._window_choices[choice_key] = self.choose_window(prompts, axis)
+        self.use_window(self._window_choices[choice_key])
         base_key = (self._image_key, axis, tuple(prompts.boxes), tuple(seeding_points))
         if base_key not in self._propagations:
             seeds = self._seeds(SegmentPrompts(prompts.name, prompts.boxes, seeding_points), axis)
@@ -241,21 +319,145 @@ class PromptSession:
                 clock(number)  # seeds propagated so far: the message names the segment before its slices
                 self._grow(seed, axis, records, stop_at=seed_slices)
             self._propagations[base_key] = records
-        records = self._correct(dict(self._propagations[base_key]), corrections, axis)
-        mask = np.zeros(self.image.shape, dtype=bool)
-        for index, record in records.items():
-            view = get_slice(mask, axis, index)
-            view |= record.mask
+        propagated = self._propagations[base_key]
+        records = self._correct(dict(propagated), corrections, axis)
+        window = self._window_choices[choice_key]
+        planes = [PlaneResult(axis, window, records, list(prompts.points))]
+        mask = _assemble(records, axis, self.image.shape)
+        if self.planes == 3:
+            if base_key not in self._crossings:
+                self._crossings[base_key] = self._crossing_planes(prompts, seeding_points, propagated, axis)
+            crossings = self._crossings[base_key]
+            if crossings:
+                votes = mask.astype(np.uint8)
+                for other, crossing in crossings.items():
+                    votes += _assemble(crossing, other, self.image.shape)
+                    planes.append(PlaneResult(other, window, crossing, []))
+                voted = votes >= 2
+                # Slices the corrective clicks changed (directly or carried over) keep what the clicks made.
+                for index in set(records) | set(propagated):
+                    if records.get(index) is not propagated.get(index):
+                        get_slice(voted, axis, index)[...] = get_slice(mask, axis, index)
+                mask = voted
         self.results[prompts.name] = mask
+        self._planes[prompts.name] = planes
         return mask
+
+    def _crossing_planes(self, prompts: SegmentPrompts, seeding_points: list[PointPrompt],
+                         primary: dict[int, SliceRecord], axis: int) -> dict[int, dict[int, SliceRecord]]:
+        """The structure segmented again along the two other axes, for a vote of three planes: a 3-D ROI
+        prompts them directly; a 2-D box or clicks on one slice prompt them through the section of that
+        slice's mask (its extent across the slice is known; along the slicing axis, of a few heights tried,
+        the one the model is surest of). Empty when the prompts seed several slices (the user gave them)."""
+        seeds = [index for index, record in primary.items() if record.step == 0]
+        flat = [box for box in prompts.boxes if box.slice_axis() is not None]
+        if len(seeds) != 1 or len(prompts.boxes) > 1 or (flat and seeding_points):
+            return {}
+        crossings: dict[int, dict[int, SliceRecord]] = {}
+        for other in (a for a in (0, 1, 2) if a != axis):
+            if prompts.boxes and not flat:
+                records: dict[int, SliceRecord] = {}
+                for seed in self._seeds(SegmentPrompts(prompts.name, prompts.boxes), other):
+                    self._grow(seed, other, records)
+            else:
+                records = self._crossing_from_slice(primary[seeds[0]].mask, axis, seeds[0], other)
+            if not records:
+                return {}
+            crossings[other] = records
+        return crossings
+
+    def _crossing_from_slice(self, seed_mask: np.ndarray, axis: int, index: int, other: int,
+                             heights: tuple[float, ...] = (0.5, 1.0, 2.0)) -> dict[int, SliceRecord]:
+        """Propagation along ``other`` from the slice through the middle of a seed slice's mask, prompted with
+        a box across the mask's section there and a height of ``heights`` times that section's length."""
+        rows, cols = in_plane_axes(axis)
+        rr, cc = np.nonzero(seed_mask)
+        ijk = np.zeros((rr.size, 3))
+        ijk[:, axis], ijk[:, rows], ijk[:, cols] = index, rr, cc
+        centre = int(round(float(np.median(ijk[:, other]))))
+        line = ijk[np.round(ijk[:, other]) == centre]
+        third = 3 - axis - other
+        low, high = line[:, third].min(), line[:, third].max()
+        length_mm = (high - low + 1) * self.volume.spacing[third]
+        other_rows, other_cols = in_plane_axes(other)
+        line_rc = np.stack([line[:, other_rows], line[:, other_cols]], axis=1)[:: max(len(line) // 5, 1)]
+        best: Optional[tuple[float, BoxRC]] = None
+        for height in heights:
+            half = max(height * length_mm / self.volume.spacing[axis] / 2, 2.0)
+            lo, hi = np.zeros(3), np.zeros(3)
+            lo[third], hi[third] = low - 1, high + 1
+            lo[axis], hi[axis] = index - half, index + half
+            lo[other] = hi[other] = centre
+            box = self._padded((lo[other_rows], lo[other_cols], hi[other_rows], hi[other_cols]), other, None,
+                               margin=False)
+            mask, quality, _ = self.decode_slice(other, centre, box)
+            if _regions_at(mask, line_rc).sum() >= 4 and (best is None or quality > best[0]):
+                best = (quality, box)
+        records: dict[int, SliceRecord] = {}
+        if best is not None:
+            box = self._stretch(best[1], other, centre, line_rc, along=0 if other_rows == axis else 1)
+            self._grow(SliceSeed(centre, box), other, records)
+        return records
+
+    def _stretch(self, box: BoxRC, axis: int, index: int, line_rc: np.ndarray, along: int,
+                 steps: int = 4) -> BoxRC:
+        """Lengthen a crossing slice's box along the first slicing direction (``along``: 0 rows, 1 columns)
+        while the structure touches its ends (a vessel or a muscle runs on beyond any guessed height)."""
+        rows, cols = self.slice_shape(axis)
+        limit = (rows - 1.0, cols - 1.0)[along]
+        for _ in range(steps):
+            mask, _, _ = self.decode_slice(axis, index, box)
+            mask = _regions_at(mask, line_rc)
+            if not mask.any():
+                break
+            extent = np.flatnonzero(mask.any(axis=1 - along))
+            length = box[along + 2] - box[along]
+            low = box[along] > 0 and extent[0] <= box[along] + 1
+            high = box[along + 2] < limit and extent[-1] >= box[along + 2] - 1
+            if not (low or high):
+                break
+            grown = list(box)
+            if low:
+                grown[along] = max(box[along] - length / 2, 0.0)
+            if high:
+                grown[along + 2] = min(box[along + 2] + length / 2, limit)
+            box = (grown[0], grown[1], grown[2], grown[3])
+        return box
 
     def run(self, segments: Sequence[SegmentPrompts],
             progress: Optional[ProgressCallback] = None) -> tuple[np.ndarray, list[str]]:
-        """One multi-label map (values 1..N in the order given; later segments win on overlap) and the names."""
-        labels = np.zeros(self.image.shape, dtype=np.uint16)
-        for value, prompts in enumerate(segments, start=1):
-            labels[self.segment(prompts, progress)] = value
+        """One multi-label map (values 1..N in the order given) and the names. Where two segments overlap, the
+        voxel goes to the one the model is more confident about there (its logits), not to the later one."""
+        masks = [self.segment(prompts, progress) for prompts in segments]
+        labels = label_by_confidence(masks, lambda number, where: self.confidence(segments[number].name, where))
         return labels, [s.name for s in segments]
+
+    def confidence(self, name: str, where: np.ndarray) -> np.ndarray:
+        """The model's logits for segment ``name`` at the voxels ``where`` (a KJI mask): each slice holding
+        them is decoded again with the prompt that made it (embeddings are cached, so only the decoder runs);
+        the mean over the planes that segmented it; its include clicks are binding (+1000)."""
+        voxels = np.nonzero(where)
+        total = np.zeros(len(voxels[0]), dtype=np.float32)
+        planes = self._planes[name]
+        for plane in planes:
+            self.use_window(plane.window)
+            rows, cols = in_plane_axes(plane.axis)
+            along, row_of, col_of = voxels[2 - plane.axis], voxels[2 - rows], voxels[2 - cols]
+            values = np.full(len(along), -20.0, dtype=np.float32)
+            for index in np.unique(along):
+                record = plane.records.get(int(index))
+                if record is None or not record.mask.any():
+                    continue
+                clicks = [p for p in plane.clicks if self._slice_of(p, plane.axis) == index]
+                logits = self.decode_logits(plane.axis, int(index), record.box, clicks)[0].numpy()
+                chosen = along == index
+                values[chosen] = logits[row_of[chosen], col_of[chosen]]
+            total += values
+        total /= max(len(planes), 1)
+        for click in (p for p in (planes[0].clicks if planes else []) if p.include):
+            i, j, k = (int(round(v)) for v in click.ijk)
+            total[(voxels[0] == k) & (voxels[1] == j) & (voxels[2] == i)] = 1000.0
+        return total
 
     def _seeds(self, prompts: SegmentPrompts, axis: int) -> list[SliceSeed]:
         seeds: dict[int, SliceSeed] = {}
@@ -316,11 +518,12 @@ class PromptSession:
     def _slice_of(self, point: PointPrompt, axis: int) -> int:
         return int(np.clip(round(self._to_slice(point.ijk, axis)[0]), 0, self.num_slices(axis) - 1))
 
-    def _seed_slice(self, seed: SliceSeed, axis: int) -> Optional[SliceRecord]:
-        """Segment a seed's own slice (points alone first give a mask whose box then prompts the model)."""
+    def _seed_slice(self, seed: SliceSeed, axis: int) -> Optional[tuple[SliceRecord, float]]:
+        """Segment a seed's own slice (points alone first give a mask whose box then prompts the model): the
+        slice's record and the model's quality estimate, or None where the points found nothing."""
         if seed.box is not None:
-            mask, _, _ = self.decode_slice(axis, seed.index, seed.box, seed.points)
-            return SliceRecord(mask, seed.box, seed.index, 0)
+            mask, quality, _ = self.decode_slice(axis, seed.index, seed.box, seed.points)
+            return SliceRecord(mask, seed.box, seed.index, 0), quality
         # Points alone: LiteMedSAM was trained with boxes, so try boxes of a few sizes around the points and
         # keep the answer the model is most confident about (as SAM picks among its multi-mask outputs).
         rc = np.array(self._points_rc(seed.points, axis))
@@ -335,16 +538,17 @@ class PromptSession:
                 best = (quality, mask, box)
         if best is None:
             return None
-        _, mask, box = best
-        return SliceRecord(mask, box, seed.index, 0)
+        quality, mask, box = best
+        return SliceRecord(mask, box, seed.index, 0), quality
 
     def _grow(self, seed: SliceSeed, axis: int, records: dict[int, SliceRecord], only_empty: bool = False,
               stop_at: frozenset[int] | set[int] = frozenset()) -> None:
         """Segment a seed's slice, then propagate both ways while the structure goes on (or within a ROI),
         never into another seed's slice (that seed covers its side)."""
-        record = self._seed_slice(seed, axis)
-        if record is None:
+        found = self._seed_slice(seed, axis)
+        if found is None:
             return
+        record = found[0]
         records[seed.index] = _merge(records.get(seed.index), record)
         mask = record.mask
         if not mask.any():
@@ -410,7 +614,32 @@ class PromptSession:
                 for other, rec in list(records.items()):
                     if rec.seed == record.seed and rec.step == record.step and (other - index) * record.step > 0:
                         del records[other]
+            elif mask.any():
+                self._carry_correction(records, index, axis, set(by_slice))
         return records
+
+    def _carry_correction(self, records: dict[int, SliceRecord], index: int, axis: int, clicked: set[int]) -> None:
+        """A corrected slice prompts its neighbours again (the box of its mask), outward, until a neighbour's
+        answer agrees with what it had (Dice >= 0.95), the structure ends, or ``click_reach_slices`` is reached;
+        slices with clicks or a prompt of their own keep them. So a click changes the 3-D result, not one slice."""
+        for step in (1, -1):
+            previous = records[index].mask
+            other = index + step
+            for _ in range(self.settings.click_reach_slices):
+                if other not in records or other in clicked or records[other].step == 0:
+                    break  # a slice with clicks or a prompt of its own keeps them
+                old = records[other]
+                box = self._padded(mask_box_rc(previous), axis, self._padded(old.box, axis, None))
+                current, _, _ = self.decode_slice(axis, other, box)
+                if not current.any():
+                    for beyond in [i for i, r in records.items()
+                                   if (i - other) * step >= 0 and i not in clicked and r.step != 0]:
+                        del records[beyond]
+                    break
+                if _dice(current, old.mask) >= 0.95:
+                    break
+                records[other] = SliceRecord(current, box, old.seed, old.step)
+                previous, other = current, other + step
 
     def _neighbour_box(self, records: dict[int, SliceRecord], index: int, points: Sequence[PointPrompt],
                        axis: int, reach: int = 3) -> Optional[BoxRC]:
@@ -485,6 +714,20 @@ def _union_box(box: BoxRC, points_rc: Sequence[tuple[float, float]], margin: flo
         r0, c0 = min(r0, row - margin), min(c0, col - margin)
         r1, c1 = max(r1, row + margin), max(c1, col + margin)
     return (r0, c0, r1, c1)
+
+
+def _assemble(records: dict[int, SliceRecord], axis: int, shape: tuple[int, ...]) -> np.ndarray:
+    """A KJI mask from one plane's slice records."""
+    mask = np.zeros(shape, dtype=bool)
+    for index, record in records.items():
+        view = get_slice(mask, axis, index)
+        view |= record.mask
+    return mask
+
+
+def _dice(a: np.ndarray, b: np.ndarray) -> float:
+    total = int(a.sum()) + int(b.sum())
+    return 1.0 if total == 0 else 2.0 * int((a & b).sum()) / total
 
 
 def _merge(old: Optional[SliceRecord], new: SliceRecord) -> SliceRecord:

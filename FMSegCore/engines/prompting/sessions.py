@@ -30,12 +30,14 @@ def session_dims(model: Any) -> int:
 def open_prompt_session(volume: Volume, model: Any, device: Optional[Union[torch.device, str]] = None, *,
                         axis: int = 2, context: str = "auto", modality: str = "auto", window: str = "auto",
                         cache_bytes: int = 2 << 30, autocast_dtype: Optional[torch.dtype] = None,
-                        budget: Optional[SharedBudget] = None) -> AnySession:
+                        budget: Optional[SharedBudget] = None, three_planes: bool = False) -> AnySession:
     """A session on ``volume`` for ``model``. ``axis``, ``context``, ``modality`` and ``window`` steer the 2-D
     path (which slices, how much of them, which intensity window); a 3-D model crops and normalises itself.
-    ``budget``: a memory budget the session's embedding cache shares with others (the worker's sessions)."""
+    ``budget``: a memory budget the session's embedding cache shares with others (the worker's sessions).
+    ``three_planes``: a 2-D model also propagates along the two other axes, and the three planes vote."""
     if session_dims(model) == 3:
         return PromptSession3D(volume, model, device, cache_bytes=cache_bytes, autocast_dtype=autocast_dtype,
                                budget=budget)
     return PromptSession(volume, model, device, axis=axis, context=context, modality=modality, window=window,
-                         cache_bytes=cache_bytes, autocast_dtype=autocast_dtype, budget=budget)
+                         cache_bytes=cache_bytes, autocast_dtype=autocast_dtype, budget=budget,
+                         planes=3 if three_planes else 1)

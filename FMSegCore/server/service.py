@@ -19,6 +19,7 @@ import torch
 from FMSegCore import __version__
 from FMSegCore.device import inference_dtype, resolve_device, tune_cpu_runtime
 from FMSegCore.engines.prompting.embedding_cache import SharedBudget
+from FMSegCore.engines.prompting.session import PromptSession
 from FMSegCore.engines.prompting.sessions import AnySession, open_prompt_session, session_dims
 from FMSegCore.errors import FMSegError, InputError
 from FMSegCore.io.labelmap import SegmentInfo, default_segment
@@ -271,6 +272,8 @@ class Service:
             before = (timings.encoded, timings.decoded)
             began = time.perf_counter()
             mask = entry.session.segment(prompts)
+            if isinstance(entry.session, PromptSession):  # overlaps with earlier segments: the more confident wins
+                mask = entry.session.without_contested(prompts.name)
             seconds = time.perf_counter() - began
             entry.used = time.time()
         return mask, {"name": prompts.name, "voxels": int(mask.sum()), "seconds": round(seconds, 4),

@@ -15,7 +15,7 @@ a slice or window not yet encoded.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -104,34 +104,6 @@ class PlaneResult:
     window: str
     records: dict[int, SliceRecord]
     clicks: list[PointPrompt]
-
-
-def label_by_confidence(masks: Sequence[np.ndarray],
-                        confidence: Callable[[int, np.ndarray], np.ndarray]) -> np.ndarray:
-    """One label map (values 1..N) from N boolean masks; a voxel several masks claim goes to the mask with
-    the highest ``confidence(number, where)`` there (scores at the voxels of ``where``, in C order)."""
-    if not masks:
-        raise ValueError("no masks to label")
-    claims = np.zeros(masks[0].shape, dtype=np.uint8)
-    for mask in masks:
-        claims += mask
-    labels = np.zeros(masks[0].shape, dtype=np.uint16)
-    for value, mask in enumerate(masks, start=1):
-        labels[mask & (claims == 1)] = value
-    contested = claims > 1
-    if contested.any():
-        best = np.full(int(contested.sum()), -np.inf, dtype=np.float32)
-        winner = np.zeros(best.shape, dtype=np.uint16)
-        for number, mask in enumerate(masks):
-            inside = mask[contested]
-            if not inside.any():
-                continue
-            scores = np.full(best.shape, -np.inf, dtype=np.float32)
-            scores[inside] = confidence(number, contested & mask)
-            better = scores > best
-            best[better], winner[better] = scores[better], number + 1
-        labels[contested] = winner
-    return labels
 
 
 class PromptSession:
@@ -428,9 +400,29 @@ class PromptSession:
             progress: Optional[ProgressCallback] = None) -> tuple[np.ndarray, list[str]]:
         """One multi-label map (values 1..N in the order given) and the names. Where two segments overlap, the
         voxel goes to the one the model is more confident about there (its logits), not to the later one."""
-        masks = [self.segment(prompts, progress) for prompts in segments]
-        labels = label_by_confidence(masks, lambda number, where: self.confidence(segments[number].name, where))
-        return labels, [s.name for s in segments]
+        names = [prompts.name for prompts in segments]
+        for prompts in segments:
+            self.segment(prompts, progress)
+        labels = np.zeros(self.image.shape, dtype=np.uint16)
+        for value, name in enumerate(names, start=1):
+            labels[self.without_contested(name, names[:value - 1])] = value
+        return labels, names
+
+    def without_contested(self, name: str, earlier: Optional[Sequence[str]] = None) -> np.ndarray:
+        """Segment ``name``'s mask without the voxels an ``earlier`` segment (default: those first segmented
+        before it) claims with more confidence. Written in order, later over earlier, such masks give every
+        contested voxel to its most confident segment: so the worker's masks, written one by one into a Slicer
+        segmentation, and :meth:`run`'s label map agree voxel for voxel."""
+        order = list(self.results)
+        earlier = order[:order.index(name)] if earlier is None else earlier
+        mask = self.results[name]
+        kept = mask.copy()
+        for other in earlier:
+            contested = mask & self.results[other]
+            if contested.any():
+                loses = self.confidence(other, contested) > self.confidence(name, contested)
+                kept[tuple(index[loses] for index in np.nonzero(contested))] = False
+        return kept
 
     def confidence(self, name: str, where: np.ndarray) -> np.ndarray:
         """The model's logits for segment ``name`` at the voxels ``where`` (a KJI mask): each slice holding

@@ -1,11 +1,7 @@
-"""Overlap metrics shared by the benchmarks and the demo."""
+"""Overlap metrics shared by the benchmarks and the demo (defined below the engines, which use them too)."""
 
 from __future__ import annotations
 
-import numpy as np
+from FMSegCore.preprocessing.overlap import dice
 
-
-def dice(prediction: np.ndarray, reference: np.ndarray) -> float:
-    """Dice coefficient of two boolean masks (1.0 when both are empty)."""
-    total = int(prediction.sum()) + int(reference.sum())
-    return 1.0 if total == 0 else 2.0 * int(np.logical_and(prediction, reference).sum()) / total
+__all__ = ["dice"]

@@ -30,6 +30,7 @@ from FMSegCore.errors import InputError
 from FMSegCore.io.volume import Volume
 from FMSegCore.models.interfaces import PromptableModel2D, PromptBatch2D
 from FMSegCore.preprocessing.intensity import guess_modality, normalize
+from FMSegCore.preprocessing.overlap import dice
 from FMSegCore.preprocessing.slicing import get_slice, in_plane_axes, mask_box_rc
 from FMSegCore.progress import ProgressCallback, ProgressClock
 from FMSegCore.prompts import BoxPrompt, PointPrompt, SegmentPrompts
@@ -628,7 +629,7 @@ class PromptSession:
                                    if (i - other) * step >= 0 and i not in clicked and r.step != 0]:
                         del records[beyond]
                     break
-                if _dice(current, old.mask) >= 0.95:
+                if dice(current, old.mask) >= 0.95:
                     break
                 records[other] = SliceRecord(current, box, old.seed, old.step)
                 previous, other = current, other + step
@@ -715,11 +716,6 @@ def _assemble(records: dict[int, SliceRecord], axis: int, shape: tuple[int, ...]
         view = get_slice(mask, axis, index)
         view |= record.mask
     return mask
-
-
-def _dice(a: np.ndarray, b: np.ndarray) -> float:
-    total = int(a.sum()) + int(b.sum())
-    return 1.0 if total == 0 else 2.0 * int((a & b).sum()) / total
 
 
 def _merge(old: Optional[SliceRecord], new: SliceRecord) -> SliceRecord:

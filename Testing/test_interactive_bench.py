@@ -23,3 +23,10 @@ def test_interactive_bench_writes_curves_for_both_engines(tmp_path, capsys):
     summary = figures["summary"]["development"]
     assert summary["fmseg"]["roi_3d"]["structures"] == 1
     assert "development:" in capsys.readouterr().out
+
+
+def test_interactive_bench_refuses_an_unknown_scan_in_one_line(tmp_path, capsys):
+    out = tmp_path / "never.json"
+    code = main(["bench", "prompt", "--protocol", "interactive", "--cases", "nowhere", "--json", str(out)])
+    assert code == 2 and not out.exists()
+    assert "--cases: unknown scan 'nowhere'" in capsys.readouterr().err

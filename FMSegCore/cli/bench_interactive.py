@@ -9,6 +9,7 @@ import time
 from typing import Callable
 
 from FMSegCore.engines.prompting.session import PropagationSettings
+from FMSegCore.errors import InputError
 
 #: The engines compared: propagation along one slicing axis with clicks that change only their slice (the
 #: baseline: FMSeg before issue 13), FMSeg's default (clicks carried to the neighbouring slices) and the
@@ -47,6 +48,9 @@ def run(args: argparse.Namespace) -> int:
     from FMSegCore.engines.prompting.session import PromptSession
     from FMSegCore.models.factory import load_model
 
+    unknown = sorted(set(args.cases or ()) - set(DEVELOPMENT + HELD_OUT))
+    if unknown:
+        raise InputError(None, f"--cases: unknown scan {unknown[0]!r} (known: {', '.join(DEVELOPMENT + HELD_OUT)})")
     device = resolve_device(args.device)
     if device.type == "cpu":
         tune_cpu_runtime()

@@ -220,3 +220,44 @@ def test_interactive_protocol_prompts_and_curve(session, case):
     assert len(curve) == len(seconds) and 1 <= len(curve) <= 3 and all(0 <= d <= 1 for d in curve)
     assert curve[0] == dice(session.segment(prompts["click"]), kidney)
     assert dice_auc([0.5]) == 0.5 and abs(dice_auc([0.0, 1.0, 1.0]) - 0.75) < 1e-9
+
+
+def test_clicks_apply_one_by_one_and_a_new_click_applies_only_itself(session, case):
+    """Clicks added one at a time give the same voxels as all of them at once in a fresh session, and the
+    last click re-decodes only what it changes (not every click before it again)."""
+    image, labels, names = case
+    spleen = labels == names["spleen"]
+    from FMSegCore.bench.interactive_bench import first_prompts
+
+    prompt = first_prompts("spleen", spleen)["roi_3d"]
+    prediction = session.segment(prompt)
+    for _ in range(3):
+        prompt = SegmentPrompts("spleen", boxes=prompt.boxes, points=[*prompt.points, corrective_click(prediction,
+                                                                                                        spleen)])
+        decoded = session.timings.decoded
+        prediction = session.segment(prompt)
+    last_click = session.timings.decoded - decoded
+    fresh = PromptSession(image, session.model, "cpu")
+    fresh.cache = session.cache  # same embeddings: only the decoder calls are counted
+    fresh.segment(SegmentPrompts("spleen", boxes=prompt.boxes))
+    decoded = fresh.timings.decoded
+    assert np.array_equal(fresh.segment(prompt), prediction)
+    assert last_click < fresh.timings.decoded - decoded  # three clicks from the propagation cost more than one
+
+
+def test_an_include_click_on_a_missed_part_grows_the_structure_in_3d(session, case):
+    """From one click the spleen is found too small; an include click in the missed part enlarges that slice
+    and its neighbours (they may grow beyond their old boxes), not only the clicked slice."""
+    _, labels, names = case
+    spleen = labels == names["spleen"]
+    from FMSegCore.bench.interactive_bench import first_prompts
+
+    prompt = first_prompts("spleen", spleen)["click"]
+    before = session.segment(prompt).copy()
+    click = corrective_click(before, spleen)
+    assert click.include
+    after = session.segment(SegmentPrompts("spleen", points=[*prompt.points, click]))
+    k = int(round(click.ijk[2]))
+    grown = {int(s) for s in np.flatnonzero((after & ~before).any(axis=(1, 2)))}
+    assert grown - {k}  # neighbouring slices grew too
+    assert dice(after, spleen) > dice(before, spleen) + 0.1

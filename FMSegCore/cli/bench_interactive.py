@@ -11,13 +11,15 @@ from typing import Callable
 from FMSegCore.engines.prompting.session import PropagationSettings
 from FMSegCore.errors import InputError
 
-#: The engines compared: propagation along one slicing axis with clicks that change only their slice (the
-#: baseline: FMSeg before issue 13), FMSeg's default (clicks carried to the neighbouring slices) and the
-#: experimental vote of three planes (``fmseg prompt --three-planes``).
+#: The engines compared (settings that differ from :class:`PropagationSettings`' defaults): propagation along
+#: one slicing axis with clicks that change only their slice, every include point seeding a propagation again
+#: (the baseline: FMSeg before issue 13), FMSeg's default (clicks carried to the neighbouring slices, applied
+#: one by one) and the experimental vote of three planes (``fmseg prompt --three-planes``).
 ENGINES = {
-    "propagation": {"planes": 1, "click_reach_slices": 0},
-    "fmseg": {"planes": 1, "click_reach_slices": PropagationSettings.click_reach_slices},
-    "three_planes": {"planes": 3, "click_reach_slices": PropagationSettings.click_reach_slices},
+    "propagation": {"planes": 1, "click_reach_slices": 0, "click_growth_slices": 2, "include_points_seed": True,
+                    "click_box_search": False},
+    "fmseg": {"planes": 1},
+    "three_planes": {"planes": 3},
 }
 #: Scans and structures. Development: the bundled scans, on which rules and defaults were chosen. Held-out:
 #: a brain template never used to choose anything in prompting (MNI152, deformed, tilted, cut, 1.5 mm).
@@ -70,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
             cache = None
             for engine, settings in ((e, ENGINES[e]) for e in args.engines):
                 session = PromptSession(scan.volume, model, device, context=args.context, planes=settings["planes"],
-                                        settings=PropagationSettings(click_reach_slices=settings["click_reach_slices"]),
+                                        settings=PropagationSettings(**{k: v for k, v in settings.items() if k != "planes"}),
                                         autocast_dtype=inference_dtype(device, args.precision))
                 cache = session.cache = cache or session.cache  # same scan, same model: the embeddings are shared
                 engines[engine] = session.segment

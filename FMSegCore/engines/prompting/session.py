@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import astuple, dataclass, field
 from typing import Optional
 
 import numpy as np
@@ -60,8 +60,18 @@ class PropagationSettings:
     point_box_sizes_mm: tuple[float, ...] = (20.0, 40.0, 80.0, 160.0)
     #: how many slices on each side of a corrected slice are prompted again from it (0: only the clicked slice)
     click_reach_slices: int = 8
-    #: how many slices on each side an include click on a slice nothing reached may grow into
-    click_growth_slices: int = 2
+    #: an include click outside a slice's mask also tries the boxes tried around points given alone
+    click_box_search: bool = True
+    #: an include click's correction stops carrying where a neighbour's answer would be this many times the
+    #: area of the slice it was carried from (a leak into a neighbouring structure)
+    max_carried_growth: float = 1.5
+    #: how many slices on each side an include click on a slice nothing reached may grow into (None: as far
+    #: as the structure goes, by the stop rules). On the development CT's pancreas, 2 (FMSeg before issue 13)
+    #: and None grew into the neighbouring bowel once the clicked slices next to it had been corrected
+    click_growth_slices: Optional[int] = 1
+    #: without a box, whether every include point seeds a propagation of its own (FMSeg before issue 13: a
+    #: corrective include click started the segment again) rather than only the points on the first one's slice
+    include_points_seed: bool = False
 
 
 @dataclass
@@ -135,6 +145,8 @@ class PromptSession:
         self.timings = Timings()
         self.results: dict[str, np.ndarray] = {}
         self._propagations: dict[tuple, dict[int, SliceRecord]] = {}
+        #: per prompt, the last corrected result: (settings, clicks applied, records)
+        self._corrections: dict[tuple, tuple[tuple, tuple[PointPrompt, ...], dict[int, SliceRecord]]] = {}
         self._window_choices: dict[tuple, str] = {}
         self._planes: dict[str, list[PlaneResult]] = {}
         self._crossings: dict[tuple, dict[int, dict[int, SliceRecord]]] = {}
@@ -273,7 +285,7 @@ class PromptSession:
         if prompts.is_empty():
             raise InputError(None, f"segment '{prompts.name}' has no box and no include point")
         axis = _segment_axis(prompts, self.axis)
-        seeding_points = [] if prompts.boxes else prompts.include_points
+        seeding_points = [] if prompts.boxes else self._seeding_points(prompts.include_points, axis)
         corrections = [p for p in prompts.points if p not in seeding_points]
         choice_key = (axis, tuple(prompts.boxes), tuple(seeding_points))
         if choice_key not in self._window_choices:  # corrective clicks keep the window their prompt chose
@@ -293,7 +305,7 @@ class PromptSession:
                 self._grow(seed, axis, records, stop_at=seed_slices)
             self._propagations[base_key] = records
         propagated = self._propagations[base_key]
-        records = self._correct(dict(propagated), corrections, axis)
+        records = self._corrected(base_key, propagated, corrections, axis)
         window = self._window_choices[choice_key]
         planes = [PlaneResult(axis, window, records, list(prompts.points))]
         mask = _assemble(records, axis, self.image.shape)
@@ -576,45 +588,69 @@ class PromptSession:
                 previous = current
                 index += step
 
-    def _correct(self, records: dict[int, SliceRecord], clicks: Sequence[PointPrompt],
-                 axis: int) -> dict[int, SliceRecord]:
-        """Apply corrective clicks slice by slice on top of a propagation (which is not changed in place)."""
-        by_slice: dict[int, list[PointPrompt]] = {}
-        for click in clicks:
-            by_slice.setdefault(self._slice_of(click, axis), []).append(click)
-        # First, include clicks on slices nothing reached seed those slices (and grow a little from them)...
-        for index in sorted(by_slice):
-            points = by_slice[index]
-            record = records.get(index)
-            if (record is None or not record.mask.any()) and any(p.include for p in points):
-                box = self._neighbour_box(records, index, points, axis)
-                reach = self.settings.click_growth_slices
-                seed = SliceSeed(index, box, points, limits=(index - reach, index + reach), stops=False)
-                self._grow(seed, axis, records, only_empty=True)
-        # ...then every click refines the slice it lies on.
-        for index in sorted(by_slice):
-            points = by_slice[index]
-            record = records.get(index)
-            if record is None or not record.mask.any():
-                continue
-            box = _union_box(record.box, self._points_rc([p for p in points if p.include], axis))
-            proposal, _, _ = self.decode_slice(axis, index, box, points)
-            clicks_rc = [(*self._to_slice(p.ijk, axis)[1:], p.include) for p in points]
-            mask = refine_with_clicks(record.mask, proposal, clicks_rc)
-            records[index] = SliceRecord(mask, box, record.seed, record.step)
-            if not mask.any() and record.step:
-                # The structure ended before this slice: drop what propagation added beyond it.
-                for other, rec in list(records.items()):
-                    if rec.seed == record.seed and rec.step == record.step and (other - index) * record.step > 0:
-                        del records[other]
-            elif mask.any():
-                self._carry_correction(records, index, axis, set(by_slice))
+    def _corrected(self, base_key: tuple, propagated: dict[int, SliceRecord], corrections: Sequence[PointPrompt],
+                   axis: int) -> dict[int, SliceRecord]:
+        """The propagation with the corrective clicks applied one by one, in the order given. The last result
+        per prompt is kept, so a click added to it applies only that click: its cost does not grow with the
+        clicks before it, and the result equals applying all of them at once from the propagation."""
+        settings = astuple(self.settings)
+        applied: tuple[PointPrompt, ...] = ()
+        records = propagated
+        cached = self._corrections.get(base_key)
+        if cached is not None and cached[0] == settings and tuple(corrections[:len(cached[1])]) == cached[1]:
+            _, applied, records = cached
+        records = dict(records)  # the cached records are not changed in place
+        for number in range(len(applied), len(corrections)):
+            self._correct(records, corrections[:number + 1], axis)
+        self._corrections[base_key] = (settings, tuple(corrections), records)
         return records
 
-    def _carry_correction(self, records: dict[int, SliceRecord], index: int, axis: int, clicked: set[int]) -> None:
+    def _correct(self, records: dict[int, SliceRecord], clicks: Sequence[PointPrompt], axis: int) -> None:
+        """Apply the last of ``clicks`` (the ones before it already applied) on its slice, in place: an include
+        click on a slice nothing reached seeds it and grows a little; the clicked slice is refined with every
+        click it holds, then prompts its neighbours again (:meth:`_carry_correction`)."""
+        index = self._slice_of(clicks[-1], axis)
+        clicked = {self._slice_of(click, axis) for click in clicks}
+        points = [click for click in clicks if self._slice_of(click, axis) == index]
+        record = records.get(index)
+        if (record is None or not record.mask.any()) and clicks[-1].include:
+            box = self._neighbour_box(records, index, points, axis)
+            reach = self.settings.click_growth_slices
+            seed = (SliceSeed(index, box, points) if reach is None
+                    else SliceSeed(index, box, points, limits=(index - reach, index + reach), stops=False))
+            self._grow(seed, axis, records, only_empty=True)
+            record = records.get(index)
+        if record is None or not record.mask.any():
+            return
+        box = _union_box(record.box, self._points_rc([p for p in points if p.include], axis))
+        proposal, quality, _ = self.decode_slice(axis, index, box, points)
+        clicks_rc = [(*self._to_slice(p.ijk, axis)[1:], p.include) for p in points]
+        row, col = (int(round(v)) for v in clicks_rc[-1][:2])
+        if self.settings.click_box_search and clicks[-1].include and not record.mask[row, col]:
+            # A missed part: the clicks alone may say more than the old box (too small, or elsewhere), so
+            # the boxes tried around points are tried too, and the more confident answer is kept.
+            found = self._seed_slice(SliceSeed(index, None, points), axis)
+            if found is not None and found[1] > quality:
+                proposal, box = found[0].mask, _union_box(found[0].box, [box[:2], box[2:]], margin=0.0)
+        mask = refine_with_clicks(record.mask, proposal, clicks_rc)
+        records[index] = SliceRecord(mask, box, record.seed, record.step)
+        if not mask.any() and record.step:
+            # The user says the structure ended before this slice: drop what propagation added beyond it
+            # (slices with clicks of their own keep them).
+            for other, rec in list(records.items()):
+                if (rec.seed == record.seed and rec.step == record.step and (other - index) * record.step > 0
+                        and other not in clicked):
+                    del records[other]
+        elif mask.any():
+            self._carry_correction(records, index, axis, clicked, grow=clicks[-1].include)
+
+    def _carry_correction(self, records: dict[int, SliceRecord], index: int, axis: int, clicked: set[int],
+                          grow: bool = False) -> None:
         """A corrected slice prompts its neighbours again (the box of its mask), outward, until a neighbour's
-        answer agrees with what it had (Dice >= 0.95), the structure ends, or ``click_reach_slices`` is reached;
-        slices with clicks or a prompt of their own keep them. So a click changes the 3-D result, not one slice."""
+        answer agrees with what it had (Dice >= 0.95), comes back empty (that neighbour keeps what it had),
+        or ``click_reach_slices`` is reached; slices with clicks or a prompt of their own keep them. So a click
+        changes the 3-D result, not one slice. A neighbour's new box stays within its old one (with the
+        propagation margin) unless ``grow`` (an include click: the structure is larger than found)."""
         for step in (1, -1):
             previous = records[index].mask
             other = index + step
@@ -622,17 +658,22 @@ class PromptSession:
                 if other not in records or other in clicked or records[other].step == 0:
                     break  # a slice with clicks or a prompt of its own keeps them
                 old = records[other]
-                box = self._padded(mask_box_rc(previous), axis, self._padded(old.box, axis, None))
+                box = self._padded(mask_box_rc(previous), axis, None if grow else self._padded(old.box, axis, None))
                 current, _, _ = self.decode_slice(axis, other, box)
-                if not current.any():
-                    for beyond in [i for i, r in records.items()
-                                   if (i - other) * step >= 0 and i not in clicked and r.step != 0]:
-                        del records[beyond]
-                    break
-                if dice(current, old.mask) >= 0.95:
-                    break
+                if not current.any() or dice(current, old.mask) >= 0.95:
+                    break  # an empty answer is no evidence the structure ends: stop carrying, delete nothing
+                if grow and current.sum() > self.settings.max_carried_growth * previous.sum():
+                    break  # far larger than the corrected slice next to it: a leak into a neighbour
                 records[other] = SliceRecord(current, box, old.seed, old.step)
                 previous, other = current, other + step
+
+    def _seeding_points(self, include: list[PointPrompt], axis: int) -> list[PointPrompt]:
+        """The include points that start a segment given without a box: those on the first one's slice (the
+        later ones correct it), or all of them with ``include_points_seed``."""
+        if self.settings.include_points_seed or not include:
+            return include
+        first = self._slice_of(include[0], axis)
+        return [point for point in include if self._slice_of(point, axis) == first]
 
     def _neighbour_box(self, records: dict[int, SliceRecord], index: int, points: Sequence[PointPrompt],
                        axis: int, reach: int = 3) -> Optional[BoxRC]:

@@ -65,6 +65,11 @@ class EmbeddingCache:
     def __contains__(self, key: Hashable) -> bool:
         return key in self._items
 
+    def keys(self) -> list[Hashable]:
+        """The cached keys, oldest use first (a snapshot)."""
+        with self._lock:
+            return list(self._items)
+
     def get(self, key: Hashable) -> Optional[torch.Tensor]:
         """The cached embedding, or None; counts a hit or a miss."""
         with self._lock:

@@ -105,6 +105,7 @@ class SliceRecord:
     box: BoxRC
     seed: int
     step: int  # +1 / -1: reached by propagation in that direction; 0: a seed slice
+    clip: Optional[BoxRC] = None  # in-plane bounds a ROI gives this slice (corrections stay inside them)
 
 
 @dataclass
@@ -216,6 +217,26 @@ class PromptSession:
         if self.context_for(axis) == "full" or box is None:
             return full_window(self.slice_shape(axis), self.spacing_rc(axis), size)
         return box_window(box, self.slice_shape(axis), self.spacing_rc(axis), size)
+
+    def _cached_window(self, box: BoxRC, axis: int, index: int) -> Optional[SliceWindow]:
+        """For a correction on large slices (crop context): the smallest window of this slice already encoded
+        that holds the box an eighth of its side from every edge and is at most four times the box's larger
+        side (so a click costs decoder calls, no encoder call); None when there is none, or with whole-slice
+        context (one window per slice anyway)."""
+        if self.context_for(axis) == "full":
+            return None
+        side = max(box[2] - box[0] + 1, (box[3] - box[1] + 1) * self.spacing_rc(axis)[1] / self.spacing_rc(axis)[0])
+        best: Optional[SliceWindow] = None
+        for key in self.cache.keys():
+            if key[:3] != (self._image_key, axis, index):
+                continue
+            window = key[3]
+            top, left = window.row0 - 0.5 + window.rows / 8, window.col0 - 0.5 + window.cols / 8
+            bottom, right = window.row0 - 0.5 + window.rows * 7 / 8, window.col0 - 0.5 + window.cols * 7 / 8
+            if (top <= box[0] and box[2] <= bottom and left <= box[1] and box[3] <= right
+                    and window.rows <= 4 * side and (best is None or window.rows < best.rows)):
+                best = window
+        return best
 
     # ------------------------------------------------------------------ model calls
     def _autocast(self):
@@ -523,9 +544,10 @@ class PromptSession:
     def _slice_of(self, point: PointPrompt, axis: int) -> int:
         return int(np.clip(round(self._to_slice(point.ijk, axis)[0]), 0, self.num_slices(axis) - 1))
 
-    def _seed_slice(self, seed: SliceSeed, axis: int) -> Optional[tuple[SliceRecord, float]]:
+    def _seed_slice(self, seed: SliceSeed, axis: int, cached_only: bool = False) -> Optional[tuple[SliceRecord, float]]:
         """Segment a seed's own slice (points alone first give a mask whose box then prompts the model): the
-        slice's record and the model's quality estimate, or None where the points found nothing."""
+        slice's record and the model's quality estimate, or None where the points found nothing. With
+        ``cached_only`` (a correction), on large slices only boxes an encoded window holds are tried."""
         if seed.box is not None:
             mask, quality, _ = self.decode_slice(axis, seed.index, seed.box, seed.points)
             return SliceRecord(mask, seed.box, seed.index, 0), quality
@@ -537,7 +559,10 @@ class PromptSession:
         for side_mm in self.settings.point_box_sizes_mm:
             half = np.maximum(side_mm / np.array(self.spacing_rc(axis)), spread + 2) / 2
             box = self._padded((*(centre - half), *(centre + half)), axis, None, margin=False)
-            mask, quality, _ = self.decode_slice(axis, seed.index, box, seed.points)
+            window = self._cached_window(box, axis, seed.index) if cached_only else None
+            if cached_only and window is None and self.context_for(axis) != "full":
+                continue
+            mask, quality, _ = self.decode_slice(axis, seed.index, box, seed.points, window)
             mask = _regions_at(mask, rc)  # an answer elsewhere than the clicks is not what they asked for
             if mask.sum() >= 4 and (best is None or quality > best[0]):
                 best = (quality, mask, box)
@@ -554,6 +579,7 @@ class PromptSession:
         if found is None:
             return
         record = found[0]
+        record.clip = seed.clips.get(seed.index) if seed.clips else seed.clip
         records[seed.index] = _merge(records.get(seed.index), record)
         mask = record.mask
         if not mask.any():
@@ -584,7 +610,7 @@ class PromptSession:
                         or quality < self.settings.min_quality
                         or drift > self.settings.max_intensity_drift):
                     break
-                records[index] = _merge(records.get(index), SliceRecord(current, box, seed.index, step))
+                records[index] = _merge(records.get(index), SliceRecord(current, box, seed.index, step, clip))
                 previous = current
                 index += step
 
@@ -623,17 +649,18 @@ class PromptSession:
         if record is None or not record.mask.any():
             return
         box = _union_box(record.box, self._points_rc([p for p in points if p.include], axis))
-        proposal, quality, _ = self.decode_slice(axis, index, box, points)
+        proposal, quality, _ = self.decode_slice(axis, index, box, points, self._cached_window(box, axis, index))
         clicks_rc = [(*self._to_slice(p.ijk, axis)[1:], p.include) for p in points]
         row, col = (int(round(v)) for v in clicks_rc[-1][:2])
         if self.settings.click_box_search and clicks[-1].include and not record.mask[row, col]:
             # A missed part: the clicks alone may say more than the old box (too small, or elsewhere), so
             # the boxes tried around points are tried too, and the more confident answer is kept.
-            found = self._seed_slice(SliceSeed(index, None, points), axis)
+            found = self._seed_slice(SliceSeed(index, None, points), axis, cached_only=True)
             if found is not None and found[1] > quality:
-                proposal, box = found[0].mask, _union_box(found[0].box, [box[:2], box[2:]], margin=0.0)
+                proposal = _inside(found[0].mask, record.clip)
+                box = _union_box(found[0].box, [box[:2], box[2:]], margin=0.0)
         mask = refine_with_clicks(record.mask, proposal, clicks_rc)
-        records[index] = SliceRecord(mask, box, record.seed, record.step)
+        records[index] = SliceRecord(mask, box, record.seed, record.step, record.clip)
         if not mask.any() and record.step:
             # The user says the structure ended before this slice: drop what propagation added beyond it
             # (slices with clicks of their own keep them).
@@ -650,7 +677,8 @@ class PromptSession:
         answer agrees with what it had (Dice >= 0.95), comes back empty (that neighbour keeps what it had),
         or ``click_reach_slices`` is reached; slices with clicks or a prompt of their own keep them. So a click
         changes the 3-D result, not one slice. A neighbour's new box stays within its old one (with the
-        propagation margin) unless ``grow`` (an include click: the structure is larger than found)."""
+        propagation margin) unless ``grow`` (an include click: the structure is larger than found); it always
+        stays within a ROI."""
         for step in (1, -1):
             previous = records[index].mask
             other = index + step
@@ -658,13 +686,13 @@ class PromptSession:
                 if other not in records or other in clicked or records[other].step == 0:
                     break  # a slice with clicks or a prompt of its own keeps them
                 old = records[other]
-                box = self._padded(mask_box_rc(previous), axis, None if grow else self._padded(old.box, axis, None))
-                current, _, _ = self.decode_slice(axis, other, box)
+                box = self._padded(mask_box_rc(previous), axis, old.clip if grow else self._padded(old.box, axis, None))
+                current, _, _ = self.decode_slice(axis, other, box, (), self._cached_window(box, axis, other))
                 if not current.any() or dice(current, old.mask) >= 0.95:
                     break  # an empty answer is no evidence the structure ends: stop carrying, delete nothing
                 if grow and current.sum() > self.settings.max_carried_growth * previous.sum():
                     break  # far larger than the corrected slice next to it: a leak into a neighbour
-                records[other] = SliceRecord(current, box, old.seed, old.step)
+                records[other] = SliceRecord(current, box, old.seed, old.step, old.clip)
                 previous, other = current, other + step
 
     def _seeding_points(self, include: list[PointPrompt], axis: int) -> list[PointPrompt]:
@@ -741,6 +769,15 @@ def _regions_at(mask: np.ndarray, points_rc: np.ndarray) -> np.ndarray:
     return np.isin(parts, list(ids)) if ids else np.zeros_like(mask)
 
 
+def _inside(mask: np.ndarray, clip: Optional[BoxRC]) -> np.ndarray:
+    """The mask without what lies outside the in-plane bounds ``clip`` (None: the whole mask)."""
+    if clip is None:
+        return mask
+    rows, cols = np.ogrid[:mask.shape[0], :mask.shape[1]]
+    return mask & (rows >= np.floor(clip[0])) & (rows <= np.ceil(clip[2])) & (cols >= np.floor(clip[1])) \
+        & (cols <= np.ceil(clip[3]))
+
+
 def _union_box(box: BoxRC, points_rc: Sequence[tuple[float, float]], margin: float = 2.0) -> BoxRC:
     """The box grown to contain every point (with a small margin)."""
     r0, c0, r1, c1 = box
@@ -764,4 +801,4 @@ def _merge(old: Optional[SliceRecord], new: SliceRecord) -> SliceRecord:
     if old is None:
         return new
     box = _union_box(old.box, [new.box[:2], new.box[2:]], margin=0.0)
-    return SliceRecord(old.mask | new.mask, box, old.seed, old.step)
+    return SliceRecord(old.mask | new.mask, box, old.seed, old.step, old.clip)

@@ -118,6 +118,18 @@ class InContextModel3D(Protocol):
 
 
 @runtime_checkable
+class RefinementModel3D(Protocol):
+    """A 3-D mask refiner: a cubic patch of ``patch_size`` voxels with four channels (the image normalised in the
+    patch, the current mask, include-click and exclude-click maps) -> logits of a better mask."""
+
+    #: Side of the cubic patch, in voxels.
+    patch_size: int
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits (B, 1, P, P, P) for inputs (B, 4, P, P, P)."""
+
+
+@runtime_checkable
 class AdaptableBackbone(Protocol):
     """An image encoder that runs in named stages, so parameter-efficient methods and heads can adapt it without
     knowing its internals."""

@@ -14,7 +14,6 @@ draws the same episodes as an uninterrupted one.
 from __future__ import annotations
 
 import json
-import os
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -29,6 +28,7 @@ from FMSegCore.engines.adaptation.losses import dice_bce_loss
 from FMSegCore.engines.adaptation.trainer import warmup_cosine
 from FMSegCore.models.universeg import UniverSeg, build_universeg
 from FMSegCore.training.augment import augment_episode
+from FMSegCore.training.run_files import append_log, save_atomic
 from FMSegCore.training.sources import held_out_bank, training_banks
 from FMSegCore.training.synthetic_tasks import synthetic_episode
 from FMSegCore.training.task_bank import Episode, TaskBank
@@ -157,17 +157,6 @@ def validate(model: UniverSeg, bank: TaskBank, config: TrainConfig, device: torc
     return float(torch.cat(scores).mean())
 
 
-def _save_atomic(obj: dict, path: Path) -> None:
-    partial = path.with_name(path.name + ".partial")
-    torch.save(obj, partial)
-    os.replace(partial, path)
-
-
-def _log(path: Path, record: dict) -> None:
-    with open(path, "a") as stream:
-        stream.write(json.dumps(record) + "\n")
-
-
 def train(config: TrainConfig, output: Path, device: torch.device, max_minutes: Optional[float] = None,
           progress: bool = True) -> Path:
     """Run (or resume) meta-training into ``output``; returns the path of the final weights."""
@@ -219,17 +208,17 @@ def train(config: TrainConfig, output: Path, device: torch.device, max_minutes: 
                       "seconds_per_step": round(seconds, 3)}
             if validation_bank is not None and step % config.validate_every == 0:
                 record["held_out_dice"] = round(validate(model, validation_bank, config, device), 4)
-            _log(log_path, record)
+            append_log(log_path, record)
             if progress:
                 print(json.dumps(record), flush=True)
             losses, dices, window_start = [], [], time.time()
         last = step == config.steps
         out_of_time = max_minutes is not None and time.time() - started > 60 * max_minutes
         if step % config.checkpoint_every == 0 or last or out_of_time:
-            _save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step},
+            save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step},
                          checkpoint_path)
         if out_of_time:
             break
     weights = output / "universeg_fmseg.pt"
-    _save_atomic({key: value.detach().float().cpu() for key, value in model.state_dict().items()}, weights)
+    save_atomic({key: value.detach().float().cpu() for key, value in model.state_dict().items()}, weights)
     return weights

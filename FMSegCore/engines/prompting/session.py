@@ -95,6 +95,7 @@ class SliceSeed:
     clip: Optional[BoxRC] = None  # in-plane bounds every propagated box is clipped to (a ROI)
     clips: Optional[dict[int, BoxRC]] = None  # per-slice bounds instead (an oriented ROI's sections)
     stops: bool = True  # whether propagation stops where the structure seems to end (else: fills the limits)
+    one_window: bool = False  # points alone, on large slices: every box tried shares the largest one's window
 
 
 @dataclass
@@ -556,10 +557,12 @@ class PromptSession:
         rc = np.array(self._points_rc(seed.points, axis))
         centre, spread = rc.mean(axis=0), rc.max(axis=0) - rc.min(axis=0)
         best: Optional[tuple[float, np.ndarray, BoxRC]] = None
-        for side_mm in self.settings.point_box_sizes_mm:
-            half = np.maximum(side_mm / np.array(self.spacing_rc(axis)), spread + 2) / 2
-            box = self._padded((*(centre - half), *(centre + half)), axis, None, margin=False)
-            window = self._cached_window(box, axis, seed.index) if cached_only else None
+        boxes = [self._padded((*(centre - half), *(centre + half)), axis, None, margin=False)
+                 for half in (np.maximum(side / np.array(self.spacing_rc(axis)), spread + 2) / 2
+                              for side in self.settings.point_box_sizes_mm)]
+        shared = self._window(boxes[-1], axis) if seed.one_window else None
+        for box in boxes:
+            window = self._cached_window(box, axis, seed.index) if cached_only else shared
             if cached_only and window is None and self.context_for(axis) != "full":
                 continue
             mask, quality, _ = self.decode_slice(axis, seed.index, box, seed.points, window)
@@ -642,8 +645,8 @@ class PromptSession:
         if (record is None or not record.mask.any()) and clicks[-1].include:
             box = self._neighbour_box(records, index, points, axis)
             reach = self.settings.click_growth_slices
-            seed = (SliceSeed(index, box, points) if reach is None
-                    else SliceSeed(index, box, points, limits=(index - reach, index + reach), stops=False))
+            limits = None if reach is None else (index - reach, index + reach)
+            seed = SliceSeed(index, box, points, limits=limits, stops=reach is None, one_window=True)
             self._grow(seed, axis, records, only_empty=True)
             record = records.get(index)
         if record is None or not record.mask.any():

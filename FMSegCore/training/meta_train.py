@@ -15,20 +15,17 @@ from __future__ import annotations
 
 import json
 import time
-import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import torch
-from torch.optim.lr_scheduler import LRScheduler
 
 from FMSegCore.engines.adaptation.losses import dice_bce_loss
-from FMSegCore.engines.adaptation.trainer import warmup_cosine
 from FMSegCore.models.universeg import UniverSeg, build_universeg
 from FMSegCore.training.augment import augment_episode
-from FMSegCore.training.run_files import append_log, save_atomic
+from FMSegCore.training.run_parts import append_log, hard_dice, save_atomic, schedule
 from FMSegCore.training.sources import held_out_bank, training_banks
 from FMSegCore.training.synthetic_tasks import synthetic_episode
 from FMSegCore.training.task_bank import Episode, TaskBank
@@ -87,27 +84,6 @@ def init_weights(model: UniverSeg) -> None:
         if isinstance(module, torch.nn.Conv2d):
             torch.nn.init.kaiming_normal_(module.weight, a=0.01, nonlinearity="leaky_relu")
             torch.nn.init.zeros_(module.bias)
-
-
-@torch.no_grad()
-def hard_dice(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Per-episode Dice of the thresholded prediction, for the log (1 when both masks are empty)."""
-    hard = (logits > 0).float()
-    dims = tuple(range(1, logits.ndim))
-    return (2 * (hard * target).sum(dims) + 1e-6) / (hard.sum(dims) + target.sum(dims) + 1e-6)
-
-
-def schedule(optimizer: torch.optim.Optimizer, config: TrainConfig, step: int = 0) -> LRScheduler:
-    """The learning-rate schedule (linear warm-up, cosine decay to ``final_learning_rate``) at ``step``: a run
-    resumed from a checkpoint takes the rates an uninterrupted one would."""
-    for group in optimizer.param_groups:  # a checkpoint's optimiser holds the rate of its last step
-        group["lr"] = group["initial_lr"] = config.learning_rate
-    scheduler = warmup_cosine(optimizer, config.steps, config.warmup_steps, config.final_learning_rate)
-    with warnings.catch_warnings():  # catching up before any optimiser step is the point here
-        warnings.simplefilter("ignore", UserWarning)
-        for _ in range(step):
-            scheduler.step()
-    return scheduler
 
 
 def stack_episodes(episodes: list[Episode]) -> tuple[torch.Tensor, ...]:

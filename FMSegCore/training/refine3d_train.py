@@ -18,22 +18,19 @@ from __future__ import annotations
 
 import json
 import time
-import warnings
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import torch
-from torch.optim.lr_scheduler import LRScheduler
 
 from FMSegCore.engines.adaptation.losses import dice_bce_loss
-from FMSegCore.engines.adaptation.trainer import warmup_cosine
 from FMSegCore.engines.prompting.refine3d import refine
 from FMSegCore.models.refiner3d import Refiner3D, RefinerConfig, checkpoint_dict
 from FMSegCore.preprocessing.overlap import dice
 from FMSegCore.training.refine3d_data import Sample, held_out_samples, training_pair, training_source
-from FMSegCore.training.run_files import append_log, save_atomic
+from FMSegCore.training.run_parts import append_log, hard_dice, save_atomic, schedule
 
 WEIGHTS_NAME = "refiner3d.pt"
 
@@ -80,23 +77,8 @@ class Refine3DConfig:
                              residual_units=self.residual_units)
 
 
-def schedule(optimizer: torch.optim.Optimizer, config: Refine3DConfig, step: int = 0) -> LRScheduler:
-    """Linear warm-up then cosine decay to ``final_learning_rate`` at ``steps``, caught up to ``step``."""
-    for group in optimizer.param_groups:  # a checkpoint's optimiser holds the rate of its last step
-        group["lr"] = group["initial_lr"] = config.learning_rate
-    scheduler = warmup_cosine(optimizer, config.steps, config.warmup_steps, config.final_learning_rate)
-    with warnings.catch_warnings():  # catching up before any optimiser step is the point here
-        warnings.simplefilter("ignore", UserWarning)
-        for _ in range(step):
-            scheduler.step()
-    return scheduler
 
 
-@torch.no_grad()
-def hard_dice(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    hard = (logits > 0).float()
-    dims = tuple(range(1, logits.ndim))
-    return (2 * (hard * target).sum(dims) + 1e-6) / (hard.sum(dims) + target.sum(dims) + 1e-6)
 
 
 def validate(model: Refiner3D, samples: list[Sample], device: torch.device) -> dict[str, float]:

@@ -655,7 +655,8 @@ class PromptSession:
         proposal, quality, _ = self.decode_slice(axis, index, box, points, self._cached_window(box, axis, index))
         clicks_rc = [(*self._to_slice(p.ijk, axis)[1:], p.include) for p in points]
         row, col = (int(round(v)) for v in clicks_rc[-1][:2])
-        if self.settings.click_box_search and clicks[-1].include and not record.mask[row, col]:
+        on_mask = 0 <= row < record.mask.shape[0] and 0 <= col < record.mask.shape[1] and record.mask[row, col]
+        if self.settings.click_box_search and clicks[-1].include and not on_mask:
             # A missed part: the clicks alone may say more than the old box (too small, or elsewhere), so
             # the boxes tried around points are tried too, and the more confident answer is kept.
             found = self._seed_slice(SliceSeed(index, None, points), axis, cached_only=True)

@@ -25,7 +25,7 @@ import torch
 from FMSegCore.engines.adaptation.losses import dice_bce_loss
 from FMSegCore.models.universeg import UniverSeg, build_universeg
 from FMSegCore.training.augment import augment_episode
-from FMSegCore.training.run_parts import append_log, hard_dice, save_atomic, schedule
+from FMSegCore.training.run_parts import append_log, hard_dice, resume, save_atomic, schedule
 from FMSegCore.training.sources import held_out_bank, training_banks
 from FMSegCore.training.synthetic_tasks import synthetic_episode
 from FMSegCore.training.task_bank import Episode, TaskBank
@@ -142,12 +142,7 @@ def train(config: TrainConfig, output: Path, device: torch.device, max_minutes: 
     model = build_universeg().to(device)
     init_weights(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=0.0)
-    step = 0
-    if checkpoint_path.is_file():
-        state = torch.load(checkpoint_path, map_location=device, weights_only=True)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        step = int(state["step"])
+    step = resume(checkpoint_path, model, optimizer, device)
     scheduler = schedule(optimizer, config, step)
     model.train()
     started, window_start = time.time(), time.time()

@@ -30,7 +30,7 @@ from FMSegCore.engines.prompting.refine3d import refine
 from FMSegCore.models.refiner3d import Refiner3D, RefinerConfig, checkpoint_dict
 from FMSegCore.preprocessing.overlap import dice
 from FMSegCore.training.refine3d_data import Sample, held_out_samples, training_pair, training_source
-from FMSegCore.training.run_parts import append_log, hard_dice, save_atomic, schedule
+from FMSegCore.training.run_parts import append_log, hard_dice, resume, save_atomic, schedule
 
 WEIGHTS_NAME = "refiner3d.pt"
 
@@ -112,12 +112,7 @@ def train(config: Refine3DConfig, output: Path, device: torch.device, max_minute
     torch.manual_seed(config.seed)
     model = Refiner3D(config.network()).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
-    step = 0
-    if checkpoint_path.is_file():
-        state = torch.load(checkpoint_path, map_location=device, weights_only=True)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        step = int(state["step"])
+    step = resume(checkpoint_path, model, optimizer, device)
     scheduler = schedule(optimizer, config, step)
     model.train()
     source = training_source(config.source_weights, config.min_voxels, config.empty_probability)

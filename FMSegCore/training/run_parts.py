@@ -1,4 +1,4 @@
-"""What the trainers' runs share: checkpoints written atomically, the log as JSON lines, the learning-rate
+"""What the trainers' runs share: checkpoints written atomically and resumed, the log as JSON lines, the learning-rate
 schedule resumed at a step, and the Dice they log."""
 
 from __future__ import annotations
@@ -31,6 +31,17 @@ def save_atomic(obj: dict, path: Path) -> None:
     partial = path.with_name(path.name + ".partial")
     torch.save(obj, partial)
     os.replace(partial, path)
+
+
+def resume(checkpoint: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+           device: torch.device) -> int:
+    """Load a run's checkpoint (model and optimiser) when there is one: the step it reached, else 0."""
+    if not checkpoint.is_file():
+        return 0
+    state = torch.load(checkpoint, map_location=device, weights_only=True)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    return int(state["step"])
 
 
 def append_log(path: Path, record: dict) -> None:

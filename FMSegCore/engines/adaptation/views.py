@@ -74,14 +74,16 @@ class ViewMaker:
         self.geometry, self.structures, self.preprocess = geometry, list(structures), preprocess
         self.augmentation = augmentation or Augmentation()
         self.seed = seed
-        self._regions: dict[int, tuple[slice, slice]] = {}
+        self._regions: dict[int, tuple[TrainingCase, tuple[slice, slice]]] = {}
 
     def region(self, case: TrainingCase) -> tuple[slice, slice]:
-        """The case's body region in its slices (computed once per case)."""
-        key = id(case)
-        if key not in self._regions:
-            self._regions[key] = body_region(case.image, case.axis, case.spacing_rc(), self.geometry.margin_mm)
-        return self._regions[key]
+        """The case's body region in its slices (computed once per case; the case is kept with its region, so a
+        later case that gets a freed case's ``id`` is not given that case's region)."""
+        kept = self._regions.get(id(case))
+        if kept is None or kept[0] is not case:
+            kept = (case, body_region(case.image, case.axis, case.spacing_rc(), self.geometry.margin_mm))
+            self._regions[id(case)] = kept
+        return kept[1]
 
     def view(self, case: TrainingCase, index: int, number: int) -> WindowedSlice:
         """View ``number`` of slice ``index``: model input (3, S, S), targets (K, S, S), known (K,)."""

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from functools import cache
 from typing import Annotated, Any, Literal, Optional, Union, get_args, get_origin
 
-from FMSegCore.zoo.registry import DEFAULT_INCONTEXT, DEFAULT_PROMPTABLE
+from FMSegCore.zoo.registry import DEFAULT_INCONTEXT, DEFAULT_INCONTEXT_3D, DEFAULT_PROMPTABLE
 
 #: Adaptation: the methods as a user is offered them (the recommended one first), and the modes. The engines'
 #: own rules about them (which methods adapt the encoder, each one's steps) are in
@@ -124,6 +124,17 @@ class InContext:
 
 
 @dataclass
+class TaskCreation:
+    """A task of a 3-D in-context model (one embedding per structure) from labelled references: ``fmseg task
+    create``, the worker's task jobs, the panel's "Save task"."""
+
+    model: str = DEFAULT_INCONTEXT_3D
+    modality: Modality = "auto"
+    window: str = "abdomen"
+    device: Device = "auto"
+
+
+@dataclass
 class Adaptation:
     """Adaptation to labelled cases: ``fmseg adapt``, the worker's adapt jobs, the panel. None: the mode's and
     method's default (``FMSegCore.engines.adaptation.defaults``)."""
@@ -156,7 +167,7 @@ class AutoSegmentation:
     device: Device = "auto"
 
 
-OPTION_SETS = (Prompting, InContext, Adaptation, AutoSegmentation)
+OPTION_SETS = (Prompting, InContext, TaskCreation, Adaptation, AutoSegmentation)
 
 
 @dataclass(frozen=True)

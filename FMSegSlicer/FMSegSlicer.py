@@ -36,6 +36,8 @@ PROMPT_ATTRIBUTE = "FMSeg.Prompt"
 PROMPT_NODE_NAMES = {"include": "FMSeg include", "exclude": "FMSeg exclude", "box": "FMSeg box", "roi": "FMSeg ROI"}
 PROMPT_COLORS = {"include": (0.2, 0.8, 0.2), "exclude": (0.9, 0.2, 0.2), "box": (1.0, 0.85, 0.1), "roi": (0.2, 0.6, 1.0)}
 ADAPTER_FILE_FILTER = "FMSeg adapters (*.pt);;All files (*)"  # the Logic writes and reads .pt files
+TASK_FILE_FILTER = "FMSeg tasks (*.fmseg-task);;All files (*)"  # fmseg task create's files
+TASK_SUFFIX = ".fmseg-task"
 
 #: Keyboard shortcuts: (key sequence, PanelController method). They are active in the slice views and in this
 #: module's panel while the module is shown (Qt.WidgetWithChildrenShortcut on each slice view and on the panel).
@@ -67,7 +69,8 @@ class FMSegSlicer(ScriptedLoadableModule):
         self.parent.contributors = ["FMSeg developers"]
         self.parent.helpText = _(
             "Segment with medical foundation models: points, 2D boxes and 3D ROIs (promptable models), a support "
-            "set of labelled volumes from the scene (in-context models), and adapters trained on a few of your "
+            "set of labelled volumes from the scene (in-context models; with a 3-D one, saved as a task file and "
+            "loaded again to segment other scans), and adapters trained on a few of your "
             "own labelled cases. The models run in a separate worker process, local or remote, on CUDA, Apple MPS "
             "or CPU. Shortcuts in slice views: i include point, e exclude point, Shift+B 2D box, Shift+R 3D ROI, "
             "Ctrl+Z undo, Return segment. See the "
@@ -224,6 +227,19 @@ class SlicerPanelHooks(PanelHooks):
             return ""
         if save and not path.endswith(".pt"):
             path += ".pt"
+        self.lastDirectory = qt.QFileInfo(path).absolutePath()
+        return path
+
+    def chooseTaskPath(self, save):
+        parent = slicer.util.mainWindow()
+        if save:
+            path = qt.QFileDialog.getSaveFileName(parent, _("Save task"), self.lastDirectory, TASK_FILE_FILTER)
+        else:
+            path = qt.QFileDialog.getOpenFileName(parent, _("Load task"), self.lastDirectory, TASK_FILE_FILTER)
+        if not path:
+            return ""
+        if save and not path.endswith(TASK_SUFFIX):
+            path += TASK_SUFFIX
         self.lastDirectory = qt.QFileInfo(path).absolutePath()
         return path
 

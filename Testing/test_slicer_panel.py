@@ -95,6 +95,10 @@ CONTRACT = {
     "ensembleSpinBox": ("QSpinBox", "incontextCollapsibleButton"),
     "uncertaintyCheckBox": ("QCheckBox", "incontextCollapsibleButton"),
     "runInContextButton": ("QPushButton", "incontextCollapsibleButton"),
+    "saveTaskButton": ("QPushButton", "incontextCollapsibleButton"),
+    "loadTaskButton": ("QPushButton", "incontextCollapsibleButton"),
+    "clearTaskButton": ("QPushButton", "incontextCollapsibleButton"),
+    "taskLabel": ("QLabel", "incontextCollapsibleButton"),
     "adaptCollapsibleButton": ("ctkCollapsibleButton", None),
     "caseVolumeSelector": ("qMRMLNodeComboBox", "adaptCollapsibleButton"),
     "caseSegmentationSelector": ("qMRMLNodeComboBox", "adaptCollapsibleButton"),
@@ -250,7 +254,7 @@ class LogicTestDouble:
     Logic's ``*_async`` methods, returning the Logic's real ``Pending``: the test's function runs in the background
     and ``Pending.result()`` "applies" it (records the applying thread, as the Logic writes MRML there)."""
 
-    ASYNC = ("prompt", "run_incontext", "adapt", "segment_with_adapter")
+    ASYNC = ("prompt", "run_incontext", "adapt", "segment_with_adapter", "run_task", "save_task")
 
     def __init__(self, async_variants=False, **functions):
         self.executor = ThreadPoolExecutor(max_workers=4)
@@ -314,6 +318,20 @@ class LogicTestDouble:
         return self._call("run_incontext", volume_node=volume_node, segmentation_node=segmentation_node,
                           supports=supports, support_size=support_size, ensemble=ensemble, uncertainty=uncertainty,
                           model=model, progress=progress, cancel=cancel)
+
+    def run_task(self, volume_node, segmentation_node, uncertainty=False, progress=None, cancel=None):
+        return self._call("run_task", volume_node=volume_node, segmentation_node=segmentation_node,
+                          uncertainty=uncertainty, progress=progress, cancel=cancel)
+
+    def save_task(self, supports, path, model="iris-fmseg", overwrite=False, progress=None, cancel=None):
+        return self._call("save_task", supports=supports, path=path, model=model, overwrite=overwrite,
+                          progress=progress, cancel=cancel)
+
+    def load_task(self, path):
+        return self._call("load_task", path=path)
+
+    def clear_task(self):
+        return self._call("clear_task")
 
     def adapt(self, cases, mode="auto", method=None, rank=DEFAULT_RANK, steps=0, progress=None, cancel=None):
         return self._call("adapt", cases=cases, mode=mode, method=method, rank=rank, steps=steps,
@@ -419,7 +437,8 @@ def test_ui_widget_settings(ui):
     assert ui.promptAdapterCheckBox.text() == "Use loaded adapter" and not ui.promptAdapterCheckBox.isChecked()
     texts = {"segmentButton": "Segment", "undoButton": "Undo", "clearPromptsButton": "Clear prompts",
              "runInContextButton": "Segment from support set", "adaptButton": "Adapt", "cancelButton": "Cancel",
-             "segmentWithAdapterButton": "Segment with adapter"}
+             "segmentWithAdapterButton": "Segment with adapter", "saveTaskButton": "Save task\u2026",
+             "loadTaskButton": "Load task\u2026", "clearTaskButton": "Clear task"}
     for name, text in texts.items():
         assert getattr(ui, name).text() == text, name
     assert not ui.cancelButton.isEnabled()
@@ -566,7 +585,10 @@ def test_logic_test_double_and_logic_accept_what_the_controller_passes():
             "run_incontext": (3, ["support_size", "ensemble", "uncertainty", "model", "progress", "cancel"]),
             "adapt": (1, ["mode", "method", "rank", "steps", "progress", "cancel"]),
             "save_adapter": (1, ["overwrite"]), "load_adapter": (1, []),
-            "segment_with_adapter": (2, ["progress", "cancel"])}
+            "segment_with_adapter": (2, ["progress", "cancel"]),
+            "run_task": (2, ["uncertainty", "progress", "cancel"]),
+            "save_task": (2, ["model", "overwrite", "progress", "cancel"]), "load_task": (1, []),
+            "clear_task": (0, [])}
     for name, (positional, keywords) in uses.items():
         parameters = list(inspect.signature(getattr(LogicTestDouble, name)).parameters)[1:]
         assert len(parameters) >= positional and set(keywords) <= set(parameters), name
@@ -1034,6 +1056,124 @@ def test_adapter_mode_decides_between_prompting_and_automatic_segmentation(panel
     assert not ui.promptAdapterCheckBox.isEnabled() and ui.segmentWithAdapterButton.isEnabled()
 
 
+TASK_MODELS = [{"id": "universeg-fmseg", "kind": "incontext", "dims": 2, "available": True},
+               {"id": "iris-fmseg", "kind": "incontext", "dims": 3, "available": True}]
+TASK_INFO = {"task": "t1", "model": "iris-fmseg", "references": 1,
+             "classes": [{"value": 1, "name": "liver", "color": [0.8, 0.4, 0.3]},
+                         {"value": 2, "name": "spleen", "color": [0.6, 0.2, 0.8]}]}
+
+
+def task_hooks(panel, path):
+    class Hooks(type(recording_hooks(panel))):
+        def __init__(self):
+            super().__init__()
+            self.asked = []
+
+        def chooseTaskPath(self, save):
+            self.asked.append(save)
+            return path
+
+    return Hooks()
+
+
+@pytest.mark.parametrize("async_variants", [False, True], ids=["submit", "async-variants"])
+def test_task_buttons_save_load_run_with_the_task_and_clear(panel, ui, mrml, make_controller, tmp_path,
+                                                            async_variants):
+    path = str(tmp_path / "upper.fmseg-task")
+    gate = threading.Event()
+
+    def save_task(supports, path, model, overwrite, progress, cancel):
+        progress(Progress(1, 2, "encoding 2 classes from 1 reference"))
+        assert gate.wait(5)
+        return dict(TASK_INFO, path=path)
+
+    logic = LogicTestDouble(async_variants,
+                            connect=lambda **a: {"version": "t", "device": "cpu", "models": TASK_MODELS},
+                            save_task=save_task, load_task=lambda path: dict(TASK_INFO),
+                            run_task=lambda **a: {"segments": ["liver_id", "spleen_id"], "uncertainty_node": None},
+                            clear_task=lambda: None)
+    hooks = task_hooks(panel, path)
+    controller = make_controller(logic, hooks)
+    volume, segmentation = select_inputs(ui, mrml)
+    # nothing to build from, no task: only loading is possible
+    assert ui.loadTaskButton.isEnabled()
+    assert not ui.saveTaskButton.isEnabled() and not ui.clearTaskButton.isEnabled()
+    assert not ui.runInContextButton.isEnabled()
+    assert ui.taskLabel.text() == "No task loaded: in-context runs use the support set."
+    support = (mrml.volume("atlas"), mrml.segmentation("atlas labels", ["liver", "spleen"]))
+    ui.supportVolumeSelector.setCurrentNode(support[0])
+    ui.supportSegmentationSelector.setCurrentNode(support[1])
+    ui.addSupportButton.click()
+    assert not ui.saveTaskButton.isEnabled()  # the model's dimensions are not known before connecting
+    controller.saveTask()
+    assert "not a 3-D in-context model" in ui.statusLabel.text() and hooks.asked == []
+    ui.connectButton.click()
+    wait_until(lambda: ui.statusLabel.text().startswith("Connected"), what="connection")
+    assert combo_items(ui.incontextModelSelector) == ["universeg-fmseg", "iris-fmseg"]
+    assert not ui.saveTaskButton.isEnabled()  # a 2-D model makes no task
+    ui.incontextModelSelector.setCurrentText("iris-fmseg")
+    assert ui.saveTaskButton.isEnabled()
+
+    ui.saveTaskButton.click()
+    wait_until(lambda: "encoding" in ui.statusLabel.text(), what="the task job's progress")
+    assert ui.statusLabel.text() == "Saving the task: 1/2: encoding 2 classes from 1 reference"
+    assert not ui.saveTaskButton.isEnabled() and not ui.loadTaskButton.isEnabled()
+    assert not ui.runInContextButton.isEnabled() and ui.cancelButton.isEnabled()
+    gate.set()
+    wait_until(lambda: ui.saveTaskButton.isEnabled(), what="the end of the task job")
+    assert ui.statusLabel.text().startswith(f"Task saved to {path} in ")
+    assert "liver, spleen (iris-fmseg, 1 reference)" in ui.statusLabel.text()
+    (arguments,) = logic.called("save_task")
+    assert arguments["supports"] == [(support[0], support[1], ["liver", "spleen"])]
+    assert (arguments["path"], arguments["model"], arguments["overwrite"]) == (path, "iris-fmseg", True)
+    assert controller.task is None  # saving does not load it
+
+    ui.loadTaskButton.click()
+    wait_until(lambda: ui.clearTaskButton.isEnabled(), what="the task to load")
+    assert hooks.asked == [True, False] and logic.called("load_task") == [{"path": path}]
+    assert ui.taskLabel.text() == f"Task: liver, spleen (iris-fmseg, 1 reference) from {path}"
+    assert ui.runInContextButton.text() == "Segment with task"
+    ui.supportTable.setCurrentCell(0, 0)
+    ui.removeSupportButton.click()  # the task needs no support set
+    assert ui.runInContextButton.isEnabled() and not ui.saveTaskButton.isEnabled()
+    ui.uncertaintyCheckBox.setChecked(True)
+    ui.runInContextButton.click()
+    wait_until(lambda: hooks.results, what="the task's result")
+    assert hooks.results == [("incontext", {"segments": ["liver_id", "spleen_id"], "uncertainty_node": None})]
+    assert ui.statusLabel.text().startswith("In-context: 2 segments in ")
+    (arguments,) = logic.called("run_task")
+    assert arguments["volume_node"] is volume and arguments["segmentation_node"] is segmentation
+    assert arguments["uncertainty"] is True and logic.called("run_incontext") == []
+    if async_variants:
+        assert [name for name, _thread in logic.applied] == ["save_task", "run_task"]
+
+    ui.clearTaskButton.click()
+    assert logic.called("clear_task") == [{}] and controller.task is None
+    assert ui.taskLabel.text() == "No task loaded: in-context runs use the support set."
+    assert ui.runInContextButton.text() == "Segment from support set"
+    assert not ui.runInContextButton.isEnabled() and not ui.clearTaskButton.isEnabled()  # no support left
+    assert hooks.errors == []
+
+
+def test_a_task_that_cannot_load_is_reported_and_the_support_set_stays_in_use(panel, ui, mrml, make_controller,
+                                                                               tmp_path):
+    def load_task(path):
+        raise ValueError("worker: task: not an FMSeg task file (create one with fmseg task create)")
+
+    hooks = task_hooks(panel, str(tmp_path / "notes.fmseg-task"))
+    logic = LogicTestDouble(load_task=load_task)
+    controller = make_controller(logic, hooks)
+    select_inputs(ui, mrml)
+    ui.loadTaskButton.click()
+    wait_until(lambda: "failed" in ui.statusLabel.text(), what="the refusal")
+    assert ui.statusLabel.text() == ("Loading the task failed: ValueError: worker: task: not an FMSeg task file "
+                                     "(create one with fmseg task create)")
+    assert controller.task is None and not ui.clearTaskButton.isEnabled() and ui.loadTaskButton.isEnabled()
+    assert len(hooks.errors) == 1
+    controller.hooks = task_hooks(panel, "")  # the user cancels the dialog: nothing runs
+    assert controller.loadTask() is None and len(logic.called("load_task")) == 1
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # The panel driving the real Logic and a real local worker
 
@@ -1082,3 +1222,101 @@ def test_the_panel_segments_through_the_real_logic_and_worker_and_undo_restores(
         wait_until(lambda: segmentation.GetSegmentation().GetNumberOfSegments() == 0, timeout=30, what="undo")
     finally:
         real.shutdown()
+
+
+def test_the_panel_saves_loads_and_applies_a_task_through_the_real_logic_and_worker(panel, ui, mrml, make_controller,
+                                                                                    tmp_path, monkeypatch):
+    """Stand-in UI, real everything else (FMSegLogic, a worker serving on 127.0.0.1 in this process, slicer-core
+    MRML): "Save task…" writes a task file FMSegCore reads; "Load task…" then "Segment with task" writes the task's
+    segments, voxel for voxel what the task gives in-process."""
+    import slicer.util
+    import torch
+    from FMSegSlicerLib.scene_geometry import to_vtk_matrix, volume_meta
+    from worker_fixtures import CT_CASE, TOKEN, running_worker
+
+    from FMSegCore.engines.incontext.task_file import load_task
+    from FMSegCore.engines.incontext.volume3d import apply_task
+    from FMSegCore.io.labelmap import read_labelmap
+    from FMSegCore.io.volume import Volume, read_volume
+    from FMSegCore.models.factory import load_model
+    from FMSegCore.server.service import Service
+
+    logic_module()
+    monkeypatch.setattr("FMSegCore.server.service.tune_cpu_runtime", lambda threads=None: None)  # one core
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    image = read_volume(CT_CASE / "image.nii.gz")
+    labels, segments = read_labelmap(CT_CASE / "label.nii.gz", reference=image)
+    colors = {s.name: s.color for s in segments}
+    lps_to_ras = np.diag([-1.0, -1.0, 1.0])
+
+    def add_crop(start, stop, name):
+        box = tuple(slice(a, b) for a, b in zip(start, stop))
+        matrix = np.eye(4)
+        matrix[:3, :3] = lps_to_ras @ np.asarray(image.direction) @ np.diag(image.spacing)
+        matrix[:3, 3] = lps_to_ras @ image.ijk_to_lps(np.array(start[::-1], dtype=float))[0]
+        array = np.ascontiguousarray(image.array[box])
+        return slicer.util.addVolumeFromArray(array, to_vtk_matrix(matrix), name), box
+
+    reference, box = add_crop((72, 20, 8), (112, 90, 106), "reference")
+    query, _ = add_crop((74, 28, 40), (112, 84, 100), "query")
+    support = mrml.segmentation("reference labels")
+    for value, name in ((5, "liver"), (1, "spleen")):
+        segment_id = support.GetSegmentation().AddEmptySegment(name, name, colors[name])
+        mask = (labels.array[box] == value).astype(np.uint8)
+        slicer.util.updateSegmentBinaryLabelmapFromArray(mask, support, segment_id, reference)
+    result = mrml.segmentation("task result")
+    path = str(tmp_path / "upper abdomen.fmseg-task")
+
+    with running_worker(service=Service("cpu")) as server:
+        real = logic_module().FMSegLogic(mrml.scene, device="cpu")
+        real.executor = real._executor  # the fixture's clean-up shuts this down
+        hooks = task_hooks(panel, path)
+        make_controller(real, hooks)
+        try:
+            ui.serverUrlEdit.setText(server.url)
+            ui.serverTokenEdit.setText(TOKEN)
+            ui.inputVolumeSelector.setCurrentNode(query)
+            ui.segmentationSelector.setCurrentNode(result)
+            ui.supportVolumeSelector.setCurrentNode(reference)
+            ui.supportSegmentationSelector.setCurrentNode(support)
+            ui.addSupportButton.click()
+            ui.connectButton.click()
+            wait_until(lambda: ui.statusLabel.text().startswith("Connected"), timeout=60, what="the connection")
+            ui.incontextModelSelector.setCurrentText("iris-fmseg")
+            assert ui.saveTaskButton.isEnabled()
+
+            ui.saveTaskButton.click()
+            wait_until(lambda: ui.statusLabel.text().startswith(("Task saved", "Saving the task failed")), timeout=120,
+                       what="the task file")
+            assert ui.statusLabel.text().startswith(f"Task saved to {path}"), ui.statusLabel.text()
+            task, metadata = load_task(path, model="iris-fmseg")
+            assert [(c.value, c.name) for c in metadata.classes] == [(1, "liver"), (2, "spleen")]
+            assert [c.color for c in metadata.classes] == pytest.approx([colors["liver"], colors["spleen"]])
+            assert metadata.references == 1 and task.shape[0] == 2
+
+            ui.loadTaskButton.click()
+            wait_until(lambda: ui.clearTaskButton.isEnabled() or "failed" in ui.statusLabel.text(), timeout=60,
+                       what="the task to load")
+            assert ui.taskLabel.text() == f"Task: liver, spleen (iris-fmseg, 1 reference) from {path}"
+            ui.supportTable.setCurrentCell(0, 0)
+            ui.removeSupportButton.click()  # the run uses the task, not the support set
+            ui.runInContextButton.click()
+            wait_until(lambda: hooks.results or "failed" in ui.statusLabel.text(), timeout=120, what="the result")
+            assert hooks.results and hooks.results[0][0] == "incontext", ui.statusLabel.text()
+        finally:
+            real.shutdown()
+            torch.set_num_threads(threads)
+
+    segmentation = result.GetSegmentation()
+    assert [segmentation.GetNthSegment(n).GetName() for n in range(segmentation.GetNumberOfSegments())] == \
+        ["liver", "spleen"]
+    meta = volume_meta(query)
+    volume = Volume(slicer.util.arrayFromVolume(query).copy(), meta["spacing"], meta["origin"],
+                    np.reshape(meta["direction"], (3, 3)))
+    expected = apply_task(load_model("iris-fmseg", "cpu"), task, volume, metadata.classes).labels
+    for value, name in ((1, "liver"), (2, "spleen")):
+        segment_id = segmentation.GetSegmentIdBySegmentName(name)
+        assert segmentation.GetSegment(segment_id).GetColor() == pytest.approx(colors[name], abs=1e-6)
+        got = slicer.util.arrayFromSegmentBinaryLabelmap(result, segment_id, query).astype(bool)
+        assert np.array_equal(got, expected == value), name

@@ -37,9 +37,10 @@ from FMSegCore.server.wire import CONTENT_TYPE, DTYPES, MAGIC, WireError, decode
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 IDENTITY = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0]
 #: Body fields holding an id, and the kind of thing the worker holds under it.
-BODY_IDS = {"volume": "images", "image": "images", "labels": "labels", "adapter": "adapters"}
+BODY_IDS = {"volume": "images", "image": "images", "labels": "labels", "adapter": "adapters", "task": "tasks"}
 #: Path parameters holding an id (a DELETE keeps its generated id: the ids held must outlive the run).
-PATH_IDS = {"session_id": "sessions", "job_id": "jobs", "adapter_id": "adapters", "name": "arrays"}
+PATH_IDS = {"session_id": "sessions", "job_id": "jobs", "adapter_id": "adapters", "task_id": "tasks",
+            "name": "arrays"}
 #: Caps on a job's size (the fuzz run must stay short on two busy cores).
 JOB_CAPS = {"steps": 2, "batch_size": 2, "views": 4, "support_size": 4, "ensemble": 2}
 MAX_ITEMS = 2
@@ -186,7 +187,8 @@ def worker() -> Iterator[WorkerServer]:
 
 @pytest.fixture(scope="module")
 def pool(worker: WorkerServer) -> dict[str, list[str]]:
-    """Ids the worker holds: an image, its label map, a session, an automatic and a prompt adapter, jobs."""
+    """Ids the worker holds: an image, its label map, a session, an automatic and a prompt adapter, a task of the
+    3-D in-context model, jobs."""
     volume, labels = _kidney_case()
     client = WorkerClient(worker.url, TOKEN)
     image_id = upload(client, volume)
@@ -195,8 +197,10 @@ def pool(worker: WorkerServer) -> dict[str, list[str]]:
     prompt, prompt_job = _adapter(client, image_id, labels_id, "prompt")
     segment = client.start_job("segment", {"volume": image_id, "adapter": auto})["id"]
     _finished(client, segment)
-    held = {"images": [image_id], "labels": [labels_id], "adapters": [auto, prompt],
-            "sessions": [client.open_session(image_id)], "jobs": [auto_job, prompt_job, segment],
+    task_job = client.start_job("task", {"supports": [{"image": image_id, "labels": labels_id}]})["id"]
+    task = _finished(client, task_job)["result"]["task"]
+    held = {"images": [image_id], "labels": [labels_id], "adapters": [auto, prompt], "tasks": [task],
+            "sessions": [client.open_session(image_id)], "jobs": [auto_job, prompt_job, segment, task_job],
             "arrays": ["labels", "uncertainty"]}
     client.close()
     return held

@@ -174,8 +174,10 @@ def test_oversize_malformed_and_unknown_requests_are_refused_and_the_worker_keep
 
 ROUTES = {("get", "/v1/info"), ("get", "/v1/models"), ("post", "/v1/models/download"), ("post", "/v1/volumes"),
           ("delete", "/v1/volumes/{volume_id}"), ("post", "/v1/adapters"), ("get", "/v1/adapters/{adapter_id}"),
+          ("post", "/v1/tasks"), ("get", "/v1/tasks/{task_id}"),
           ("post", "/v1/sessions"), ("post", "/v1/sessions/{session_id}/prompt"),
-          ("delete", "/v1/sessions/{session_id}"), ("post", "/v1/jobs/incontext"), ("post", "/v1/jobs/adapt"),
+          ("delete", "/v1/sessions/{session_id}"), ("post", "/v1/jobs/incontext"), ("post", "/v1/jobs/task"),
+          ("post", "/v1/jobs/adapt"),
           ("post", "/v1/jobs/segment"), ("get", "/v1/jobs/{job_id}"), ("post", "/v1/jobs/{job_id}/cancel"),
           ("get", "/v1/jobs/{job_id}/arrays/{name}"), ("post", "/v1/shutdown")}
 

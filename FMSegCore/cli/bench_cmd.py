@@ -48,6 +48,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     from FMSegCore.cli import bench_incontext
 
     bench_incontext.add_parser(kinds)
+    from FMSegCore.cli import bench_incontext3d
+
+    bench_incontext3d.add_parser(kinds)
     from FMSegCore.cli import bench_adapt
 
     bench_adapt.add_parser(kinds)

@@ -6,6 +6,9 @@ matching by relative slice position (``index``). ``--method registration`` gives
 the supports' labels warped onto the query. Every input is read and checked before the model is loaded; the
 result (and the optional uncertainty map and preview) is written atomically, never over an existing file
 without ``--overwrite``, and never over an input.
+
+A 3-D in-context model (``--model iris-fmseg``) or a task file (``--task``, from ``fmseg task create``) takes the
+3-D path instead (:mod:`FMSegCore.cli.incontext3d`): one task per run, applied to the whole volume.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import argparse
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional, Union
 
@@ -42,7 +45,7 @@ class InContextOptions:
     """Model, device and the session's settings (defaults: :class:`FMSegCore.options.InContext`'s), and the
     command's own: the method, the B-spline refinement and the progress bar."""
 
-    model: str = InContext.model
+    model: Optional[str] = InContext.model  # None: the default (with a task file: the task's own model)
     device: str = InContext.device
     axis: str = InContext.axis
     support_size: int = InContext.support_size
@@ -61,6 +64,15 @@ class InContextOptions:
     registration_weight: float = InContext.registration_weight
 
 
+class _ModelGiven(argparse.Action):
+    """Stores --model and notes that it was given (with --task, only a --model given is checked against the
+    task's own model)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):  # noqa: ANN001 - argparse's signature
+        setattr(namespace, self.dest, values)
+        namespace.model_given = True
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "incontext", help="segment a scan like a few labelled examples (support set), no training",
@@ -71,17 +83,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "it. The output keeps the support's label values and names "
                     f"({SEGMENTATION_SUFFIX}, or a label map plus <name>.labels.json).")
     parser.add_argument("--image", required=True, help="the query volume (NIfTI, NRRD, MetaImage or DICOM folder)")
-    parser.add_argument("--support", required=True, nargs=2, action="append", metavar=("IMAGE", "LABELS"),
-                        help="a labelled example: image and label map (.seg.nrrd, or NIfTI/NRRD with a "
-                             "labels.json beside it); repeat for more examples")
+    given = parser.add_mutually_exclusive_group(required=True)
+    given.add_argument("--support", nargs=2, action="append", metavar=("IMAGE", "LABELS"),
+                       help="a labelled example: image and label map (.seg.nrrd, or NIfTI/NRRD with a "
+                            "labels.json beside it); repeat for more examples")
+    given.add_argument("--task", default=None, metavar="FILE",
+                       help="a task file (fmseg task create) instead of --support: applied with the 3-D "
+                            "in-context model it was made for")
     parser.add_argument("--output", required=True, help=f"the result ({SEGMENTATION_SUFFIX}, .nii.gz, .nii or .nrrd)")
     parser.add_argument("--labels", nargs="+", default=None, metavar="NAME|VALUE",
                         help="structures to segment, by name or label value (default: every support label)")
-    add_option(parser, InContext, "model", "zoo model")
+    add_option(parser, InContext, "model",
+               "zoo model: a 2-D one segments slice by slice; a 3-D one (iris-fmseg) builds one task from the "
+               "supports and segments the whole volume; with --task, the task's own model", action=_ModelGiven)
     add_option(parser, InContext, "support_size", "support slices per query slice")
     add_option(parser, InContext, "ensemble", "average this many predictions from different support subsets")
     parser.add_argument("--uncertainty", default=None, metavar="VOLUME",
-                        help="also write the per-voxel uncertainty (spread of the ensemble; needs --ensemble >= 2)")
+                        help="also write the per-voxel uncertainty (2-D models: spread of the ensemble, needs "
+                             "--ensemble >= 2; 3-D models: normalised entropy of the class probabilities)")
     add_option(parser, InContext, "axis", "slicing direction (x, y, z: sagittal, coronal, axial)",
                type=lambda text: AXIS_ALIASES.get(text.lower(), text))
     parser.add_argument("--method", default="model", choices=METHODS,
@@ -120,16 +139,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    model = args.model if getattr(args, "model_given", False) or not args.task else None
     options = InContextOptions(
-        model=args.model, device=args.device, axis=args.axis, support_size=args.support_size,
+        model=model, device=args.device, axis=args.axis, support_size=args.support_size,
         ensemble=args.ensemble, tolerance=args.tolerance, modality=args.modality, window=args.window,
         precision=args.precision, seed=args.seed, progress=False if args.no_progress else None,
         match=args.match, method=args.method, prior_margin_mm=args.prior_margin_mm or None,
         deformable=args.deformable, cross_modality=args.cross_modality,
         registration_weight=args.registration_weight)
-    incontext_to_file(args.image, [tuple(pair) for pair in args.support], args.output, labels=args.labels,
+    incontext_to_file(args.image, [tuple(pair) for pair in args.support or ()], args.output, labels=args.labels,
                       uncertainty=args.uncertainty, options=options, overwrite=args.overwrite,
-                      preview=args.preview)
+                      preview=args.preview, task=args.task)
     return 0
 
 
@@ -149,12 +169,24 @@ def _check_options(options: InContextOptions, uncertainty: Optional[PathLike]) -
 def incontext_to_file(image_path: PathLike, supports: Sequence[tuple[PathLike, PathLike]], output: PathLike,
                       labels: Optional[Sequence[Union[str, int]]] = None, uncertainty: Optional[PathLike] = None,
                       options: Optional[InContextOptions] = None, overwrite: bool = False,
-                      preview: Optional[PathLike] = None) -> PromptResult:
-    """What ``fmseg incontext`` does: check everything, align, segment, write atomically, print a report."""
+                      preview: Optional[PathLike] = None, task: Optional[PathLike] = None) -> PromptResult:
+    """What ``fmseg incontext`` does: check everything, align, segment, write atomically, print a report.
+
+    Exactly one of ``supports`` and ``task`` (a task file). A task file, or a 3-D in-context ``options.model``,
+    goes the 3-D way (:func:`FMSegCore.cli.incontext3d.incontext3d_to_file`); with a task file
+    ``options.model`` must be None (the default when ``options`` is not given) or the task's model."""
+    from FMSegCore.cli.incontext3d import incontext3d_to_file, is_3d_model
     from FMSegCore.engines.incontext.support import SupportSet, read_support_scan
 
     began = time.perf_counter()
-    options = options or InContextOptions()
+    if (task is None) == (not supports):
+        raise InputError(None, "give either --support IMAGE LABELS (one or more) or --task FILE, not both")
+    options = options or InContextOptions(model=None if task is not None else InContext.model)
+    if task is not None or is_3d_model(options.model):
+        return incontext3d_to_file(image_path, supports, task, output, options, labels=labels,
+                                   uncertainty=uncertainty, overwrite=overwrite, preview=preview)
+    if options.model is None:
+        options = replace(options, model=InContext.model)
     output = check_output(output, overwrite)
     inputs = [image_path, *(path for pair in supports for path in pair)]
     check_not_input(output, inputs)

@@ -13,7 +13,7 @@ from FMSegCore.errors import FMSegError
 
 #: Sub-command modules (FMSegCore.cli.<name>); each defines ``register(subparsers)`` which sets ``func``.
 COMMAND_MODULES = ("prompt_cmd", "incontext_cmd", "adapt_cmd", "segment_cmd", "models_cmd", "demo_cmd", "bench_cmd",
-                   "train_cmd", "serve_cmd")
+                   "train_cmd", "serve_cmd", "task_cmd")
 
 
 def build_parser() -> argparse.ArgumentParser:

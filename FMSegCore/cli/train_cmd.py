@@ -1,5 +1,6 @@
 """``fmseg train incontext``: meta-train UniverSeg weights; ``fmseg train refine3d``: train the 3-D mask refiner on
-simulated interaction (both resumable: run the same command again to resume)."""
+simulated interaction; ``fmseg train incontext3d``: train the 3-D in-context network (all three resumable: run the same
+command again to resume)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     refine3d = kinds.add_parser("refine3d", help="train the 3-D mask refiner on simulated clicks and flawed masks")
     _run_arguments(refine3d, "refiner3d.pt")
     refine3d.set_defaults(func=run_train_refine3d)
+    incontext3d = kinds.add_parser("incontext3d", help="train the 3-D in-context network on brain, body and "
+                                                       "synthetic episodes")
+    _run_arguments(incontext3d, "iris3d.pt")
+    incontext3d.set_defaults(func=run_train_incontext3d)
     train.set_defaults(func=lambda args: train.print_help() or 1)
 
 
@@ -42,6 +47,12 @@ def run_train_refine3d(args: argparse.Namespace) -> int:
     from FMSegCore.training.refine3d_train import Refine3DConfig, train
 
     return _train(args, Refine3DConfig, train, tune_cpu=False)  # the refiner's config sets its own threads
+
+
+def run_train_incontext3d(args: argparse.Namespace) -> int:
+    from FMSegCore.training.incontext3d_train import InContext3DConfig, train
+
+    return _train(args, InContext3DConfig, train, tune_cpu=False)  # the config sets its own threads
 
 
 def _train(args: argparse.Namespace, config_class: type, train: Callable, tune_cpu: bool) -> int:

@@ -14,7 +14,7 @@ Checkpoints hold ``{"config": {...plain types...}, "state_dict": {...tensors...}
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -23,35 +23,20 @@ from monai.networks.nets import UNet
 from torch import nn
 
 from FMSegCore.errors import InputError
+from FMSegCore.models.network_config import NetworkConfig
 
 #: Input channels, in order.
 CHANNELS = ("image", "prior", "include", "exclude")
 
 
 @dataclass
-class RefinerConfig:
+class RefinerConfig(NetworkConfig):
     """The network's shape: what a checkpoint must carry to rebuild it."""
 
     patch_size: int = 64
     features: tuple[int, ...] = (8, 16, 32, 64, 128)
     residual_units: int = 1
     prior_gain: float = 3.0  # initial value of the learnt gain of the prior's direct path
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> RefinerConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown refiner setting(s): {', '.join(unknown)}")
-        values = dict(data)
-        if "features" in values:
-            values["features"] = tuple(int(f) for f in values["features"])
-        return cls(**values)
-
-    def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["features"] = list(self.features)
-        return data
 
 
 class Refiner3D(nn.Module):

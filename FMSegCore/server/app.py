@@ -7,8 +7,11 @@ Routes (all under ``/v1``; every one requires the token when the server has one)
 - ``POST volumes`` (an array frame with geometry; ``kind: labels`` or ``segments`` in its meta for a label map)
   -> ``{"volume": id, ...}``; ``DELETE volumes/<id>``
 - ``POST adapters`` (an adapter file's bytes) -> ``{"adapter": id, ...}``; ``GET adapters/<id>`` -> the file
+- ``POST tasks`` (a task file's bytes, ``fmseg task create``) -> ``{"task": id, "model", "classes", ...}``;
+  ``GET tasks/<id>`` -> the file
 - ``POST sessions`` -> ``{"session": id}``; ``POST sessions/<id>/prompt`` -> a mask frame; ``DELETE sessions/<id>``
-- ``POST jobs/incontext|adapt|segment`` -> a job; ``GET jobs/<id>``; ``POST jobs/<id>/cancel``;
+- ``POST jobs/incontext|task|adapt|segment`` -> a job (``jobs/task``: a task from labelled references; its
+  result is the new task's id and summary); ``GET jobs/<id>``; ``POST jobs/<id>/cancel``;
   ``GET jobs/<id>/arrays/<name>`` -> an array frame
 - ``POST shutdown``
 

@@ -103,6 +103,22 @@ class WorkerClient:
     def download_adapter(self, adapter_id: str) -> bytes:
         return self._call("GET", f"adapters/{adapter_id}", binary=True)
 
+    def upload_task(self, data: bytes) -> dict[str, Any]:
+        """Send a task file's bytes (``fmseg task create``); the worker's TaskInfo (``task``: its id there)."""
+        return self._call("POST", "tasks", data=data, content_type="application/octet-stream")
+
+    def download_task(self, task_id: str) -> bytes:
+        """The bytes of a task file the worker holds (uploaded, or made by a ``task`` job)."""
+        return self._call("GET", f"tasks/{task_id}", binary=True)
+
+    def create_task(self, supports: Sequence[dict[str, str]], progress: Optional[ProgressCallback] = None,
+                    cancel: Optional[Callable[[], bool]] = None, **options: Any) -> dict[str, Any]:
+        """Encode uploaded labelled references (``{"image": id, "labels": id}`` pairs) into a task of a 3-D
+        in-context model (options: model, classes, modality, window, device) and wait for it; its TaskInfo
+        (``task``: its id, the file at :meth:`download_task`)."""
+        job = self.start_job("task", {"supports": list(supports), **options})
+        return self.wait(job["id"], progress, cancel)["result"]
+
     def open_session(self, volume_id: str, **options: Any) -> str:
         """A prompt session on an uploaded volume (options: model, adapter, axis, context, modality, window,
         precision, device)."""
@@ -123,7 +139,8 @@ class WorkerClient:
         self._call("DELETE", f"sessions/{session_id}")
 
     def start_job(self, kind: str, body: dict[str, Any]) -> dict[str, Any]:
-        """Start an ``incontext``, ``adapt`` or ``segment`` job; its status (with ``id``)."""
+        """Start an ``incontext``, ``task``, ``adapt`` or ``segment`` job; its status (with ``id``). An
+        ``incontext`` body holds ``supports`` or the ``task`` id of an uploaded or created task."""
         return self._call("POST", f"jobs/{kind}", json=body)
 
     def start_download(self, model: str) -> dict[str, Any]:

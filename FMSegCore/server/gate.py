@@ -17,7 +17,7 @@ from starlette.responses import JSONResponse
 MAX_JSON_BYTES = 1 << 20
 TOKEN_HEADER = b"authorization"
 #: (method, path) of the routes whose bodies are binary uploads, limited by ``max_upload_bytes``.
-UPLOADS = {("POST", "/v1/volumes"), ("POST", "/v1/adapters")}
+UPLOADS = {("POST", "/v1/volumes"), ("POST", "/v1/adapters"), ("POST", "/v1/tasks")}
 
 
 @dataclass

@@ -35,6 +35,8 @@ from FMSegCore.server.schemas import (
     SessionOpened,
     SessionRequest,
     Stopping,
+    TaskInfo,
+    TaskRequest,
     VolumeAdded,
 )
 from FMSegCore.server.service import Service
@@ -43,12 +45,13 @@ from FMSegCore.server.wire import CONTENT_TYPE, WireError, decode_array, encode_
 OCTET_STREAM = "application/octet-stream"
 BINARY = {"content": {CONTENT_TYPE: {"schema": {"type": "string", "format": "binary"}}}}
 OCTETS = {"content": {OCTET_STREAM: {"schema": {"type": "string", "format": "binary"}}}}
-#: The bodies of the binary uploads: an array frame (volumes), an adapter file's bytes (adapters).
+#: The bodies of the binary uploads: an array frame (volumes), an adapter's or a task's file bytes.
 UPLOAD = {"requestBody": {"required": True, **BINARY}}
 ADAPTER_UPLOAD = {"requestBody": {"required": True, **OCTETS}}
+TASK_UPLOAD = ADAPTER_UPLOAD
 REFUSALS = {status: {"model": ErrorAnswer, "description": text} for status, text in [
     (400, "bad input (the field and the reason, in one line)"), (401, "missing or wrong token"),
-    (404, "no such route, volume, session, adapter or job"), (413, "request body over the size limit"),
+    (404, "no such route, volume, session, adapter, task or job"), (413, "request body over the size limit"),
     (500, "internal error (logged by the worker with its traceback)")]}
 
 
@@ -141,6 +144,19 @@ def build_app(service: Service, settings: GateSettings, stop: Callable[[], None]
     def get_adapter(adapter_id: str) -> Response:
         return Response(service.adapter_bytes(adapter_id), media_type=OCTET_STREAM)
 
+    @app.post("/v1/tasks", status_code=201, response_model=TaskInfo, openapi_extra=TASK_UPLOAD,
+              summary="Upload a task file of a 3-D in-context model (its bytes, fmseg task create's .fmseg-task)")
+    async def add_task(request: Request) -> Any:
+        from FMSegCore.engines.incontext.task_file import MAX_TASK_BYTES
+
+        data = await read_upload(request, min(settings.max_upload_bytes, MAX_TASK_BYTES))
+        return await run_in_threadpool(service.add_task, bytes(data))
+
+    @app.get("/v1/tasks/{task_id}", response_class=Response, responses={200: OCTETS},
+             summary="Download a task file (uploaded, or made by a task job)")
+    def get_task(task_id: str) -> Response:
+        return Response(service.task_bytes(task_id), media_type=OCTET_STREAM)
+
     @app.post("/v1/sessions", status_code=201, response_model=SessionOpened)
     def open_session(body: SessionRequest) -> Any:
         return service.open_session(body)
@@ -159,6 +175,12 @@ def build_app(service: Service, settings: GateSettings, stop: Callable[[], None]
     @app.post("/v1/jobs/incontext", status_code=202, response_model=JobStatus)
     def start_incontext(body: IncontextRequest) -> Any:
         return service.start_incontext(body).status()
+
+    @app.post("/v1/jobs/task", status_code=202, response_model=JobStatus,
+              summary="Encode uploaded labelled references into a task of a 3-D in-context model (a job; its "
+                      "result is the new task's TaskInfo, its file at GET tasks/<id>)")
+    def start_task(body: TaskRequest) -> Any:
+        return service.start_task(body).status()
 
     @app.post("/v1/jobs/adapt", status_code=202, response_model=JobStatus)
     def start_adaptation(body: AdaptRequest) -> Any:

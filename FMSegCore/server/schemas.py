@@ -16,7 +16,7 @@ import numpy as np
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainValidator, WithJsonSchema
 from pydantic_core import PydanticCustomError
 
-from FMSegCore.options import Adaptation, AutoSegmentation, DeviceName, InContext, Prompting
+from FMSegCore.options import Adaptation, AutoSegmentation, DeviceName, InContext, Prompting, TaskCreation
 from FMSegCore.server.fields import RequestModel, Vector3, device_type, options_model, vector
 from FMSegCore.server.jobs import STATES
 
@@ -121,12 +121,29 @@ class Pair(RequestModel):
     labels: str
 
 
+Supports = Annotated[list[Pair], Field(min_length=1, max_length=256)]
+
+
 class IncontextRequest(options_model(InContext)):  # type: ignore[misc]
-    """In-context segmentation of an uploaded volume like uploaded supports (the in-context options)."""
+    """In-context segmentation of an uploaded volume (the in-context options), like uploaded ``supports`` show, or
+    with an uploaded ``task`` (3-D in-context models; applied with the task's own model: a ``model`` given must be
+    that one). With a 3-D ``model`` the supports are encoded into a task first; the 2-D options (support size,
+    ensemble, axis, match...) then do not apply."""
 
     where = "incontext"
     volume: str
-    supports: Annotated[list[Pair], Field(min_length=1, max_length=256)]
+    supports: Optional[Supports] = Field(None, description="labelled examples; exactly one of supports and task")
+    task: Optional[str] = Field(None, description="an uploaded or created task's id (POST tasks, jobs/task)")
+    classes: Labels = []
+    device: WorkerDevice = ""
+
+
+class TaskRequest(options_model(TaskCreation)):  # type: ignore[misc]
+    """A task of a 3-D in-context model from uploaded labelled references (the task options); the job's result
+    names the new task, kept like an uploaded one (``GET tasks/<id>`` downloads its file)."""
+
+    where = "task"
+    supports: Supports
     classes: Labels = []
     device: WorkerDevice = ""
 
@@ -185,6 +202,7 @@ class Info(Answer):
     volumes: int
     sessions: int
     adapters: int
+    tasks: int = 0
     models: list[ModelCard]
 
 
@@ -214,6 +232,31 @@ class AdapterInfo(Answer):
     geometry: Optional[dict[str, Any]] = None
     views: Optional[int] = None
     bytes: Optional[int] = None
+
+
+class TaskClass(Answer):
+    value: int
+    name: str
+    color: list[float] = Field(description="RGB, 0..1")
+
+
+class TaskInfo(Answer):
+    """What a task file holds (its metadata), its id on the worker, and the file's sha256 and size."""
+
+    task: str
+    model: str
+    model_sha256: Optional[str] = Field(None, description="the weights the task was made for")
+    classes: list[TaskClass]
+    spacing_mm: list[float] = Field(description="the model's voxel spacing the references were resampled to")
+    patch_shape: list[int]
+    references: int = Field(description="the labelled reference volumes the task was encoded from")
+    references_sha256: str
+    modality: str
+    window: Union[str, list[float]]
+    class_voxels: list[float] = Field(description="reference voxels per class, at the model's spacing")
+    created: str
+    sha256: str = Field(description="the task file's sha256")
+    bytes: int
 
 
 class SessionOpened(Answer):

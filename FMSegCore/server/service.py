@@ -1,9 +1,10 @@
-"""What the worker does, independent of HTTP: volumes, adapters, prompt sessions (with their embedding caches)
-and long jobs, addressed by ids. Requests arrive validated (:mod:`~FMSegCore.server.schemas`);
-:mod:`FMSegCore.server.routes` maps HTTP requests onto it."""
+"""What the worker does, independent of HTTP: volumes, adapters, tasks (of 3-D in-context models), prompt
+sessions (with their embedding caches) and long jobs, addressed by ids. Requests arrive validated
+(:mod:`~FMSegCore.server.schemas`); :mod:`FMSegCore.server.routes` maps HTTP requests onto it."""
 
 from __future__ import annotations
 
+import hashlib
 import tempfile
 import threading
 import time
@@ -40,6 +41,7 @@ from FMSegCore.server.schemas import (
     SegmentMeta,
     SegmentRequest,
     SessionRequest,
+    TaskRequest,
     VolumeMeta,
 )
 from FMSegCore.server.wire import encode_array
@@ -61,6 +63,25 @@ def segments_from_meta(segments: Sequence[SegmentMeta], labels: np.ndarray) -> l
                                                                               segment.color)
     present = [int(v) for v in np.unique(labels) if v != 0]
     return list(named.values()) + [default_segment(v) for v in present if v not in named]
+
+
+@dataclass
+class StoredTask:
+    """A task file the worker holds (uploaded, or made by a task job): its path, its task and metadata as
+    :func:`~FMSegCore.engines.incontext.task_file.load_task` read them, the file's sha256 and size."""
+
+    path: Path
+    task: torch.Tensor
+    metadata: Any  # TaskMetadata
+    sha256: str
+    size: int
+
+    def summary(self, task_id: str) -> dict[str, Any]:
+        """The task's TaskInfo answer."""
+        meta = self.metadata.to_dict()
+        for key in ("format", "version"):
+            meta.pop(key, None)
+        return {"task": task_id, **meta, "sha256": self.sha256, "bytes": self.size}
 
 
 @dataclass
@@ -86,6 +107,7 @@ class Service:
         self.volumes: dict[str, Volume] = {}
         self.segments: dict[str, list[SegmentInfo]] = {}  # the label maps' segments (images have none)
         self.adapters: dict[str, Any] = {}
+        self.tasks: dict[str, StoredTask] = {}
         self.sessions: dict[str, SessionEntry] = {}
         self.max_sessions = max_sessions
         self.session_idle_s = session_idle_s
@@ -100,7 +122,8 @@ class Service:
         with self._lock:
             self._expire_sessions()
             counts = {"volumes": len(self.volumes), "sessions": len(self.sessions), "adapters": len(self.adapters),
-                      "embedding_bytes": self.embeddings.bytes, "embedding_budget_bytes": self.embeddings.max_bytes}
+                      "tasks": len(self.tasks), "embedding_bytes": self.embeddings.bytes,
+                      "embedding_budget_bytes": self.embeddings.max_bytes}
         return {"version": __version__, "device": str(self.device), "torch": torch.__version__,
                 "cuda": torch.cuda.is_available(), **counts, "models": self.models()}
 
@@ -206,6 +229,41 @@ class Service:
     def adapter_bytes(self, adapter_id: str) -> bytes:
         return Path(self.adapter(adapter_id).path).read_bytes()
 
+    def add_task(self, data: bytes) -> dict[str, Any]:
+        """Keep an uploaded task file (checked as ``fmseg incontext --task`` checks it: a task file, undamaged,
+        made for a 3-D in-context model of the zoo and for its weights); its TaskInfo."""
+        from FMSegCore.engines.incontext.task_file import TASK_SUFFIX
+
+        task_id = uuid.uuid4().hex[:16]
+        path = Path(self._workdir.name) / f"{task_id}{TASK_SUFFIX}"
+        path.write_bytes(data)
+        try:
+            stored = self._read_task(path)
+        except FMSegError as error:
+            path.unlink(missing_ok=True)
+            raise RequestError(400, f"task: {getattr(error, 'problem', error)}") from None
+        with self._lock:
+            self.tasks[task_id] = stored
+        return stored.summary(task_id)
+
+    @staticmethod
+    def _read_task(path: Path) -> StoredTask:
+        from FMSegCore.engines.incontext.task_file import load_task
+
+        task, metadata = load_task(path)
+        require_kind(metadata.model, INCONTEXT, dims=3)
+        data = path.read_bytes()
+        return StoredTask(path, task, metadata, hashlib.sha256(data).hexdigest(), len(data))
+
+    def task(self, task_id: Any, where: str = "task") -> StoredTask:
+        stored = self.tasks.get(task_id) if isinstance(task_id, str) else None
+        if stored is None:
+            raise RequestError(404, f"{where}: no task {task_id!r} on this worker (upload it first)")
+        return stored
+
+    def task_bytes(self, task_id: str) -> bytes:
+        return self.task(task_id).path.read_bytes()
+
     # ------------------------------------------------------------------ models
     def _device(self, name: str) -> torch.device:
         return self.device if not name else resolve_device(name)
@@ -290,6 +348,14 @@ class Service:
         from FMSegCore.engines.incontext.support import SupportScan, SupportSet, example_from_arrays
 
         query = self.volume(request.volume, "incontext.volume")
+        if (request.task is None) == (not request.supports):
+            both = ", not both" if request.supports else ""
+            raise RequestError(400, "incontext: give either 'supports' (labelled examples) or 'task' (an uploaded "
+                                    f"or created task's id){both}")
+        if request.task is not None:
+            return self._start_incontext_task(request, query)
+        if model_dims(_check_card(request.model, INCONTEXT)) == 3:
+            return self._start_incontext_3d(request, query)
         modality, window = request.modality, request.window
         examples, support_volumes = [], []
         for number, pair in enumerate(request.supports):
@@ -342,6 +408,131 @@ class Service:
                     "model_passes": result.model_passes, "match": match, "alignments": alignments}
 
         return self.jobs.submit("incontext", work)
+
+    # ------------------------------------------------------------------ tasks of 3-D in-context models
+    def _support_scans(self, pairs: Sequence[Any], requested: Sequence[Any], modality: str, window: str,
+                       where: str) -> tuple[list[Any], list[SegmentInfo]]:
+        """The uploaded supports as scans (image, label map on its grid, segments) and the classes asked for (by
+        name or value; none: every label of the supports), as ``fmseg task create`` reads its files."""
+        from FMSegCore.engines.incontext.support import SupportScan, SupportSet
+
+        scans = []
+        for number, pair in enumerate(pairs):
+            place = f"{where}[{number}]"
+            image = self.volume(pair.image, f"{place}.image")
+            labels, segments = self.label_map(pair.labels, f"{place}.labels")
+            if labels.array.shape != image.array.shape:
+                raise RequestError(400, f"{place}: label map shape {list(labels.array.shape)} differs from its "
+                                        f"image's {list(image.array.shape)}")
+            if not labels.array.any():
+                raise RequestError(400, f"{place}.labels: the label map is empty (no labelled voxel)")
+            scans.append(SupportScan(image, labels.array.astype(np.int32), segments, f"support {number + 1}"))
+        try:
+            classes = SupportSet([scan.example(modality, window) for scan in scans]).resolve(requested or None)
+        except InputError as error:
+            raise RequestError(400, f"{where}: {error.problem}") from None
+        return scans, classes
+
+    def _store_task(self, name: str, model: torch.nn.Module, built: Any, modality: str, window: str) -> str:
+        """Write a built task as a task file in the worker's folder (as ``fmseg task create`` writes it) and keep
+        it; its id."""
+        from FMSegCore.engines.incontext.task_file import TASK_SUFFIX, save_task, task_metadata
+
+        task_id = uuid.uuid4().hex[:16]
+        path = Path(self._workdir.name) / f"{task_id}{TASK_SUFFIX}"
+        save_task(path, built.task, task_metadata(name, model, built, modality, window))
+        stored = self._read_task(path)
+        with self._lock:
+            self.tasks[task_id] = stored
+        return task_id
+
+    def start_task(self, request: TaskRequest) -> Job:
+        """Encode uploaded labelled references into a task of a 3-D in-context model; the result names the task,
+        kept like an uploaded one."""
+        from FMSegCore.engines.incontext.volume3d import build_task
+
+        name, modality, window = request.model, request.modality, request.window
+        _check_card(name, INCONTEXT, dims=3)
+        _check_window(window, "task")
+        scans, classes = self._support_scans(request.supports, request.classes, modality, window, "task.supports")
+        device = self._device(request.device)
+
+        def work(job: Job) -> dict[str, Any]:
+            job.progress(Progress(0, 2, f"loading {name}"))
+            model = self.model(name, device)
+            job.progress(Progress(1, 2, f"encoding {len(classes)} class{'es' * (len(classes) != 1)} from "
+                                        f"{len(scans)} reference{'s' * (len(scans) != 1)}"))
+            built = build_task(model, scans, classes, modality, window)
+            job.check()
+            task_id = self._store_task(name, model, built, modality, window)
+            job.progress(Progress(2, 2, "task ready"))
+            return self.tasks[task_id].summary(task_id)
+
+        return self.jobs.submit("task", work)
+
+    def _start_incontext_3d(self, request: IncontextRequest, query: Volume) -> Job:
+        """A 3-D in-context model with supports: the task is encoded from them, then applied to the query."""
+        from FMSegCore.engines.incontext.volume3d import build_task
+
+        name, modality, window = request.model, request.modality, request.window
+        _check_window(window, "incontext")
+        scans, classes = self._support_scans(request.supports or [], request.classes, modality, window,
+                                             "incontext.supports")
+        device = self._device(request.device)
+
+        def work(job: Job) -> dict[str, Any]:
+            job.progress(Progress(0, 1, f"loading {name}"))
+            model = self.model(name, device)
+            job.progress(Progress(0, 1, f"encoding {len(classes)} class{'es' * (len(classes) != 1)}"))
+            task = build_task(model, scans, classes, modality, window).task
+            job.check()
+            return self._apply_task(job, name, model, task, query, classes, request, device)
+
+        return self.jobs.submit("incontext", work)
+
+    def _start_incontext_task(self, request: IncontextRequest, query: Volume) -> Job:
+        """An uploaded or created task applied to the query with the task's own model (``fmseg incontext
+        --task``)."""
+        from FMSegCore.engines.incontext.task_file import select_classes
+
+        stored = self.task(request.task, "incontext.task")
+        name = stored.metadata.model
+        if "model" in request.model_fields_set and request.model != name:
+            raise RequestError(400, f"incontext: task {request.task!r} was made for model {name!r}, not "
+                                    f"{request.model!r} (leave 'model' out to apply it with its own)")
+        _check_window(request.window, "incontext")
+        try:
+            task, metadata = select_classes(stored.task, stored.metadata, request.classes or None)
+        except InputError as error:
+            raise RequestError(400, f"incontext.classes: {error.problem}") from None
+        device = self._device(request.device)
+
+        def work(job: Job) -> dict[str, Any]:
+            job.progress(Progress(0, 1, f"loading {name}"))
+            model = self.model(name, device)
+            if tuple(task.shape[1:]) != tuple(model.task_shape):
+                raise InputError(None, f"task {request.task!r} holds embeddings of shape {tuple(task.shape[1:])}, "
+                                       f"{name} uses {tuple(model.task_shape)}")
+            return self._apply_task(job, name, model, task, query, metadata.classes, request, device, request.task)
+
+        return self.jobs.submit("incontext", work)
+
+    def _apply_task(self, job: Job, name: str, model: torch.nn.Module, task: torch.Tensor, query: Volume,
+                    classes: Sequence[SegmentInfo], request: IncontextRequest, device: torch.device,
+                    task_id: Optional[str] = None) -> dict[str, Any]:
+        """Apply a task as ``fmseg incontext`` does (labels on the query's grid; the uncertainty map is the
+        normalised entropy of the class probabilities); the job's frames and result."""
+        from FMSegCore.engines.incontext.volume3d import apply_task
+
+        began = time.perf_counter()
+        result = apply_task(model, task, query, classes, request.modality, request.window, progress=job.progress,
+                            uncertainty=request.uncertainty,
+                            autocast_dtype=inference_dtype(device, request.precision))
+        job.frames["labels"] = encode_array(result.labels.astype(np.uint16), compress=True)
+        if result.uncertainty is not None:
+            job.frames["uncertainty"] = encode_array(result.uncertainty.astype(np.float32), compress=True)
+        return {"segments": [_segment_json(s) for s in classes], "seconds": round(time.perf_counter() - began, 2),
+                "model": name, "dims": 3, "task": task_id}
 
     def start_adaptation(self, request: AdaptRequest) -> Job:
         from FMSegCore.engines.adaptation.adapter_file import load_adapter, save_adapter
@@ -434,12 +625,23 @@ def _capture(outcome: dict[str, Any], function: Any, *args: Any, **kwargs: Any) 
         outcome["error"] = error
 
 
-def _check_card(name: str, kind: str, dims: Optional[int] = None) -> None:
-    """Refuse (400) a model that is not of ``kind`` (or, given ``dims``, works in other dimensions)."""
+def _check_card(name: str, kind: str, dims: Optional[int] = None) -> Any:
+    """The card of ``name``; refuse (400) a model that is not of ``kind`` (or, given ``dims``, works in other
+    dimensions)."""
     try:
-        require_kind(name, kind, dims)
+        return require_kind(name, kind, dims)
     except FMSegError as error:
         raise RequestError(400, str(error)) from None
+
+
+def _check_window(window: str, where: str) -> None:
+    """Refuse (400) a CT window that is not a preset (abdomen, lung, bone), before a job starts."""
+    from FMSegCore.preprocessing.intensity import ct_window
+
+    try:
+        ct_window(window)
+    except (FMSegError, ValueError) as error:
+        raise RequestError(400, f"{where}: field 'window': {getattr(error, 'problem', error)}") from None
 
 
 def _segment_json(segment: SegmentInfo) -> dict[str, Any]:

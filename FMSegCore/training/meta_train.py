@@ -25,7 +25,15 @@ import torch
 from FMSegCore.engines.adaptation.losses import dice_bce_loss
 from FMSegCore.models.universeg import UniverSeg, build_universeg
 from FMSegCore.training.augment import augment_episode
-from FMSegCore.training.run_parts import append_log, hard_dice, resume, save_atomic, schedule
+from FMSegCore.training.run_parts import (
+    CHECKPOINT_NAME,
+    LOG_NAME,
+    append_log,
+    hard_dice,
+    resume,
+    save_atomic,
+    schedule,
+)
 from FMSegCore.training.sources import held_out_bank, training_banks
 from FMSegCore.training.synthetic_tasks import synthetic_episode
 from FMSegCore.training.task_bank import Episode, TaskBank
@@ -138,7 +146,7 @@ def train(config: TrainConfig, output: Path, device: torch.device, max_minutes: 
     """Run (or resume) meta-training into ``output``; returns the path of the final weights."""
     output.mkdir(parents=True, exist_ok=True)
     (output / "config.json").write_text(config.to_json())
-    checkpoint_path, log_path = output / "checkpoint.pt", output / "train.log"
+    checkpoint_path, log_path = output / CHECKPOINT_NAME, output / LOG_NAME
     model = build_universeg().to(device)
     init_weights(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=0.0)

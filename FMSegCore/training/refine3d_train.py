@@ -16,9 +16,8 @@ random stream of step ``n`` is seeded by ``(seed, n)``. The final weights (fp16)
 
 from __future__ import annotations
 
-import json
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -30,13 +29,22 @@ from FMSegCore.engines.prompting.refine3d import refine
 from FMSegCore.models.refiner3d import Refiner3D, RefinerConfig, checkpoint_dict
 from FMSegCore.preprocessing.overlap import dice
 from FMSegCore.training.refine3d_data import Sample, held_out_samples, training_pair, training_source
-from FMSegCore.training.run_parts import append_log, hard_dice, resume, save_atomic, schedule
+from FMSegCore.training.run_parts import (
+    CHECKPOINT_NAME,
+    LOG_NAME,
+    RunConfig,
+    RunLog,
+    checkpoint_step,
+    hard_dice,
+    open_run,
+    save_atomic,
+)
 
 WEIGHTS_NAME = "refiner3d.pt"
 
 
 @dataclass
-class Refine3DConfig:
+class Refine3DConfig(RunConfig):
     steps: int = 8000
     batch_size: int = 2
     patch_size: int = 64
@@ -59,26 +67,9 @@ class Refine3DConfig:
     validation_samples: int = 32
     validation_sources: list[str] = field(default_factory=lambda: ["brain", "body"])
 
-    @classmethod
-    def from_json(cls, path: Path) -> Refine3DConfig:
-        data = json.loads(Path(path).read_text())
-        if not isinstance(data, dict):
-            raise ValueError("the configuration must be a JSON object")
-        unknown = sorted(set(data) - {f.name for f in fields(cls)})
-        if unknown:
-            raise ValueError(f"unknown setting(s): {', '.join(unknown)}")
-        return cls(**data)
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=1)
-
     def network(self) -> RefinerConfig:
         return RefinerConfig(patch_size=self.patch_size, features=tuple(self.features),
                              residual_units=self.residual_units)
-
-
-
-
 
 
 def validate(model: Refiner3D, samples: list[Sample], device: torch.device) -> dict[str, float]:
@@ -104,29 +95,19 @@ def validate(model: Refiner3D, samples: list[Sample], device: torch.device) -> d
 def train(config: Refine3DConfig, output: Path, device: torch.device, max_minutes: Optional[float] = None,
           progress: bool = True) -> Path:
     """Run (or resume) training into ``output``; returns the path of the final weights."""
-    if config.threads > 0:
-        torch.set_num_threads(config.threads)
-    output.mkdir(parents=True, exist_ok=True)
-    (output / "config.json").write_text(config.to_json())
-    checkpoint_path, log_path = output / "checkpoint.pt", output / "train.log"
-    torch.manual_seed(config.seed)
-    model = Refiner3D(config.network()).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
-    step = resume(checkpoint_path, model, optimizer, device)
-    scheduler = schedule(optimizer, config, step)
-    model.train()
+    model, optimizer, scheduler, step = open_run(config, output, lambda: Refiner3D(config.network()), device)
+    checkpoint_path, log_path = output / CHECKPOINT_NAME, output / LOG_NAME
     source = training_source(config.source_weights, config.min_voxels, config.empty_probability)
     validation = (held_out_samples(config.validation_samples, config.seed, tuple(config.validation_sources),
                                    config.min_voxels) if config.validate_every > 0 else [])
-    started = window_start = time.time()
-    data_seconds, losses, dices = 0.0, [], []
+    log = RunLog(log_path, config.log_every, config.validate_every if validation else 0, progress)
     while step < config.steps:
         rng = np.random.default_rng([config.seed, step])
         began = time.time()
         pairs = [training_pair(source.sample(rng), config.patch_size, rng) for _ in range(config.batch_size)]
         x = torch.stack([p[0] for p in pairs]).to(device)
         target = torch.stack([p[1] for p in pairs]).to(device)
-        data_seconds += time.time() - began
+        log.data_seconds += time.time() - began
         logits = model(x)
         loss = dice_bce_loss(logits, target, batch=False)
         optimizer.zero_grad(set_to_none=True)
@@ -135,26 +116,10 @@ def train(config: Refine3DConfig, output: Path, device: torch.device, max_minute
         optimizer.step()
         scheduler.step()
         step += 1
-        losses.append(float(loss.detach()))
-        dices.append(float(hard_dice(logits.detach(), target).mean()))
-        if step % config.log_every == 0:
-            elapsed = time.time() - window_start
-            record = {"step": step, "loss": round(float(np.mean(losses)), 4),
-                      "train_dice": round(float(np.mean(dices)), 4), "lr": round(scheduler.get_last_lr()[0], 7),
-                      "seconds_per_step": round(elapsed / len(losses), 3),
-                      "data_seconds_per_step": round(data_seconds / len(losses), 3),
-                      "minutes": round((time.time() - started) / 60, 2)}
-            if validation and step % config.validate_every == 0:
-                record.update(validate(model, validation, device))
-            append_log(log_path, record)
-            if progress:
-                print(json.dumps(record), flush=True)
-            losses, dices, data_seconds, window_start = [], [], 0.0, time.time()
-        out_of_time = max_minutes is not None and time.time() - started > 60 * max_minutes
-        if step % config.checkpoint_every == 0 or step == config.steps or out_of_time:
-            save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                          "config": model.config.to_dict()}, checkpoint_path)
-        if out_of_time:
+        log.add(float(loss.detach()), [float(hard_dice(logits.detach(), target).mean())])
+        log.step_done(step, scheduler.get_last_lr()[0], lambda: validate(model, validation, device))
+        if checkpoint_step(checkpoint_path, model, optimizer, step, config.steps, config.checkpoint_every, log,
+                           max_minutes):
             break
     weights = output / WEIGHTS_NAME
     save_atomic(checkpoint_dict(model, half=True), weights)

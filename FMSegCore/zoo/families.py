@@ -84,6 +84,8 @@ BUILTIN_FAMILIES = (
            title="LiteMedSAM (TinyViT encoder, SAM prompt decoder)"),
     Family("universeg", "FMSegCore.models.universeg:load_universeg", ("InContextModel2D",),
            title="UniverSeg v1"),
+    Family("iris", "FMSegCore.models.iris:load_iris", ("InContextModel3D",),
+           title="3-D in-context network (Iris-style)"),
     # Swin UNETR: the SuPreM and FSEFT layouts load and are checked, but no engine runs the network yet.
     Family("swinunetr", "FMSegCore.models.swinunetr:load_swinunetr_model", (), title="Swin UNETR (MONAI)"),
 )

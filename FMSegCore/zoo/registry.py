@@ -27,6 +27,8 @@ TASKS = ("promptable-2d", "promptable-3d", "in-context-2d", "in-context-3d", "se
 DEFAULT_PROMPTABLE = "litemedsam"
 #: The zoo id of the default in-context model.
 DEFAULT_INCONTEXT = "universeg-fmseg"
+#: The zoo id of the default 3-D in-context model (tasks: ``fmseg task create``).
+DEFAULT_INCONTEXT_3D = "iris-fmseg"
 
 
 class Source(NamedTuple):
@@ -87,6 +89,9 @@ class ModelCard:
 #: Size and digest of the shipped in-context weights (Resources/Models/universeg_fmseg_v1.pt).
 UNIVERSEG_FMSEG_SIZE = 4_746_117
 UNIVERSEG_FMSEG_SHA256 = "873b7d82957007b1b9baa96baaf25e03cc1d6304e6fa52cd98a1dc6f0da78f5e"
+#: The 3-D in-context weights FMSeg trains and ships (Resources/Models/iris_fmseg_v1.pt).
+IRIS_FMSEG_SIZE = 2_054_674
+IRIS_FMSEG_SHA256 = "01140244aa90c156f382793093835766160465d4ed2fe7117b3f99246d09b222"
 
 _NO_HASH = "No sha256 is published for this file: downloading it needs --trust-unverified."
 
@@ -140,6 +145,25 @@ _CARDS = (
                           "binary support labels; output logits.",
         architecture="universeg",
         homepage="https://github.com/JJGO/UniverSeg",
+    ),
+    ModelCard(
+        name="iris-fmseg",
+        task="in-context-3d",
+        title="3-D in-context network (Iris-style), FMSeg weights",
+        description="FMSeg's own reading of Iris (CVPR 2025; no official code or weights): a residual 3-D U-Net "
+                    "whose task embeddings (one per class) are computed once from labelled reference volumes "
+                    "and segment every class of a new volume in one pass. Trained by FMSeg on brain atlas, "
+                    "body and synthetic episodes (model card: Resources/Models/iris_fmseg_v1.md).",
+        source="bundled:Models/iris_fmseg_v1.pt",
+        filename="iris_fmseg_v1.pt",
+        size_bytes=IRIS_FMSEG_SIZE,
+        sha256=IRIS_FMSEG_SHA256,
+        licence="Apache-2.0",
+        input_conventions="Reference and query volumes resampled to the network's isotropic spacing (2.5 mm) "
+                          "and cut into 48^3 patches in [0, 1] (CT window or MR percentiles); one-hot reference "
+                          "class masks; output logits, background first.",
+        architecture="iris",
+        homepage="https://arxiv.org/abs/2503.19359",
     ),
     ModelCard(
         name="universeg-v1",

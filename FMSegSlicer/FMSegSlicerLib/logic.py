@@ -25,7 +25,7 @@ import slicer.util
 
 from FMSegCore.engines.adaptation.defaults import default_method
 from FMSegCore.io.colors import segment_color
-from FMSegCore.options import Adaptation, InContext, Prompting
+from FMSegCore.options import Adaptation, InContext, Prompting, TaskCreation
 from FMSegCore.progress import ProgressCallback
 from FMSegCore.server.client import JobCancelledError, WorkerClient, WorkerError, WorkerUnavailable
 from FMSegCore.server.launcher import PYTHON_ENV, LocalWorker
@@ -35,6 +35,10 @@ from FMSegSlicerLib.scene_prompts import collect_prompts
 
 DEFAULT_PROMPT_MODEL = Prompting.model  # the settings' defaults are FMSegCore.options' (the CLI's, the worker's)
 DEFAULT_INCONTEXT_MODEL = InContext.model
+DEFAULT_TASK_MODEL = TaskCreation.model
+#: How task files of 3-D in-context models end (FMSegCore.engines.incontext.task_file.TASK_SUFFIX; that module is
+#: not imported here: it is the worker's business to read them).
+TASK_SUFFIX = ".fmseg-task"
 UNDO_DEPTH = 20
 
 Pair = tuple[Any, Any, Sequence[str]]  # (volume node, segmentation node, segment ids; empty: all)
@@ -109,6 +113,17 @@ class AdapterState:
     data: bytes = b""
 
 
+@dataclass
+class TaskState:
+    """The loaded task (of a 3-D in-context model): its summary from the worker, its id there, its bytes (kept
+    for re-sending after a worker restart) and the file it came from."""
+
+    info: dict[str, Any] = field(default_factory=dict)
+    task_id: str = ""
+    data: bytes = b""
+    path: str = ""
+
+
 class FMSegLogic:
     """Scene <-> worker. Uses a local worker process unless connected to a server URL."""
 
@@ -122,6 +137,7 @@ class FMSegLogic:
         self.local: Optional[LocalWorker] = None
         self.client: Optional[WorkerClient] = None
         self.adapter = AdapterState()
+        self.task = TaskState()
         self.check_dependencies = check_dependencies
         self._ready_pythons: set[str] = set()
         self._uploads: dict[str, Upload] = {}  # by volume node id
@@ -181,6 +197,7 @@ class FMSegLogic:
         self._uploads.clear()
         self._sessions.clear()
         self.adapter.adapter_id = ""
+        self.task.task_id = ""
 
     def _worker(self) -> WorkerClient:
         if self.client is None:
@@ -405,10 +422,12 @@ class FMSegLogic:
                 "progress": progress, "cancel": cancel}
 
     def _request_incontext(self, job: dict[str, Any]) -> dict[str, Any]:
+        """Supports uploaded (with their label maps, dropped once the job has read them), or the loaded task's
+        id (uploaded again if the worker lost it); then the job, its labels and uncertainty."""
         client = self._worker()
         supports = self._upload_pairs(job["pairs"])
-        body = dict(job["body"], volume=self._volume_id(job["volume_node"], job["array"], job["meta"]),
-                    supports=supports)
+        given = {"supports": supports} if job["pairs"] else {"task": self._task_id()}
+        body = dict(job["body"], volume=self._volume_id(job["volume_node"], job["array"], job["meta"]), **given)
         try:
             started = client.start_job("incontext", dict(body, **self._device_option()))
         finally:  # the job has read the label maps (or was refused): the worker may drop them
@@ -434,6 +453,89 @@ class FMSegLogic:
 
     def run_incontext_async(self, *args: Any, **kwargs: Any) -> Pending:
         job = self._prepare_incontext(*args, **kwargs)
+        return self._async(job, self._request_incontext, lambda answer: self._apply_incontext(job, answer))
+
+    # ------------------------------------------------------------------ tasks (3-D in-context models)
+    def _prepare_save_task(self, supports: Sequence[Pair], path: str, model: str = DEFAULT_TASK_MODEL,
+                           overwrite: bool = False, progress: Optional[ProgressCallback] = None,
+                           cancel: Optional[Callable[[], bool]] = None) -> dict[str, Any]:
+        target = Path(path)
+        if not target.name.endswith(TASK_SUFFIX):
+            raise ValueError(f"{target}: task files end in {TASK_SUFFIX}")
+        if target.exists() and not overwrite:
+            raise ValueError(f"{target}: the file exists already")
+        pairs, _ = self._prepare_pairs(supports, "support example")
+        return {"pairs": pairs, "path": target, "overwrite": overwrite, "body": {"model": model},
+                "progress": progress, "cancel": cancel}
+
+    def _request_save_task(self, job: dict[str, Any]) -> dict[str, Any]:
+        """The worker encodes the supports into a task; its file is downloaded and written (atomically)."""
+        from FMSegCore.io.atomic import atomic_output
+
+        client = self._worker()
+        supports = self._upload_pairs(job["pairs"])
+        try:
+            started = client.start_job("task", dict(job["body"], supports=supports, **self._device_option()))
+        finally:  # the job has read the label maps (or was refused): the worker may drop them
+            self._discard([support["labels"] for support in supports])
+        info = client.wait(started["id"], job["progress"], job["cancel"])["result"]
+        data = client.download_task(info["task"])
+        with atomic_output(job["path"], overwrite=job["overwrite"]) as temporary:
+            temporary.write_bytes(data)
+        return dict(info, path=str(job["path"]))
+
+    def save_task(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """Encode the supports (volume, segmentation, segment ids) into a task of the 3-D in-context ``model``
+        on the worker and write its file to ``path`` (``.fmseg-task``; an existing file only with ``overwrite``);
+        the task's summary. The file applies with :meth:`load_task` and ``fmseg incontext --task``."""
+        job = self._prepare_save_task(*args, **kwargs)
+        return self._guarded(lambda: self._request_save_task(job))
+
+    def save_task_async(self, *args: Any, **kwargs: Any) -> Pending:
+        job = self._prepare_save_task(*args, **kwargs)
+        return self._async(job, self._request_save_task, lambda info: info)
+
+    def load_task(self, path: str) -> dict[str, Any]:
+        """Read a task file, have the worker check it, and keep it: :meth:`run_task` applies it. Its summary
+        (model, classes...), with ``path``."""
+        try:
+            data = Path(path).read_bytes()
+        except OSError as error:
+            raise ValueError(f"{path}: cannot read the task ({error.strerror})") from None
+        info = dict(self._guarded(lambda: self._worker().upload_task(data)), path=str(path))
+        self.task = TaskState(info, info["task"], data, str(path))
+        return info
+
+    def clear_task(self) -> None:
+        """Forget the loaded task (in-context runs use supports again)."""
+        self.task = TaskState()
+
+    def _task_id(self) -> str:
+        if not self.task.data:
+            raise ValueError("no task: load a task file first")
+        if not self.task.task_id:
+            self.task.task_id = self._worker().upload_task(self.task.data)["task"]
+        return self.task.task_id
+
+    def _prepare_run_task(self, volume_node: Any, segmentation_node: Any, uncertainty: bool = InContext.uncertainty,
+                          progress: Optional[ProgressCallback] = None,
+                          cancel: Optional[Callable[[], bool]] = None) -> dict[str, Any]:
+        if not self.task.data:
+            raise ValueError("no task: load a task file first")
+        if segmentation_node is None:
+            raise ValueError("choose the segmentation that receives the result")
+        array, meta = self._volume_data(volume_node)
+        return {"volume_node": volume_node, "segmentation_node": segmentation_node, "array": array, "meta": meta,
+                "pairs": [], "body": {"uncertainty": bool(uncertainty)}, "progress": progress, "cancel": cancel}
+
+    def run_task(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """Segment ``volume_node`` with the loaded task (its model, its classes' names and colours);
+        ``{"segments": ids, "uncertainty_node": node or None}`` (uncertainty: the normalised entropy)."""
+        job = self._prepare_run_task(*args, **kwargs)
+        return self._apply_incontext(job, self._guarded(lambda: self._request_incontext(job)))
+
+    def run_task_async(self, *args: Any, **kwargs: Any) -> Pending:
+        job = self._prepare_run_task(*args, **kwargs)
         return self._async(job, self._request_incontext, lambda answer: self._apply_incontext(job, answer))
 
     # ------------------------------------------------------------------ adaptation

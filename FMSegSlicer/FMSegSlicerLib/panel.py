@@ -88,14 +88,37 @@ def describe_adapter(info) -> str:
     return one_line("Adapter: " + ("; ".join(parts) if parts else "ready"), limit=400)
 
 
+def describe_task(info) -> str:
+    """One line about a task from what ``load_task``/``save_task`` returned (tolerant of its shape)."""
+    if not info:
+        return "No task loaded: in-context runs use the support set."
+    if not isinstance(info, dict):
+        return one_line(f"Task: {info}")
+    classes = info.get("classes") or ()
+    names = [str(c.get("name", c.get("value", "?"))) if isinstance(c, dict) else str(c) for c in classes]
+    parts = [", ".join(names) if names else "no class"]
+    details = []
+    if info.get("model"):
+        details.append(str(info["model"]))
+    references = info.get("references")
+    if isinstance(references, int) and not isinstance(references, bool):
+        details.append(f"{references} reference{'s' if references != 1 else ''}")
+    if details:
+        parts.append(f"({', '.join(details)})")
+    if info.get("path"):
+        parts.append(f"from {info['path']}")
+    return one_line("Task: " + " ".join(parts), limit=400)
+
+
 def model_cards(models) -> list[dict]:
-    """Zoo cards as dicts with "id", "kind", "available" (strings are taken as ids of unknown kind)."""
+    """Zoo cards as dicts with "id", "kind", "dims", "available" (strings are taken as ids of unknown kind)."""
     cards = []
     for entry in models or ():
         if isinstance(entry, dict) and entry.get("id"):
-            cards.append({"id": str(entry["id"]), "kind": entry.get("kind"), "available": entry.get("available")})
+            cards.append({"id": str(entry["id"]), "kind": entry.get("kind"), "dims": entry.get("dims"),
+                          "available": entry.get("available")})
         elif isinstance(entry, str) and entry:
-            cards.append({"id": entry, "kind": None, "available": None})
+            cards.append({"id": entry, "kind": None, "dims": None, "available": None})
     return cards
 
 
@@ -129,6 +152,11 @@ class PanelHooks:
 
     def chooseAdapterPath(self, save: bool) -> str:
         """A file path for saving (``save``) or loading an adapter; "" when the user cancels."""
+        return ""
+
+    def chooseTaskPath(self, save: bool) -> str:
+        """A file path for saving (``save``; the dialog has asked about replacing a file) or loading a task file
+        (``.fmseg-task``); "" when the user cancels."""
         return ""
 
     def confirmInstall(self, text: str) -> bool:
@@ -211,6 +239,7 @@ class PanelController:
         self.supports = []  # [(volume node, segmentation node)]
         self.cases = []
         self.adapter = None  # info of the trained or loaded adapter
+        self.task = None  # info of the loaded task (3-D in-context models): in-context runs use it until cleared
         self.promptPending = False  # a prompt changed while a prompt job ran: segment again after it
         self._afterConnect = []  # requests waiting for the connect job
         self._polling = False
@@ -244,6 +273,9 @@ class PanelController:
         ui.addSupportButton.clicked.connect(self.addSupport)
         ui.removeSupportButton.clicked.connect(self.removeSupport)
         ui.runInContextButton.clicked.connect(self.runInContext)
+        ui.saveTaskButton.clicked.connect(self.saveTask)
+        ui.loadTaskButton.clicked.connect(self.loadTask)
+        ui.clearTaskButton.clicked.connect(self.clearTask)
         ui.addCaseButton.clicked.connect(self.addCase)
         ui.removeCaseButton.clicked.connect(self.removeCase)
         ui.adaptButton.clicked.connect(self.adapt)
@@ -278,8 +310,13 @@ class PanelController:
         ui.addSupportButton.enabled = bool(ui.supportVolumeSelector.currentNode() is not None
                                            and ui.supportSegmentationSelector.currentNode() is not None)
         ui.removeSupportButton.enabled = bool(self.supports)
-        ui.runInContextButton.enabled = bool(hasInputs and self.supports and not self.isRunning(INCONTEXT)
+        incontextBusy = self.isRunning(INCONTEXT)
+        ui.runInContextButton.enabled = bool(hasInputs and (self.supports or self.task) and not incontextBusy
                                              and not connecting)
+        ui.saveTaskButton.enabled = bool(self.supports and self.modelDims(ui.incontextModelSelector.currentText) == 3
+                                         and not incontextBusy and not connecting)
+        ui.loadTaskButton.enabled = bool(not incontextBusy and not connecting)
+        ui.clearTaskButton.enabled = bool(self.task and not incontextBusy)
         ui.addCaseButton.enabled = bool(ui.caseVolumeSelector.currentNode() is not None
                                         and ui.caseSegmentationSelector.currentNode() is not None)
         ui.removeCaseButton.enabled = bool(self.cases)
@@ -290,6 +327,11 @@ class PanelController:
         ui.segmentWithAdapterButton.enabled = bool(hasInputs and self.adapterFor("auto") and not adapterBusy
                                                    and not connecting)
         ui.promptAdapterCheckBox.enabled = self.adapterFor("prompt")
+
+    def modelDims(self, modelId) -> int | None:
+        """2 or 3 as the worker's card of ``modelId`` says (None: unknown, e.g. before connecting)."""
+        dims = (self.models.get(str(modelId)) or {}).get("dims")
+        return dims if isinstance(dims, int) and not isinstance(dims, bool) else None
 
     def adapterFor(self, mode: str) -> bool:
         """An adapter is loaded for ``mode``: "auto" (segments by itself) or "prompt" (helps prompts); an adapter
@@ -749,13 +791,19 @@ class PanelController:
     # In-context
 
     def runInContext(self, *_args):
+        """Segment the input volume: with the loaded task when there is one, else like the support set shows."""
         ui = self.ui
         volume, segmentation = self.inputs()
         if volume is None or segmentation is None:
             self.setStatus("Select a volume and a segmentation first.")
             return None
+        if self.task:
+            return self.start(
+                INCONTEXT, "In-context segmentation (task)", "run_task", (volume, segmentation),
+                dict(uncertainty=bool(ui.uncertaintyCheckBox.checked)),
+                onDone=self._incontextDone, cancellable=True, reportsProgress=True)
         if not self.supports:
-            self.setStatus("Add at least one labelled support case.")
+            self.setStatus("Add at least one labelled support case, or load a task.")
             return None
         return self.start(
             INCONTEXT, "In-context segmentation", "run_incontext",
@@ -771,6 +819,59 @@ class PanelController:
         self.setStatus(f"In-context: {count} segment{'s' if count != 1 else ''} in {elapsed:.1f} s"
                        + (", uncertainty volume added." if uncertainty else "."))
         self.hooks.resultReady("incontext", result)
+
+    def saveTask(self, *_args):
+        """Encode the support set into a task of the selected 3-D in-context model (on the worker) and write the
+        task file where the user chooses."""
+        model = self.ui.incontextModelSelector.currentText
+        if not self.supports:
+            self.setStatus("Add at least one labelled support case to build a task from.")
+            return None
+        if self.modelDims(model) != 3:
+            self.setStatus(f"'{model}' is not a 3-D in-context model: choose one (e.g. iris-fmseg) to build a task.")
+            return None
+        path = self.hooks.chooseTaskPath(True)
+        if not path:
+            return None
+        # overwrite: the save dialog has asked the user about an existing file
+        return self.start(INCONTEXT, "Saving the task", "save_task", (self._withSegments(self.supports), str(path)),
+                          dict(model=model, overwrite=True),
+                          onDone=lambda info, elapsed: self.setStatus(
+                              f"Task saved to {path} in {elapsed:.1f} s ({describe_task(info)})."),
+                          cancellable=True, reportsProgress=True)
+
+    def loadTask(self, *_args):
+        """Upload a task file to the worker; in-context runs then use it instead of the support set."""
+        path = self.hooks.chooseTaskPath(False)
+        if not path:
+            return None
+
+        def loaded(info, elapsed):
+            info = dict(info) if isinstance(info, dict) else {"info": info}
+            info.setdefault("path", str(path))
+            self._setTask(info)
+            self.setStatus(f"Task loaded: in-context runs use it until it is cleared. {self.ui.taskLabel.text}")
+
+        return self.start(INCONTEXT, "Loading the task", "load_task", (str(path),), onDone=loaded)
+
+    def clearTask(self, *_args) -> None:
+        """Forget the loaded task: in-context runs use the support set again."""
+        if self.isRunning(INCONTEXT):
+            self.setStatus("Clearing the task waits for the running in-context job.")
+            return
+        try:
+            self.logic.clear_task()
+        except Exception as exc:
+            self.reportError("Clearing the task", exc)
+            return
+        self._setTask(None)
+        self.setStatus("Task cleared: in-context runs use the support set.")
+
+    def _setTask(self, info) -> None:
+        self.task = info or None
+        self.ui.taskLabel.text = describe_task(self.task)
+        self.ui.runInContextButton.text = "Segment with task" if self.task else "Segment from support set"
+        self.updateButtons()
 
     # ------------------------------------------------------------------------------------------------------------
     # Adaptation

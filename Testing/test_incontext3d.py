@@ -371,3 +371,21 @@ def test_cli_refuses_bad_input(tmp_path, capsys, files, built, classes):
         incontext_to_file(query, [(files / "ref.nii.gz", files / "ref_labels.nii.gz")], output, task=good)
     with pytest.raises(InputError, match="either --support"):
         incontext_to_file(query, [], output)
+
+
+def test_a_ct_task_on_an_mr_is_refused_unless_asked(tmp_path, capsys, files, built, classes, one_core):
+    from FMSegCore.cli.incontext3d import task_metadata
+
+    task = tmp_path / "ct.fmseg-task"
+    save_task(task, built.task, task_metadata(MODEL, load_model(MODEL, "cpu"), built, "CT", "abdomen"))
+    mr = read_volume(resources_dir() / "SampleData" / "mr_abdomen" / "image.nii.gz")
+    small = crop(mr, (0, 0, 0), (min(12, mr.array.shape[0]), 64, 64))
+    write_volume(small, tmp_path / "mr.nii.gz")
+    output = tmp_path / "mr_result.nii.gz"
+    code, _, err = run_cli(capsys, "incontext", "--task", task, "--image", tmp_path / "mr.nii.gz",
+                           "--output", output, "--no-progress")
+    assert code == 2 and "mr.nii.gz" in err and "MR" in err and "--cross-modality" in err
+    assert len(err.strip().splitlines()) == 1 and not output.exists()
+    code, _, err = run_cli(capsys, "incontext", "--task", task, "--image", tmp_path / "mr.nii.gz",
+                           "--output", output, "--cross-modality", "--no-progress")
+    assert code == 0 and output.exists(), err

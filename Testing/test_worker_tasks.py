@@ -263,6 +263,12 @@ def test_task_and_3d_requests_are_refused_in_one_line(worker, client, uploaded, 
     refused(post("incontext", {"volume": query, "task": task_id, "classes": ["kidney"]}), 400,
             "incontext.classes: the task has no class 'kidney'")
     refused(post("incontext", {"volume": query, "task": task_id, "window": "brain"}), 400, "unknown CT window")
+    mr = read_volume(CT_CASE.parent / "mr_abdomen" / "image.nii.gz")
+    mr_query = upload(client, crop(mr, (0, 0, 0), (12, 64, 64)))
+    refused(post("incontext", {"volume": mr_query, "task": task_id}), 400,
+            "incontext.volume: looks like MR but the task's references are CT")
+    refused(post("incontext", {"volume": mr_query, "model": MODEL, "supports": [uploaded]}), 400,
+            "incontext.volume: looks like MR")
     refused(post("incontext", {"volume": query, "model": MODEL, "supports": [uploaded], "classes": ["heart"]}), 400,
             "incontext.supports: unknown label 'heart'")
     refused(post("task", {"supports": [uploaded], "model": "universeg-fmseg"}), 400,

@@ -133,7 +133,7 @@ def incontext3d_to_file(image_path: PathLike, supports: Sequence[tuple[PathLike,
     different ``options.model`` is refused) or built from ``supports`` with ``options.model``; applied to the
     image; the labels (and the uncertainty map, the softmax's normalised entropy) written on the image's grid."""
     from FMSegCore.engines.incontext.task_file import load_task
-    from FMSegCore.engines.incontext.volume3d import apply_task
+    from FMSegCore.engines.incontext.volume3d import apply_task, check_query_modality, modality_of
 
     began = time.perf_counter()
     if (task_path is None) == (not supports):
@@ -164,6 +164,9 @@ def incontext3d_to_file(image_path: PathLike, supports: Sequence[tuple[PathLike,
         require_kind(model_name, INCONTEXT, dims=3)
         scans, classes = read_supports(supports, labels, options.modality, options.window)
     image = read_volume(image_path)
+    references = ([modality_of(scan.volume, options.modality) for scan in scans] if scans
+                  else metadata.modality.split("+"))
+    check_query_modality(references, image, options.modality, options.cross_modality)
     show = _show(options.progress)
     model, dtype = _load(model_name, options.device, options.precision, show)
     if scans:

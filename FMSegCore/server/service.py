@@ -472,12 +472,13 @@ class Service:
 
     def _start_incontext_3d(self, request: IncontextRequest, query: Volume) -> Job:
         """A 3-D in-context model with supports: the task is encoded from them, then applied to the query."""
-        from FMSegCore.engines.incontext.volume3d import build_task
+        from FMSegCore.engines.incontext.volume3d import build_task, modality_of
 
         name, modality, window = request.model, request.modality, request.window
         _check_window(window, "incontext")
         scans, classes = self._support_scans(request.supports or [], request.classes, modality, window,
                                              "incontext.supports")
+        _check_query_modality([modality_of(scan.volume, modality) for scan in scans], query, request)
         device = self._device(request.device)
 
         def work(job: Job) -> dict[str, Any]:
@@ -505,6 +506,7 @@ class Service:
             task, metadata = select_classes(stored.task, stored.metadata, request.classes or None)
         except InputError as error:
             raise RequestError(400, f"incontext.classes: {error.problem}") from None
+        _check_query_modality(metadata.modality.split("+"), query, request)
         device = self._device(request.device)
 
         def work(job: Job) -> dict[str, Any]:
@@ -632,6 +634,17 @@ def _check_card(name: str, kind: str, dims: Optional[int] = None) -> Any:
         return require_kind(name, kind, dims)
     except FMSegError as error:
         raise RequestError(400, str(error)) from None
+
+
+def _check_query_modality(references: Sequence[str], query: Volume, request: IncontextRequest) -> None:
+    """The 3-D path's modality rule (:func:`~FMSegCore.engines.incontext.volume3d.check_query_modality`) as a
+    request error."""
+    from FMSegCore.engines.incontext.volume3d import check_query_modality
+
+    try:
+        check_query_modality(references, query, request.modality, request.cross_modality)
+    except InputError as error:
+        raise RequestError(400, f"incontext.volume: {error.problem}") from None
 
 
 def _check_window(window: str, where: str) -> None:

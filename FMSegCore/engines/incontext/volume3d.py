@@ -107,6 +107,11 @@ def _extent(volume: Volume) -> tuple[np.ndarray, np.ndarray]:
     return points.min(axis=0), points.max(axis=0)
 
 
+def modality_of(volume: Volume, modality: str = "auto") -> str:
+    """``modality`` (CT or MR), or the volume's guessed one for ``auto``."""
+    return guess_modality(volume.array) if modality.lower() == "auto" else modality.upper()
+
+
 def to_model_grid(volume: Volume, model: Any, modality: str = "auto", window: Window = DEFAULT_CT_WINDOW,
                   labels: Optional[np.ndarray] = None) -> ModelGrid:
     """``volume`` normalised to [0, 1] (CT window or MR percentiles; ``auto`` guesses), then resampled (linear)
@@ -114,7 +119,7 @@ def to_model_grid(volume: Volume, model: Any, modality: str = "auto", window: Wi
     extent; ``labels`` (an integer KJI array on the volume's grid), when given, resampled the same way (nearest).
     Outside the volume the image is 0 and the labels background."""
     spacing = model_spacing(model)
-    chosen = guess_modality(volume.array) if modality.lower() == "auto" else modality.upper()
+    chosen = modality_of(volume, modality)
     low, high = _extent(volume)
     size = [max(1, int(math.ceil((high[a] - low[a]) / spacing[a] - 1e-6))) for a in range(3)]
     origin = tuple(float(low[a] + spacing[a] / 2) for a in range(3))
@@ -289,6 +294,21 @@ def build_task(model: Any, scans: Sequence[SupportScan], classes: Sequence[Segme
 
 
 # ------------------------------------------------------------------------------------------------ applying
+
+
+def check_query_modality(task_modalities: Sequence[str], query: Volume, modality: str = "auto",
+                         allow_cross_modality: bool = False) -> str:
+    """The query's modality (given, or guessed); an :class:`InputError` naming the query when no reference of
+    the task had it (a CT task on an MR, say), unless ``allow_cross_modality``: the model is weak across CT and
+    MR (``fmseg bench incontext3d``, ``mr_to_ct``)."""
+    chosen = modality_of(query, modality)
+    known = {m.upper() for m in task_modalities if m and m.lower() != "auto"}
+    if known and chosen not in known and not allow_cross_modality:
+        raise InputError(query.path, f"looks like {chosen} but the task's references are "
+                                     f"{' and '.join(sorted(known))}; the 3-D model is weak across modalities "
+                                     "(--cross-modality runs it anyway)")
+    return chosen
+
 
 
 @dataclass

@@ -176,6 +176,8 @@ def test_applied_task_labels_lie_on_the_query_grid(model, built, query, classes)
     assert result.probabilities.shape == (3, *query.array.shape)
     np.testing.assert_allclose(result.probabilities.sum(axis=0), 1.0, atol=1e-4)
     assert 0.0 <= result.uncertainty.min() and result.uncertainty.max() <= 1.0
+    # without probabilities, the labels come from the region where a class can win only: the same labels
+    assert np.mean(apply_task(model, built.task, query, classes, modality="CT").labels == result.labels) > 0.9999
     # the same voxels stored with the I axis reversed give the same result in the same places
     turned = apply_task(model, built.task, flip_i(query), classes, modality="CT")
     assert np.mean(turned.labels[:, :, ::-1] == result.labels) > 0.999
@@ -184,6 +186,27 @@ def test_applied_task_labels_lie_on_the_query_grid(model, built, query, classes)
     other = apply_task(model, built.task, coarse, classes, modality="CT")
     assert other.labels.shape == coarse.array.shape
     assert set(np.unique(other.labels)) <= {0, LIVER, SPLEEN}
+
+
+def test_labels_computed_where_a_class_can_win_equal_the_whole_grid_argmax(model, query):
+    from FMSegCore.engines.incontext.volume3d import _labels_in_region
+
+    for volume in (query, flip_i(query), resample(query, (1.3, 2.2, 3.1))):
+        grid = to_model_grid(volume, model, "CT")
+        softmax = np.zeros((3, *grid.shape), np.float32)
+        softmax[0] = 1.0
+        k, j, i = (n // 3 for n in grid.shape)
+        softmax[:, k:2 * k, j:2 * j, i:i + 3] = [[[[0.2]]], [[[0.7]]], [[[0.1]]]]  # class 1 wins in a block
+        softmax[:, k:k + 2, j:j + 2, 2 * i:2 * i + 2] = [[[[0.3]]], [[[0.1]]], [[[0.6]]]]  # class 2 elsewhere
+        values = np.array([0, 7, 9], np.uint16)
+        expected = np.stack([grid.to_source(softmax[c], True, 1.0 if c == 0 else 0.0) for c in range(3)])
+        full = values[expected.argmax(axis=0)]
+        fast = _labels_in_region(grid, softmax, values)
+        assert (full > 0).sum() > 50 and set(np.unique(full)) == {0, 7, 9}
+        assert np.array_equal(fast, full)
+    empty = np.zeros((3, *grid.shape), np.float32)
+    empty[0] = 1.0
+    assert not _labels_in_region(grid, empty, values).any()
 
 
 def test_query_smaller_than_a_patch(model, built, query, classes):

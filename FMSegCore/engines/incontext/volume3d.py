@@ -72,11 +72,38 @@ class ModelGrid:
         image.SetSpacing(self.spacing)
         return image
 
-    def to_source(self, array: np.ndarray, linear: bool = True, default: float = 0.0) -> np.ndarray:
+    def to_source(self, array: np.ndarray, linear: bool = True, default: float = 0.0,
+                  region: Optional[tuple[slice, slice, slice]] = None) -> np.ndarray:
         """An array of this grid resampled onto the source volume's grid (linear or nearest; ``default``
-        outside the grid)."""
-        return _resample(self.as_sitk(array), self.source.spacing, self.source.origin, self.source.direction,
-                         self.source.shape_ijk, linear, default)
+        outside the grid), or onto the part ``region`` (K, J, I slices) of it."""
+        source = self.source
+        if region is None:
+            return _resample(self.as_sitk(array), source.spacing, source.origin, source.direction,
+                             source.shape_ijk, linear, default)
+        start = [region[2].start, region[1].start, region[0].start]
+        size = [region[2].stop - region[2].start, region[1].stop - region[1].start, region[0].stop - region[0].start]
+        origin = source.ijk_to_lps(np.array([start], dtype=float))[0]
+        return _resample(self.as_sitk(array), source.spacing, origin, source.direction, size, linear, default)
+
+    def source_region(self, mask: np.ndarray) -> Optional[tuple[slice, slice, slice]]:
+        """The source volume's voxels (K, J, I slices) that linear interpolation of this grid can take from
+        where ``mask`` (on this grid) is set: the mask's bounding box grown by one voxel, mapped onto the
+        source's index space; None when the mask is empty or the region is empty."""
+        found = np.nonzero(mask)
+        if not found[0].size:
+            return None
+        low = np.array([found[a].min() for a in (2, 1, 0)], dtype=float) - 1  # I, J, K on this grid
+        high = np.array([found[a].max() for a in (2, 1, 0)], dtype=float) + 1
+        corners = np.array([[x, y, z] for x in (low[0], high[0]) for y in (low[1], high[1])
+                            for z in (low[2], high[2])])
+        points = np.asarray(self.origin) + corners * np.asarray(self.spacing)
+        indices = self.source.lps_to_ijk(points)
+        shape = self.source.shape_ijk
+        start = [max(0, int(np.floor(indices[:, a].min()))) for a in range(3)]
+        stop = [min(shape[a], int(np.ceil(indices[:, a].max())) + 1) for a in range(3)]
+        if any(b <= a for a, b in zip(start, stop)):
+            return None
+        return slice(start[2], stop[2]), slice(start[1], stop[1]), slice(start[0], stop[0])
 
 
 def _resample(image: sitk.Image, spacing: Sequence[float], origin: Sequence[float], direction: np.ndarray,
@@ -369,6 +396,8 @@ def apply_task(model: Any, task: Union[torch.Tensor, BuiltTask], query: Volume, 
                                       sw_device=device, device="cpu")
     softmax = torch.softmax(torch.as_tensor(logits)[0].float(), dim=0).numpy()  # (K + 1, k, j, i)
     values = np.array([0, *(int(c.value) for c in classes)], dtype=np.uint16)
+    if not probabilities and not uncertainty:
+        return AppliedTask(_labels_in_region(grid, softmax, values))
     best: Optional[np.ndarray] = None
     index: Optional[np.ndarray] = None
     entropy = None
@@ -393,3 +422,25 @@ def apply_task(model: Any, task: Union[torch.Tensor, BuiltTask], query: Volume, 
     if uncertainty and entropy is not None:
         result.uncertainty = np.clip(entropy / math.log(len(values)), 0.0, 1.0).astype(np.float32)
     return result
+
+
+def _labels_in_region(grid: ModelGrid, softmax: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """The arg-max labels on the query's grid, as the full path gives them, computed only where a class can win.
+    Linear interpolation mixes neighbouring voxels with positive weights, and background stays the highest of
+    any mix of voxels where it is the highest; so outside the source region of the voxels where some class wins
+    (:meth:`ModelGrid.source_region`), the query is background, and the probabilities are resampled inside it
+    only."""
+    labels = np.zeros(grid.source.array.shape, dtype=np.uint16)
+    region = grid.source_region(softmax.argmax(axis=0) > 0)
+    if region is None:
+        return labels
+    best = grid.to_source(softmax[0], linear=True, default=1.0, region=region)
+    index = np.zeros(best.shape, dtype=np.uint8 if len(values) < 256 else np.uint16)
+    for channel in range(1, softmax.shape[0]):
+        p = grid.to_source(softmax[channel], linear=True, default=0.0, region=region)
+        better = p > best
+        index[better] = channel
+        np.maximum(best, p, out=best)
+    labels[region] = values[index]
+    return labels
+

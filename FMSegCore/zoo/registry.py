@@ -90,8 +90,8 @@ class ModelCard:
 UNIVERSEG_FMSEG_SIZE = 4_746_117
 UNIVERSEG_FMSEG_SHA256 = "873b7d82957007b1b9baa96baaf25e03cc1d6304e6fa52cd98a1dc6f0da78f5e"
 #: The 3-D in-context weights FMSeg trains and ships (Resources/Models/iris_fmseg_v1.pt).
-IRIS_FMSEG_SIZE = 2_054_674
-IRIS_FMSEG_SHA256 = "01140244aa90c156f382793093835766160465d4ed2fe7117b3f99246d09b222"
+IRIS_FMSEG_SIZE = 2_050_873
+IRIS_FMSEG_SHA256 = "2fae16c7094b68b0ef56a307021820774174b4bb2373ac4716530077ff5ec996"
 
 _NO_HASH = "No sha256 is published for this file: downloading it needs --trust-unverified."
 
@@ -153,7 +153,8 @@ _CARDS = (
         description="FMSeg's own reading of Iris (CVPR 2025; no official code or weights): a residual 3-D U-Net "
                     "whose task embeddings (one per class) are computed once from labelled reference volumes "
                     "and segment every class of a new volume in one pass. Trained by FMSeg on brain atlas, "
-                    "body and synthetic episodes (model card: Resources/Models/iris_fmseg_v1.md).",
+                    "body and synthetic episodes (model card: Resources/Models/iris_fmseg_v1.md). Experimental: "
+                    "its weights are weak so far (see the README's 3-D in-context benchmark).",
         source="bundled:Models/iris_fmseg_v1.pt",
         filename="iris_fmseg_v1.pt",
         size_bytes=IRIS_FMSEG_SIZE,

@@ -35,6 +35,23 @@ if TYPE_CHECKING:
     from FMSegCore.engines.incontext.volume3d import BuiltTask
 
 
+def check_result_paths(output: PathLike, uncertainty: Optional[PathLike], preview: Optional[PathLike],
+                       inputs: Sequence[PathLike], overwrite: bool) -> tuple[Path, Optional[Path], Optional[Path]]:
+    """What ``fmseg incontext`` writes (the result, the optional uncertainty map and preview), checked before any
+    work: known endings, no existing file without ``overwrite``, never an input, two different names."""
+    output = check_output(output, overwrite)
+    check_not_input(output, inputs)
+    if uncertainty is not None:
+        uncertainty = check_output(uncertainty, overwrite, VOLUME_SUFFIXES)
+        check_not_input(uncertainty, inputs)
+        if Path(uncertainty).resolve() == Path(output).resolve():
+            raise InputError(uncertainty, "the uncertainty map and the result need different file names")
+    if preview is not None:
+        preview = check_output(preview, overwrite, (".png",))
+        check_not_input(preview, inputs)
+    return output, uncertainty, preview
+
+
 def is_3d_model(name: Optional[str]) -> bool:
     """Whether the zoo model ``name`` is a 3-D model (an unknown name is a one-line ModelError)."""
     if name is None:
@@ -138,19 +155,8 @@ def incontext3d_to_file(image_path: PathLike, supports: Sequence[tuple[PathLike,
     began = time.perf_counter()
     if (task_path is None) == (not supports):
         raise InputError(None, "give either --support IMAGE LABELS (one or more) or --task FILE, not both")
-    output = check_output(output, overwrite)
-    inputs = [image_path, *(path for pair in supports for path in pair)]
-    if task_path is not None:
-        inputs.append(task_path)
-    check_not_input(output, inputs)
-    if uncertainty is not None:
-        uncertainty = check_output(uncertainty, overwrite, VOLUME_SUFFIXES)
-        check_not_input(uncertainty, inputs)
-        if Path(uncertainty).resolve() == Path(output).resolve():
-            raise InputError(uncertainty, "the uncertainty map and the result need different file names")
-    if preview is not None:
-        preview = check_output(preview, overwrite, (".png",))
-        check_not_input(preview, inputs)
+    inputs = [image_path, *(path for pair in supports for path in pair), *([task_path] if task_path else [])]
+    output, uncertainty, preview = check_result_paths(output, uncertainty, preview, inputs, overwrite)
     if options.method != "model":
         raise InputError(None, f"--method {options.method} works with 2-D in-context models only")
     _check_settings(options.modality, options.window, options.device, options.precision)

@@ -18,15 +18,14 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import TYPE_CHECKING, Optional, Union
 
 from FMSegCore.cli import option_args
 from FMSegCore.cli.option_args import add_option, modality_name
-from FMSegCore.cli.prompt_cmd import AXES, PromptResult, check_not_input, check_output, report
+from FMSegCore.cli.prompt_cmd import AXES, PromptResult, report
 from FMSegCore.errors import InputError
 from FMSegCore.io.labelmap import SEGMENTATION_SUFFIX, SegmentInfo, write_labelmap
-from FMSegCore.io.volume import VOLUME_SUFFIXES, PathLike, Volume, read_volume, write_volume
+from FMSegCore.io.volume import PathLike, Volume, read_volume, write_volume
 from FMSegCore.options import InContext
 from FMSegCore.zoo.families import INCONTEXT, require_kind
 
@@ -175,7 +174,7 @@ def incontext_to_file(image_path: PathLike, supports: Sequence[tuple[PathLike, P
     Exactly one of ``supports`` and ``task`` (a task file). A task file, or a 3-D in-context ``options.model``,
     goes the 3-D way (:func:`FMSegCore.cli.incontext3d.incontext3d_to_file`); with a task file
     ``options.model`` must be None (the default when ``options`` is not given) or the task's model."""
-    from FMSegCore.cli.incontext3d import incontext3d_to_file, is_3d_model
+    from FMSegCore.cli.incontext3d import check_result_paths, incontext3d_to_file, is_3d_model
     from FMSegCore.engines.incontext.support import SupportSet, read_support_scan
 
     began = time.perf_counter()
@@ -187,17 +186,8 @@ def incontext_to_file(image_path: PathLike, supports: Sequence[tuple[PathLike, P
                                    uncertainty=uncertainty, overwrite=overwrite, preview=preview)
     if options.model is None:
         options = replace(options, model=InContext.model)
-    output = check_output(output, overwrite)
     inputs = [image_path, *(path for pair in supports for path in pair)]
-    check_not_input(output, inputs)
-    if uncertainty is not None:
-        uncertainty = check_output(uncertainty, overwrite, VOLUME_SUFFIXES)
-        check_not_input(uncertainty, inputs)
-        if Path(uncertainty).resolve() == Path(output).resolve():
-            raise InputError(uncertainty, "the uncertainty map and the result need different file names")
-    if preview is not None:
-        preview = check_output(preview, overwrite, (".png",))
-        check_not_input(preview, inputs)
+    output, uncertainty, preview = check_result_paths(output, uncertainty, preview, inputs, overwrite)
     _check_options(options, uncertainty)
     image = read_volume(image_path)
     scans = [read_support_scan(image_file, labels_file) for image_file, labels_file in supports]

@@ -131,6 +131,14 @@ def test_episodes_hold_the_anchor_class_in_the_reference_and_targets_number_the_
         assert (episode.target > 0).any()  # ... and in the query patch
         assert int(episode.target.max()) <= len(episode.classes)
         assert 0 <= float(episode.query.min()) and float(episode.query.max()) <= 1
+    drawn = [pair_episode(pair, np.random.default_rng(seed), 16, 2.5, max_classes=3) for seed in range(6)]
+    again = [pair_episode(pair, np.random.default_rng(seed), 16, 2.5, max_classes=3, query_anywhere=0.0)
+             for seed in range(6)]
+    assert all(torch.equal(a.query, b.query) for a, b in zip(drawn, again))  # 0 draws nothing: the same stream
+    anywhere = [pair_episode(pair, np.random.default_rng(seed), 16, 2.5, max_classes=1, query_anywhere=1.0)
+                for seed in range(12)]
+    assert all(e.reference_masks[0].sum() > 0 for e in anywhere)  # the reference still shows its class
+    assert any(not (e.target > 0).any() for e in anywhere)  # some queries hold none of it: "none here"
     synthetic = synthetic_episode(np.random.default_rng(3), 16, max_classes=2)
     assert synthetic.reference.shape == synthetic.query.shape == (1, 16, 16, 16)
     assert all(synthetic.reference_masks[k].sum() >= 30 for k in range(len(synthetic.classes)))
@@ -150,3 +158,7 @@ def test_training_resumes_where_it_stopped_and_ends_as_an_uninterrupted_run(tmp_
     a, b = load_iris(whole), load_iris(resumed)
     for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
         assert torch.equal(x, y), name
+    fine_tune = InContext3DConfig(**{**config.__dict__, "steps": 0, "initial_weights": str(whole)})
+    started = load_iris(train(fine_tune, tmp_path / "fine_tune", torch.device("cpu"), progress=False))
+    for (name, x), (_, y) in zip(a.state_dict().items(), started.state_dict().items()):
+        assert torch.equal(x, y), name  # a fresh run starts from the given weights

@@ -1,9 +1,11 @@
-"""UniverSeg v1: official key layout, split-weight cross conv vs a plain pairwise reference, caching, loading."""
+"""UniverSeg v1: the official checkpoint layout and outputs (fixtures made with the official code), split-weight
+cross conv vs a plain pairwise reference, caching, loading."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from reference_fixtures import arrays, assert_close, images, metadata, official_state_dict
 
 from FMSegCore.bench.reference_universeg import reference_forward
 from FMSegCore.errors import ModelError
@@ -12,33 +14,9 @@ from FMSegCore.models.universeg import UniverSeg, build_universeg, load_universe
 SIZE = 32  # divisible by 8: three poolings
 
 
-def official_shapes() -> dict[str, tuple[int, ...]]:
-    """The key list and shapes of universeg_v1_nf64_ss64_STA.pt, written from the specification."""
-    shapes: dict[str, tuple[int, ...]] = {}
-
-    def block(prefix: str, cross_in: int) -> None:
-        shapes[f"{prefix}.cross.cross_conv.weight"] = (64, cross_in, 3, 3)
-        shapes[f"{prefix}.cross.cross_conv.bias"] = (64,)
-        for branch in ("target", "support"):
-            shapes[f"{prefix}.{branch}.vmapped.conv.weight"] = (64, 64, 3, 3)
-            shapes[f"{prefix}.{branch}.vmapped.conv.bias"] = (64,)
-
-    for i in range(4):
-        block(f"enc_blocks.{i}", 3 if i == 0 else 128)
-    for j in range(3):
-        block(f"dec_blocks.{j}", 256)
-    shapes["out_conv.conv.weight"] = (1, 64, 1, 1)
-    shapes["out_conv.conv.bias"] = (1,)
-    return shapes
-
-
-def random_state(seed: int = 0) -> dict[str, torch.Tensor]:
-    generator = torch.Generator().manual_seed(seed)
-    state = {}
-    for key, shape in official_shapes().items():
-        fan_in = shape[1] * shape[2] * shape[3] if len(shape) == 4 else 64
-        state[key] = torch.randn(shape, generator=generator) * (2.0 / fan_in) ** 0.5
-    return state
+def random_state() -> dict[str, torch.Tensor]:
+    """The official layout filled as the official-code fixture was (Testing/Data/reference)."""
+    return official_state_dict("universeg")
 
 
 @pytest.fixture(scope="module")
@@ -56,13 +34,19 @@ def inputs(batch: int, count: int, seed: int = 1, size: int = SIZE):
     return target, images, labels
 
 
-def test_official_keys_and_parameter_count():
+def test_the_official_checkpoint_loads_and_gives_the_official_outputs(tmp_path):
+    meta = metadata("universeg")
     net = build_universeg()
-    state = random_state()
-    net.load_state_dict(state, strict=True)
-    assert {k: tuple(v.shape) for k, v in net.state_dict().items()} == official_shapes()
-    assert len(state) == 44
-    assert sum(p.numel() for p in net.parameters()) == 1_182_785
+    assert [[k, list(v.shape)] for k, v in net.state_dict().items()] == [[k, s] for k, s, _ in meta["state_dict"]]
+    assert sum(p.numel() for p in net.parameters()) == meta["num_parameters"] == 1_182_785
+    path = tmp_path / "universeg_v1_nf64_ss64_STA.pt"
+    torch.save(random_state(), path)  # the release's wrapping: a plain state_dict
+    loaded = load_universeg(path)
+    data = arrays("universeg")
+    with torch.no_grad():
+        logits = loaded(images(data["target_image_u8"]), images(data["support_images_u8"]),
+                        torch.from_numpy(data["support_labels_u8"]).float())
+    assert_close(logits, data["logits"], tolerance=1e-5)
 
 
 @torch.no_grad()

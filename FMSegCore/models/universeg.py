@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from FMSegCore.errors import ModelError
+from FMSegCore.models.checkpoints import load_strict
 
 NUM_PARAMETERS = 1_182_785
 
@@ -235,31 +235,4 @@ def load_universeg(checkpoint: Union[str, Path], device: Union[str, torch.device
     Accepts a plain state_dict (the official release) or a dict holding it under ``"model"`` or
     ``"state_dict"``. Raises :class:`ModelError` with a one-line message on an unreadable or wrong checkpoint.
     """
-    checkpoint = Path(checkpoint)
-    try:
-        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    except Exception as error:  # unpickling errors come in many types
-        summary = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise ModelError(f"{checkpoint}: cannot load UniverSeg checkpoint ({summary})") from None
-    if isinstance(state, dict):
-        for key in ("model", "state_dict"):
-            if isinstance(state.get(key), dict):
-                state = state[key]
-                break
-    if not isinstance(state, dict):
-        raise ModelError(f"{checkpoint}: not a UniverSeg checkpoint (no state_dict found)")
-    model = build_universeg()
-    expected = set(model.state_dict())
-    missing = sorted(expected - set(state))
-    unexpected = sorted(str(key) for key in set(state) - expected)
-    if missing or unexpected:
-        parts = [f"{len(keys)} {kind} key(s), e.g. {keys[0]}"
-                 for kind, keys in (("missing", missing), ("unexpected", unexpected)) if keys]
-        raise ModelError(f"{checkpoint}: not a UniverSeg checkpoint ({'; '.join(parts)})")
-    try:
-        model.load_state_dict(state, strict=True)
-    except (RuntimeError, TypeError, AttributeError) as error:
-        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-        summary = lines[1] if len(lines) > 1 else (lines[0] if lines else type(error).__name__)
-        raise ModelError(f"{checkpoint}: not a UniverSeg checkpoint ({summary})") from None
-    return model.eval().to(device)
+    return load_strict(build_universeg(), checkpoint, "UniverSeg").eval().to(device)

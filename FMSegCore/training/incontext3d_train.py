@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from monai.losses import DiceCELoss
 
-from FMSegCore.models.iris import IrisConfig, IrisNet, iris_checkpoint
+from FMSegCore.models.iris import IrisConfig, IrisNet, iris_checkpoint, load_iris
 from FMSegCore.training.incontext3d_data import Episode3D, training_source, validation_episodes
 from FMSegCore.training.run_parts import (
     CHECKPOINT_NAME,
@@ -66,6 +66,8 @@ class InContext3DConfig(RunConfig):
     log_every: int = 20
     validate_every: int = 200  # 0: no validation
     validation_episodes: int = 24
+    query_anywhere: float = 0.0  # share of pair episodes whose query is cut anywhere in the body
+    initial_weights: str = ""  # a fresh run starts from these weights (an iris checkpoint) instead of random
 
     def network(self) -> IrisConfig:
         return IrisConfig(patch_size=self.patch_size, spacing_mm=self.spacing_mm, features=tuple(self.features),
@@ -107,9 +109,12 @@ def train(config: InContext3DConfig, output: Path, device: torch.device, max_min
           progress: bool = True) -> Path:
     """Run (or resume) training into ``output``; returns the path of the final weights."""
     model, optimizer, scheduler, step = open_run(config, output, lambda: IrisNet(config.network()), device)
+    if step == 0 and config.initial_weights:
+        model.load_state_dict(load_iris(Path(config.initial_weights)).to(device).state_dict())
     checkpoint_path, log_path = output / CHECKPOINT_NAME, output / LOG_NAME
     loss_function = DiceCELoss(include_background=False, to_onehot_y=True, softmax=True)
-    source = training_source(config.source_weights, config.patch_size, config.spacing_mm, config.max_classes)
+    source = training_source(config.source_weights, config.patch_size, config.spacing_mm, config.max_classes,
+                             query_anywhere=config.query_anywhere)
     validation = (validation_episodes(config.validation_episodes, config.seed, config.patch_size,
                                       config.spacing_mm, config.max_classes) if config.validate_every > 0 else [])
     log = RunLog(log_path, config.log_every, config.validate_every if validation else 0, progress)

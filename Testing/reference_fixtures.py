@@ -1,0 +1,65 @@
+"""The official-code fixtures under ``Testing/Data/reference`` (copied from ../shared/reference, whose README
+says how they were made): each official ``state_dict``'s keys, shapes and dtypes, the deterministic fill rule the
+fixtures used, fixed inputs and the official outputs. A family's test fills our network with the official tensors
+(mapped where our names differ), runs the inputs and compares with :func:`assert_close`."""
+
+from __future__ import annotations
+
+import json
+import math
+import zlib
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+REFERENCE = Path(__file__).resolve().parent / "Data" / "reference"
+
+
+def reference_tensor(key: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """The fixture's value of the official tensor ``key`` (seeded by the official name)."""
+    if dtype in (torch.int64, torch.int32):
+        return torch.zeros(shape, dtype=dtype)
+    generator = torch.Generator().manual_seed(zlib.crc32(key.encode("utf-8")))
+    noise = torch.randn(tuple(shape), generator=generator, dtype=torch.float32)
+    if len(shape) == 0:
+        return (0.1 * noise).to(dtype)
+    if len(shape) == 1:
+        if key.endswith("running_var"):
+            return (1.0 + 0.1 * noise.abs()).to(dtype)
+        if key.endswith("weight"):
+            return (1.0 + 0.1 * noise).to(dtype)
+        return (0.1 * noise).to(dtype)
+    return (noise / math.sqrt(math.prod(shape[1:]))).to(dtype)
+
+
+def metadata(name: str) -> dict:
+    """``<name>.keys.json``."""
+    return json.loads((REFERENCE / f"{name}.keys.json").read_text())
+
+
+def arrays(name: str) -> dict[str, np.ndarray]:
+    """``<name>.npz`` as a dict."""
+    with np.load(REFERENCE / f"{name}.npz") as data:
+        return {key: data[key] for key in data.files}
+
+
+def official_state_dict(name: str, key_map: Optional[Callable[[str], str]] = None) -> dict[str, torch.Tensor]:
+    """The official state_dict of the fixture, in the official order (keys renamed by ``key_map`` if given)."""
+    rename = key_map or (lambda key: key)
+    return {rename(key): reference_tensor(key, tuple(shape), getattr(torch, dtype))
+            for key, shape, dtype in metadata(name)["state_dict"]}
+
+
+def assert_close(out: torch.Tensor | np.ndarray, reference: np.ndarray, tolerance: float = 1e-4) -> None:
+    """max |out - reference| <= ``tolerance`` x max |reference| (the fixtures' README's recommendation)."""
+    out = out.detach().cpu().numpy() if torch.is_tensor(out) else np.asarray(out)
+    assert out.shape == reference.shape, (out.shape, reference.shape)
+    error, scale = float(np.abs(out - reference).max()), float(np.abs(reference).max())
+    assert error <= tolerance * scale, f"max error {error:.3g} > {tolerance:g} x {scale:.3g}"
+
+
+def images(u8: np.ndarray) -> torch.Tensor:
+    """Fixture images: ``u8 / 255`` as float32."""
+    return torch.from_numpy(u8).float() / 255

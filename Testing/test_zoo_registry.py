@@ -265,3 +265,45 @@ def test_models_fetch_installed_litemedsam(monkeypatch: pytest.MonkeyPatch,
     monkeypatch.setenv("FMSEG_OFFLINE", "1")
     assert main(["models", "fetch", "litemedsam"]) == 0
     assert "lite_medsam.pth" in capsys.readouterr().out
+
+
+# --- fmseg models import ------------------------------------------------------------------------------------
+
+
+def test_models_import_checks_the_layout_and_installs_atomically(tmp_path: Path, isolated_cache: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    import torch
+    from reference_fixtures import official_state_dict
+
+    card = get_card("universeg-v1")
+    official = tmp_path / "downloads" / card.filename
+    official.parent.mkdir()
+    torch.save(official_state_dict("universeg"), official)  # the release's layout: a plain state_dict
+    other = resources_dir() / "Models" / "iris_fmseg_v1.pt"  # a real checkpoint of another family
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(official.read_bytes()[:20_000])
+    for wrong, problem in ((other, "not a UniverSeg checkpoint"), (truncated, "cannot read")):
+        assert main(["models", "import", "universeg-v1", str(wrong)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and str(wrong) in err and problem in err, err
+        assert not download_path(card).exists() and not list(download_path(card).parent.glob("*"))
+    assert main(["models", "import", "universeg-v1", str(official)]) == 0
+    assert "research" in capsys.readouterr().out  # OpenRAIL++-M: said before installing
+    assert is_cached(card) and download_path(card).read_bytes() == official.read_bytes()
+    assert [p.name for p in download_path(card).parent.iterdir()] == [card.filename]  # no temporary left
+    assert main(["models", "import", "universeg-v1", str(official)]) == 2
+    assert "--replace" in capsys.readouterr().err
+    assert main(["models", "import", "universeg-v1", str(official), "--replace"]) == 0
+    assert main(["models", "import", "universeg-fmseg", str(official)]) == 2  # bundled: nothing to import
+    assert "ships with FMSeg" in capsys.readouterr().err
+
+
+def test_models_lists_what_each_model_is_good_for_and_flags_non_commercial_licences(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    for card in list_cards():
+        row = next(line for line in out.splitlines() if line.split()[:1] == [card.name])
+        assert card.good_for and row.rstrip().endswith(card.good_for)
+    assert get_card("vista3d").restricted_licence and get_card("suprem-swinunetr").restricted_licence
+    assert not get_card("litemedsam").restricted_licence

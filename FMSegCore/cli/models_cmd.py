@@ -1,4 +1,5 @@
-"""``fmseg models``: list the zoo, show one model, download a model into the cache."""
+"""``fmseg models``: list the zoo, show one model, download a model into the cache, import a file downloaded by
+hand."""
 
 from __future__ import annotations
 
@@ -25,6 +26,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     get.add_argument("--trust-unverified", action="store_true",
                      help="accept a download that cannot be verified because no sha256 is published")
     get.add_argument("--no-progress", action="store_true", help="no progress bar")
+    put = actions.add_parser("import", help="install a checkpoint downloaded by hand (offline sites, "
+                                            "licence-gated weights), checked before it is copied into the cache")
+    put.add_argument("name", help="model name (see `fmseg models`)")
+    put.add_argument("file", type=Path, help="the checkpoint file")
+    put.add_argument("--replace", action="store_true", help="replace a file already installed for this model")
     parser.set_defaults(func=run)
 
 
@@ -35,6 +41,8 @@ def run(args: argparse.Namespace) -> int:
         return show_info(get_card(args.name))
     if action == "fetch":
         return fetch_model(get_card(args.name), args.trust_unverified, not args.no_progress)
+    if action == "import":
+        return import_model(get_card(args.name), args.file, args.replace)
     return show_table(list_cards())
 
 
@@ -69,19 +77,22 @@ def _runs(card: ModelCard) -> str:
 
 
 def show_table(cards: list[ModelCard]) -> int:
-    """Print one row per model: name, task, whether FMSeg runs it, size, licence, checksum, cached or not."""
-    header = ("NAME", "TASK", "RUNS", "SIZE", "LICENCE", "SHA256", "CACHED")
+    """Print one row per model: name, task, whether FMSeg runs it, size, licence, checksum, whether it is here,
+    what it is good for."""
+    header = ("NAME", "TASK", "RUNS", "SIZE", "LICENCE", "SHA256", "HERE", "GOOD FOR")
     rows = [header]
     for card in cards:
         path = cached_path(card)
         size = card.size_bytes if card.size_bytes is not None or not path.is_file() else path.stat().st_size
+        here = ("yes" if card.verifiable else "yes (unverified)") if is_cached(card) else "no"
         rows.append((card.name, card.task, _runs(card), _size(size), card.licence,
-                     "pinned" if card.verifiable else "none", _state(card)))
+                     "pinned" if card.verifiable else "none", here, card.good_for))
     widths = [max(len(row[column]) for row in rows) for column in range(len(header) - 1)]
     for row in rows:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[-1])
-    print(f"\nCache folder: {_tilde(cache_dir())} (set {CACHE_ENV} to move it). "
-          "Details: `fmseg models info NAME`; download: `fmseg models fetch NAME`.")
+    print(f"\nCache folder: {_tilde(cache_dir())} (set {CACHE_ENV} to move it). Details and where a file is: "
+          "`fmseg models info NAME`; download: `fmseg models fetch NAME`; a file downloaded by hand: "
+          "`fmseg models import NAME FILE`. Licences marked non-commercial or research allow no commercial use.")
     return 0
 
 
@@ -98,6 +109,7 @@ def show_info(card: ModelCard) -> int:
         ("licence", card.licence),
         ("input", card.input_conventions),
         ("architecture", card.architecture or "none in FMSeg yet"),
+        ("good for", card.good_for or "-"),
         ("homepage", card.homepage),
         ("cached", _state(card) if is_cached(card) else f"no (would be saved to {_tilde(cached_path(card))})"),
     )
@@ -117,6 +129,8 @@ def fetch_model(card: ModelCard, trust_unverified: bool, progress: bool) -> int:
         print(f"{card.name}: already available at {cached_path(card)}")
         return 0
     if card.verifiable or trust_unverified:
+        if card.restricted_licence:
+            print(f"{card.name}: note: its licence is {card.licence}: no commercial use", flush=True)
         print(f"{card.name}: fetching {card.filename} from {card.source}", flush=True)
     path = fetch(card, allow_unverified=trust_unverified, progress=progress)
     if card.verifiable:
@@ -124,4 +138,16 @@ def fetch_model(card: ModelCard, trust_unverified: bool, progress: bool) -> int:
     else:
         print(f"{card.name}: {path} (NOT verified: no sha256 is published; this file's sha256 is "
               f"{file_digest(path)})")
+    return 0
+
+
+def import_model(card: ModelCard, path: Path, replace: bool) -> int:
+    """Check a hand-downloaded checkpoint and install it into the cache (:mod:`FMSegCore.zoo.import_weights`)."""
+    from FMSegCore.zoo.import_weights import import_weights
+
+    if card.restricted_licence:
+        print(f"{card.name}: note: its licence is {card.licence}: no commercial use", flush=True)
+    installed = import_weights(card, path, replace)
+    checked = "sha256 and layout checked" if card.verifiable else "layout checked; no sha256 is published"
+    print(f"{card.name}: installed {path} as {_tilde(installed)} ({checked})")
     return 0

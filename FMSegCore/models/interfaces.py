@@ -62,6 +62,38 @@ class InContextModel2D(Protocol):
         """Logits (B, 1, N, N) for query slices (B, 1, N, N) given an :meth:`encode_support` result."""
 
 
+@runtime_checkable
+class StochasticInContextModel2D(InContextModel2D, Protocol):
+    """An in-context model that draws several plausible segmentations (Tyche-style); their spread is the
+    uncertainty. ``predict`` gives the logit of the candidates' mean probability."""
+
+    def predict_candidates(self, queries: torch.Tensor, support: torch.Tensor, candidates: int,
+                           generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """Logits (B, K, 1, N, N) of ``candidates`` = K draws for query slices (B, 1, N, N)."""
+
+
+@dataclass
+class PromptMaps2D:
+    """Interactive prompts on query slices as dense maps (B, 1, N, N) in [0, 1] on the model's input grid, for
+    in-context models that take them (MultiverSeg-style): a box, include and exclude clicks and scribbles, and
+    the previous prediction's logits (or None)."""
+
+    box: torch.Tensor
+    include: torch.Tensor
+    exclude: torch.Tensor
+    previous_logits: Optional[torch.Tensor] = None
+
+
+@runtime_checkable
+class InteractiveInContextModel2D(InContextModel2D, Protocol):
+    """An in-context model that also takes prompts on the query, so a user corrects a result with clicks,
+    scribbles or a box."""
+
+    def predict_with_prompts(self, queries: torch.Tensor, support: torch.Tensor,
+                             prompts: PromptMaps2D) -> torch.Tensor:
+        """Logits (B, 1, N, N) for query slices given a support and prompt maps."""
+
+
 @dataclass
 class PromptBatch3D:
     """Prompts for a batch of decoder calls on 3-D crops, in continuous voxel indices (i, j, k) of the model's
@@ -178,6 +210,8 @@ INTERFACES: dict[str, type] = {
     "PromptableModel2D": PromptableModel2D,
     "PromptableModel3D": PromptableModel3D,
     "InContextModel2D": InContextModel2D,
+    "StochasticInContextModel2D": StochasticInContextModel2D,
+    "InteractiveInContextModel2D": InteractiveInContextModel2D,
     "InContextModel3D": InContextModel3D,
     "AdaptableModel": AdaptableModel,
 }

@@ -29,7 +29,7 @@ _TASK_INTERFACES = {"PromptableModel3D": (PROMPTABLE, 3), "PromptableModel2D": (
                     "InContextModel3D": (INCONTEXT, 3), "InContextModel2D": (INCONTEXT, 2)}
 #: Interface names a family may declare (those of :mod:`FMSegCore.models.interfaces`).
 INTERFACE_NAMES = ("PromptableModel2D", "PromptableModel3D", "InContextModel2D", "InContextModel3D",
-                   "AdaptableModel")
+                   "StochasticInContextModel2D", "InteractiveInContextModel2D", "AdaptableModel")
 
 
 @dataclass(frozen=True)

@@ -74,6 +74,14 @@ class ModelCard:
     input_conventions: str
     architecture: Optional[str]
     homepage: str
+    #: What the model is good for, in a few words (the zoo table's last column).
+    good_for: str = ""
+
+    @property
+    def restricted_licence(self) -> bool:
+        """Whether the weights' licence forbids commercial use (research or evaluation only)."""
+        text = self.licence.lower()
+        return any(word in text for word in ("non-commercial", "research", "-nc-", "nc-nd", "ncls"))
 
     @property
     def parsed_source(self) -> Source:
@@ -111,6 +119,7 @@ _CARDS = (
                           "3 channels; box prompt in those pixel coordinates.",
         architecture="litemedsam",
         homepage="https://github.com/bowang-lab/MedSAM/tree/LiteMedSAM",
+        good_for="fast 2-D boxes on any modality; the default",
     ),
     ModelCard(
         name="medsam-vit-b",
@@ -128,6 +137,7 @@ _CARDS = (
                           "1024-pixel coordinates.",
         architecture=None,
         homepage="https://github.com/bowang-lab/MedSAM",
+        good_for="2-D boxes at full resolution (slow on CPU)",
     ),
     ModelCard(
         name="universeg-fmseg",
@@ -145,6 +155,7 @@ _CARDS = (
                           "binary support labels; output logits.",
         architecture="universeg",
         homepage="https://github.com/JJGO/UniverSeg",
+        good_for="2-D in-context from labelled slices; the default",
     ),
     ModelCard(
         name="iris-fmseg",
@@ -165,6 +176,7 @@ _CARDS = (
                           "class masks; output logits, background first.",
         architecture="iris",
         homepage="https://arxiv.org/abs/2503.19359",
+        good_for="3-D tasks from reference volumes (experimental)",
     ),
     ModelCard(
         name="universeg-v1",
@@ -182,6 +194,7 @@ _CARDS = (
                           "labels; output logits.",
         architecture="universeg",
         homepage="https://github.com/JJGO/UniverSeg",
+        good_for="2-D in-context, the authors' weights",
     ),
     ModelCard(
         name="tyche",
@@ -199,6 +212,7 @@ _CARDS = (
                           "K candidate predictions per target.",
         architecture=None,
         homepage="https://github.com/mariannerakic/Tyche",
+        good_for="in-context with candidate masks and their spread",
     ),
     ModelCard(
         name="multiverseg",
@@ -218,6 +232,7 @@ _CARDS = (
                           "clicks/scribbles, box, previous mask); context (B,S,1,128,128).",
         architecture=None,
         homepage="https://github.com/halleewong/MultiverSeg",
+        good_for="in-context corrected by clicks and scribbles",
     ),
     ModelCard(
         name="sam-med3d-turbo",
@@ -234,6 +249,7 @@ _CARDS = (
                           "prompts (positive/negative) in patch voxel coordinates.",
         architecture=None,
         homepage="https://github.com/uni-medical/SAM-Med3D",
+        good_for="3-D clicks, iterative corrections",
     ),
     ModelCard(
         name="vista3d",
@@ -252,6 +268,7 @@ _CARDS = (
                           "128^3 sliding windows; class ids or 3D points with labels.",
         architecture=None,
         homepage="https://github.com/Project-MONAI/model-zoo/tree/dev/models/vista3d",
+        good_for="CT: 127 classes or 3-D clicks",
     ),
     ModelCard(
         name="suprem-swinunetr",
@@ -269,6 +286,7 @@ _CARDS = (
                           "96^3 sliding windows; sigmoid per class.",
         architecture="swinunetr",
         homepage="https://github.com/MrGiovanni/SuPreM",
+        good_for="CT backbone for fine-tuning (no engine yet)",
     ),
     ModelCard(
         name="fseft-swinunetr",
@@ -288,6 +306,7 @@ _CARDS = (
                           "sliding windows; sigmoid per class.",
         architecture="swinunetr",
         homepage="https://github.com/jusiro/fewshot-finetuning",
+        good_for="CT backbone for few-shot fine-tuning (no engine yet)",
     ),
 )
 

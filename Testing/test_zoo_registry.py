@@ -236,7 +236,8 @@ def test_models_lists_the_zoo(argv: list[str], capsys: pytest.CaptureFixture[str
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert re.search(r"^litemedsam\s+promptable-2d\s+promptable 2-D\s+37\.5 MiB\s+Apache-2\.0", out, re.M)
-    assert re.search(r"^medsam-vit-b\s+promptable-2d\s+weights only\s", out, re.M)  # no family runs it yet
+    assert re.search(r"^medsam-vit-b\s+promptable-2d\s+promptable 2-D\s", out, re.M)  # the MedSAM family runs it
+    assert re.search(r"^suprem-swinunetr\s+segmentation-3d\s+weights only\s", out, re.M)  # no engine runs it
     assert all(card.name in out for card in list_cards())
 
 

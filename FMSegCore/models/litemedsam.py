@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
 import numpy as np
 import torch
@@ -27,11 +27,12 @@ class LiteMedSAM(nn.Module):
     input_size = 256
     mask_size = 256
 
-    def __init__(self) -> None:
+    def __init__(self, image_encoder: Optional[nn.Module] = None) -> None:
+        """LiteMedSAM's TinyViT, or another SAM image encoder giving (B, 256, 64, 64) from ``input_size``."""
         super().__init__()
-        self.image_encoder = TinyViT(img_size=256)
+        self.image_encoder = TinyViT(img_size=256) if image_encoder is None else image_encoder
         self.prompt_encoder = PromptEncoder(embed_dim=256, image_embedding_size=(64, 64),
-                                            input_image_size=(256, 256), mask_in_chans=16)
+                                            input_image_size=(self.input_size, self.input_size), mask_in_chans=16)
         self.mask_decoder = MaskDecoder(
             transformer_dim=256,
             transformer=TwoWayTransformer(depth=2, embedding_dim=256, mlp_dim=2048, num_heads=8),

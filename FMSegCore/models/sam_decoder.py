@@ -116,13 +116,13 @@ class PromptEncoder(nn.Module):
 
 
 class MLPBlock(nn.Module):
-    """Linear, activation, Linear (keys ``lin1``, ``lin2``)."""
+    """Linear, activation, Linear (keys ``lin1``, ``lin2``); ReLU in the decoder, GELU in ViT encoders."""
 
-    def __init__(self, embedding_dim: int, mlp_dim: int) -> None:
+    def __init__(self, embedding_dim: int, mlp_dim: int, activation: type[nn.Module] = nn.ReLU) -> None:
         super().__init__()
         self.lin1 = nn.Linear(embedding_dim, mlp_dim)
         self.lin2 = nn.Linear(mlp_dim, embedding_dim)
-        self.act = nn.ReLU()
+        self.act = activation()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.lin2(self.act(self.lin1(x)))

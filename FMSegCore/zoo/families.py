@@ -82,8 +82,16 @@ class Family:
 BUILTIN_FAMILIES = (
     Family("litemedsam", "FMSegCore.models.litemedsam:load_litemedsam", ("PromptableModel2D", "AdaptableModel"),
            title="LiteMedSAM (TinyViT encoder, SAM prompt decoder)"),
+    Family("medsam", "FMSegCore.models.medsam:load_medsam", ("PromptableModel2D",),
+           title="MedSAM (SAM ViT-B)"),
     Family("universeg", "FMSegCore.models.universeg:load_universeg", ("InContextModel2D",),
            title="UniverSeg v1"),
+    Family("tyche", "FMSegCore.models.tyche:load_tyche", ("InContextModel2D", "StochasticInContextModel2D"),
+           title="Tyche v1 (stochastic in-context)"),
+    Family("multiverseg", "FMSegCore.models.multiverseg:load_multiverseg",
+           ("InContextModel2D", "InteractiveInContextModel2D"), title="MultiverSeg v1 (interactive in-context)"),
+    Family("sam-med3d", "FMSegCore.models.sam_med3d:load_sam_med3d", ("PromptableModel3D",),
+           title="SAM-Med3D (ViT-B 3-D, 128^3 crops at 1.5 mm)"),
     Family("iris", "FMSegCore.models.iris:load_iris", ("InContextModel3D",),
            title="3-D in-context network (Iris-style)"),
     # Swin UNETR: the SuPreM and FSEFT layouts load and are checked, but no engine runs the network yet.

@@ -135,7 +135,7 @@ _CARDS = (
         licence="Apache-2.0",
         input_conventions="2D slice, min-max to [0, 1], resized to 1024x1024, 3 channels; box prompt in "
                           "1024-pixel coordinates.",
-        architecture=None,
+        architecture="medsam",
         homepage="https://github.com/bowang-lab/MedSAM",
         good_for="2-D boxes at full resolution (slow on CPU)",
     ),
@@ -210,7 +210,7 @@ _CARDS = (
         licence="Apache-2.0",
         input_conventions="Target (B,1,128,128) and support images/labels (B,S,1,128,128) in [0, 1]; "
                           "K candidate predictions per target.",
-        architecture=None,
+        architecture="tyche",
         homepage="https://github.com/mariannerakic/Tyche",
         good_for="in-context with candidate masks and their spread",
     ),
@@ -230,7 +230,7 @@ _CARDS = (
         licence="Apache-2.0",
         input_conventions="128x128 in [0, 1]; target has 5 channels (image, positive and negative "
                           "clicks/scribbles, box, previous mask); context (B,S,1,128,128).",
-        architecture=None,
+        architecture="multiverseg",
         homepage="https://github.com/halleewong/MultiverSeg",
         good_for="in-context corrected by clicks and scribbles",
     ),
@@ -247,7 +247,7 @@ _CARDS = (
         licence="Apache-2.0",
         input_conventions="128^3 patch at 1.5 mm spacing, z-score normalised inside the patch; 3D point "
                           "prompts (positive/negative) in patch voxel coordinates.",
-        architecture=None,
+        architecture="sam-med3d",
         homepage="https://github.com/uni-medical/SAM-Med3D",
         good_for="3-D clicks, iterative corrections",
     ),

@@ -109,6 +109,7 @@ class InContext:
     model: str = DEFAULT_INCONTEXT
     support_size: Annotated[int, Range(1, 64)] = 8
     ensemble: Annotated[int, Range(1, 16)] = 1
+    candidates: Annotated[int, Range(0, 32)] = 0  # stochastic models (tyche): candidate segmentations drawn
     tolerance: Annotated[float, Range(1e-3, 1.0)] = 0.05
     seed: Seed = 0
     uncertainty: bool = False

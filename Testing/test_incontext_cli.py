@@ -108,3 +108,36 @@ def test_bad_input_is_refused(tmp_path, capsys):
     assert existing.read_bytes() == b"keep me"
     with pytest.raises(SystemExit):
         main(["incontext", "--image", str(image), "--output", str(output)])  # no --support at all
+
+
+def test_tyche_draws_candidates_written_beside_the_output_and_their_spread_is_the_uncertainty(
+        tmp_path, capsys, monkeypatch):
+    import torch
+    from reference_fixtures import official_state_dict
+
+    monkeypatch.setenv("FMSEG_CACHE_DIR", str(tmp_path / "cache"))
+    weights = tmp_path / "tyche_v1_model_weights_CVPR.pt"
+    torch.save({"model": official_state_dict("tyche")}, weights)  # the official layout (fixture weights)
+    assert run_cli(capsys, "models", "import", "tyche", weights)[0] == 0
+    support_labels, truth = half_labelled_chest(tmp_path, keep=slice(20, 22))
+    output, uncertainty = tmp_path / "result.nii.gz", tmp_path / "spread.nii.gz"
+    common = ("incontext", "--model", "tyche", "--image", CHEST / "image.nii.gz", "--support",
+              CHEST / "image.nii.gz", support_labels, "--labels", "right lung", "--output", output,
+              "--support-size", "2", "--match", "index", "--no-progress")
+    code, out, err = run_cli(capsys, *common, "--candidates", "1")
+    assert code == 2 and "at least 2" in err and not output.exists()
+    code, out, err = run_cli(capsys, *common, "--candidates", "3", "--uncertainty", uncertainty)
+    assert code == 0, err
+    drawn = [tmp_path / f"result.candidate{k}.nii.gz" for k in (1, 2, 3)]
+    assert all(path.is_file() for path in drawn) and "3 candidate segmentations" in out
+    maps = [read_labelmap(path)[0].array for path in drawn]
+    assert all(m.shape == truth.shape for m in maps)
+    spread = read_volume(uncertainty).array  # synthetic weights: the candidates' probabilities differ, the
+    assert spread.shape == truth.shape and spread.max() > 1e-3  # thresholded maps may not
+    output.unlink(), (tmp_path / "result.labels.json").unlink()
+    code, _, err = run_cli(capsys, *common, "--candidates", "3")
+    assert code == 2 and "candidate1" in err and not output.exists()  # no overwrite of an earlier candidate
+    code, _, err = run_cli(capsys, "incontext", "--image", CHEST / "image.nii.gz", "--support",
+                           CHEST / "image.nii.gz", support_labels, "--labels", "right lung", "--output",
+                           tmp_path / "other.nii.gz", "--candidates", "2", "--no-progress")
+    assert code == 2 and "draws no candidates" in err and not (tmp_path / "other.nii.gz").exists()

@@ -18,6 +18,7 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Optional, Union
 
 from FMSegCore.cli import option_args
@@ -49,6 +50,7 @@ class InContextOptions:
     axis: str = InContext.axis
     support_size: int = InContext.support_size
     ensemble: int = InContext.ensemble
+    candidates: int = InContext.candidates
     tolerance: float = InContext.tolerance
     modality: str = InContext.modality
     window: str = InContext.window
@@ -97,6 +99,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                "supports and segments the whole volume; with --task, the task's own model", action=_ModelGiven)
     add_option(parser, InContext, "support_size", "support slices per query slice")
     add_option(parser, InContext, "ensemble", "average this many predictions from different support subsets")
+    add_option(parser, InContext, "candidates",
+               "stochastic models (tyche): draw K plausible segmentations, each written beside the output as "
+               "NAME.candidateK (their spread is the uncertainty map); 0: none")
     parser.add_argument("--uncertainty", default=None, metavar="VOLUME",
                         help="also write the per-voxel uncertainty (2-D models: spread of the ensemble, needs "
                              "--ensemble >= 2; 3-D models: normalised entropy of the class probabilities)")
@@ -141,7 +146,7 @@ def run(args: argparse.Namespace) -> int:
     model = args.model if getattr(args, "model_given", False) or not args.task else None
     options = InContextOptions(
         model=model, device=args.device, axis=args.axis, support_size=args.support_size,
-        ensemble=args.ensemble, tolerance=args.tolerance, modality=args.modality, window=args.window,
+        ensemble=args.ensemble, candidates=args.candidates, tolerance=args.tolerance, modality=args.modality, window=args.window,
         precision=args.precision, seed=args.seed, progress=False if args.no_progress else None,
         match=args.match, method=args.method, prior_margin_mm=args.prior_margin_mm or None,
         deformable=args.deformable, cross_modality=args.cross_modality,
@@ -159,8 +164,8 @@ def _check_options(options: InContextOptions, uncertainty: Optional[PathLike]) -
                                           "prior_margin_mm": options.prior_margin_mm or 0.0})
     require_kind(options.model, INCONTEXT, dims=2)
     ct_window(options.window)
-    if uncertainty is not None and options.ensemble < 2:
-        raise InputError(uncertainty, "an uncertainty map needs --ensemble 2 or more")
+    if uncertainty is not None and options.ensemble < 2 and not options.candidates:
+        raise InputError(uncertainty, "an uncertainty map needs --ensemble 2 or more, or --candidates K")
     if options.method not in METHODS:
         raise InputError(None, f"unknown method {options.method!r} (use {', '.join(METHODS)})")
 
@@ -188,6 +193,7 @@ def incontext_to_file(image_path: PathLike, supports: Sequence[tuple[PathLike, P
         options = replace(options, model=InContext.model)
     inputs = [image_path, *(path for pair in supports for path in pair)]
     output, uncertainty, preview = check_result_paths(output, uncertainty, preview, inputs, overwrite)
+    candidate_paths = candidate_outputs(output, options.candidates, [*inputs, uncertainty, preview], overwrite)
     _check_options(options, uncertainty)
     image = read_volume(image_path)
     scans = [read_support_scan(image_file, labels_file) for image_file, labels_file in supports]
@@ -200,6 +206,8 @@ def incontext_to_file(image_path: PathLike, supports: Sequence[tuple[PathLike, P
     result = (_segment_by_index(image, scans, classes, options, uncertainty is not None) if match == "index"
               else _segment_by_anatomy(image, scans, classes, options, uncertainty is not None))
     write_labelmap(result.labels.astype("uint16"), image, output, result.segments, overwrite=overwrite)
+    for path, drawn in zip(candidate_paths, result.candidates):
+        write_labelmap(drawn.astype("uint16"), image, path, result.segments, overwrite=overwrite)
     if uncertainty is not None and result.uncertainty is not None:
         write_volume(image.with_array(result.uncertainty.astype("float32")), uncertainty)
     if preview is not None:
@@ -209,11 +217,29 @@ def incontext_to_file(image_path: PathLike, supports: Sequence[tuple[PathLike, P
                           {s.value: s.color for s in result.segments}, overwrite=overwrite)
     done = PromptResult(image, result.labels, result.segments, output, time.perf_counter() - began)
     report(done)
+    if candidate_paths:
+        print(f"Wrote {len(candidate_paths)} candidate segmentations: {candidate_paths[0]} ... {candidate_paths[-1]}")
     if uncertainty is not None:
-        print(f"Wrote {uncertainty} (uncertainty: spread of {options.ensemble} ensemble members)")
+        drawn = f" x {options.candidates} candidates" if options.candidates else ""
+        print(f"Wrote {uncertainty} (uncertainty: spread of {options.ensemble} ensemble member(s){drawn})")
     if preview is not None:
         print(f"Wrote {preview} (preview)")
     return done
+
+
+def candidate_outputs(output: Path, count: int, others: Sequence[Optional[PathLike]], overwrite: bool) -> list[Path]:
+    """``NAME.candidate1.<ending>`` ... beside the output, checked like it (:func:`check_output`: no file in
+    the way, its ``.labels.json`` included, unless ``overwrite``), and none of ``others`` (inputs and results)."""
+    from FMSegCore.cli.prompt_cmd import check_not_input, check_output
+    from FMSegCore.io.atomic import file_ending
+
+    output = Path(output)
+    ending = file_ending(output)
+    stem = output.name[:len(output.name) - len(ending)]
+    paths = [check_output(output.with_name(f"{stem}.candidate{k}{ending}"), overwrite) for k in range(1, count + 1)]
+    for path in paths:
+        check_not_input(path, [p for p in others if p is not None])
+    return paths
 
 
 def _progress_bar(show: bool):
@@ -240,10 +266,9 @@ def _model(options: InContextOptions, show: bool):
 
 
 def _settings(options: InContextOptions):
-    from FMSegCore.engines.incontext.session import InContextSettings
+    from FMSegCore.engines.incontext.session import settings_from_options
 
-    return InContextSettings(support_size=options.support_size, ensemble=options.ensemble,
-                             match_tolerance=options.tolerance, seed=options.seed)
+    return settings_from_options(options)
 
 
 def _show(options: InContextOptions) -> bool:

@@ -12,7 +12,8 @@ from typing import Union
 from FMSegCore.errors import InputError
 
 
-def _double_suffix(path: Path) -> str:
+def file_ending(path: Path) -> str:
+    """The file's ending, double ones included (``.nii.gz``, ``.seg.nrrd``, ``.mrk.json``)."""
     name = path.name.lower()
     for suffix in (".seg.nrrd", ".nii.gz", ".mrk.json"):
         if name.endswith(suffix):
@@ -31,7 +32,7 @@ def atomic_output(path: Union[str, Path], overwrite: bool = True) -> Iterator[Pa
         raise InputError(path, "output exists already (choose another name, or allow overwriting)")
     if not path.parent.exists():
         raise InputError(path, f"output folder {path.parent} does not exist")
-    handle, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".partial{_double_suffix(path)}", dir=path.parent)
+    handle, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".partial{file_ending(path)}", dir=path.parent)
     os.close(handle)
     temporary = Path(name)
     umask = os.umask(0)

@@ -344,7 +344,7 @@ class Service:
             AnatomicalSettings,
             choose_match,
         )
-        from FMSegCore.engines.incontext.session import InContextSession, InContextSettings
+        from FMSegCore.engines.incontext.session import InContextSession, settings_from_options
         from FMSegCore.engines.incontext.support import SupportScan, SupportSet, example_from_arrays
 
         query = self.volume(request.volume, "incontext.volume")
@@ -367,8 +367,7 @@ class Service:
                                                 modality, window))
         support = SupportSet(examples)
         classes = support.resolve(request.classes or None)
-        settings = InContextSettings(support_size=request.support_size, ensemble=request.ensemble,
-                                     match_tolerance=request.tolerance, seed=request.seed)
+        settings = settings_from_options(request)
         name = request.model
         _check_card(name, INCONTEXT, dims=2)
         uncertainty = request.uncertainty

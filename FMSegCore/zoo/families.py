@@ -92,6 +92,8 @@ BUILTIN_FAMILIES = (
            ("InContextModel2D", "InteractiveInContextModel2D"), title="MultiverSeg v1 (interactive in-context)"),
     Family("sam-med3d", "FMSegCore.models.sam_med3d:load_sam_med3d", ("PromptableModel3D",),
            title="SAM-Med3D (ViT-B 3-D, 128^3 crops at 1.5 mm)"),
+    Family("vista3d", "FMSegCore.models.vista3d:load_vista3d", ("PromptableModel3D",),
+           title="VISTA3D (MONAI vista3d132: 3-D clicks; its classes automatically)"),
     Family("iris", "FMSegCore.models.iris:load_iris", ("InContextModel3D",),
            title="3-D in-context network (Iris-style)"),
     # Swin UNETR: the SuPreM and FSEFT layouts load and are checked, but no engine runs the network yet.

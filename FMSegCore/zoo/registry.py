@@ -255,7 +255,7 @@ _CARDS = (
         name="vista3d",
         task="promptable-3d",
         title="VISTA3D (MONAI bundle)",
-        description="3D CT model: automatic segmentation of 127 classes (class prompts) and interactive "
+        description="3D CT model: automatic segmentation of its classes (132 ids; 117 in its "everything" set) and interactive "
                     "points (218 M parameters, monai.networks.nets.vista3d132). The MONAI bundle publishes "
                     "MD5 6ce45a8edde4400c5d28d5e74d7b61d5 but no sha256. Weights: NVIDIA non-commercial "
                     "licence (research or evaluation only). " + _NO_HASH,
@@ -266,9 +266,9 @@ _CARDS = (
         licence="NVIDIA NCLS v1 (non-commercial)",
         input_conventions="CT, HU clipped to [-963.8, 1053.7] and scaled to [0, 1], RAS, 1.5 mm spacing, "
                           "128^3 sliding windows; class ids or 3D points with labels.",
-        architecture=None,
+        architecture="vista3d",
         homepage="https://github.com/Project-MONAI/model-zoo/tree/dev/models/vista3d",
-        good_for="CT: 127 classes or 3-D clicks",
+        good_for="CT: 117 classes automatically, or 3-D clicks",
     ),
     ModelCard(
         name="suprem-swinunetr",

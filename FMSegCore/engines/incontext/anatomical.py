@@ -252,9 +252,10 @@ class AnatomicalInContext:
         labels = most_probable(probabilities, query.array.shape, self.settings.threshold)
         spread = (None if work.uncertainty is None
                   else resample_onto(aligned.grid, work.uncertainty.astype(np.float32), target))
+        candidates = [resample_onto(aligned.grid, drawn, target, nearest=True) for drawn in work.candidates]
         result = InContextResult(labels, list(self.classes), spread,
-                                 probabilities if keep_probabilities else {}, time.perf_counter() - began,
-                                 work.model_passes)
+                                 probabilities if keep_probabilities else {}, candidates,
+                                 time.perf_counter() - began, work.model_passes)
         return result, aligned
 
 

@@ -5,7 +5,8 @@ input size) and segments any number of query volumes or slices with it. Per clas
 supports matched by relative position (:mod:`.slice_matching`); blocks of consecutive slices share a support set
 and run as one batch. ``ensemble`` members use different support subsets and, for odd members, a mirrored
 query and support (test-time augmentation); their probabilities are averaged and their spread is the
-uncertainty. Classes are predicted one by one (binary) and combined into one label map, overlaps going to the
+uncertainty. A stochastic model (Tyche) also draws ``candidates`` plausible segmentations per member: their
+spread joins the uncertainty, and each candidate becomes a label map of its own. Classes are predicted one by one (binary) and combined into one label map, overlaps going to the
 most probable class.
 """
 
@@ -14,7 +15,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 import numpy as np
 import torch
@@ -30,7 +31,7 @@ from FMSegCore.engines.incontext.support import SupportSet
 from FMSegCore.engines.label_vote import LabelVote
 from FMSegCore.errors import InputError
 from FMSegCore.io.labelmap import SegmentInfo
-from FMSegCore.models.interfaces import InContextModel2D
+from FMSegCore.models.interfaces import InContextModel2D, StochasticInContextModel2D
 from FMSegCore.preprocessing.intensity import DEFAULT_CT_WINDOW, Window, normalize
 from FMSegCore.preprocessing.slicing import Axis, axis_index, fit_square, get_slice, put_slice, unfit_square
 from FMSegCore.progress import ProgressCallback, ProgressClock
@@ -54,6 +55,15 @@ class InContextSettings:
     #: probability above which a voxel belongs to a class
     threshold: float = 0.5
     seed: int = 0
+    #: candidates drawn per member by a stochastic model (0: its one averaged prediction)
+    candidates: int = 0
+
+
+def settings_from_options(options: Any) -> InContextSettings:
+    """The session's settings from the shared in-context options (:class:`FMSegCore.options.InContext`, or the
+    CLI's and worker's objects with the same fields)."""
+    return InContextSettings(support_size=options.support_size, ensemble=options.ensemble,
+                             match_tolerance=options.tolerance, seed=options.seed, candidates=options.candidates)
 
 
 @dataclass
@@ -64,26 +74,34 @@ class InContextResult:
     segments: list[SegmentInfo]
     uncertainty: Optional[np.ndarray] = None
     probabilities: dict[int, np.ndarray] = field(default_factory=dict)
+    #: one label map per drawn candidate (stochastic models with ``candidates``)
+    candidates: list[np.ndarray] = field(default_factory=list)
     seconds: float = 0.0
     model_passes: int = 0
 
 
 @torch.no_grad()
 def predict_probabilities(model: InContextModel2D, queries: torch.Tensor, images: torch.Tensor, masks: torch.Tensor,
-                          autocast_dtype: Optional[torch.dtype] = None,
-                          max_pairs_per_pass: int = 128) -> tuple[torch.Tensor, int]:
+                          autocast_dtype: Optional[torch.dtype] = None, max_pairs_per_pass: int = 128,
+                          candidates: int = 0, seed: int = 0) -> tuple[torch.Tensor, int]:
     """Probabilities (B, H, W) of query slices (B, 1, H, W) against one support set (S, 1, H, W), and the number
     of forward passes: the support is encoded once, queries run in chunks of at most ``max_pairs_per_pass``
-    query-support pairs."""
-    chunk = max(1, max_pairs_per_pass // images.shape[0])
+    query-support pairs (candidates count as pairs). With ``candidates`` = K > 0 (a
+    :class:`StochasticInContextModel2D`): (K, B, H, W), drawn from a generator seeded by ``seed``."""
+    chunk = max(1, max_pairs_per_pass // (images.shape[0] + candidates))
+    generator = torch.Generator(device=queries.device).manual_seed(seed) if candidates else None
     out = []
     with torch.autocast(queries.device.type, dtype=autocast_dtype or torch.float32,
                         enabled=autocast_dtype is not None):
         encoded = model.encode_support(images, masks)
         for start in range(0, queries.shape[0], chunk):
-            logits = model.predict(queries[start:start + chunk], encoded)
-            out.append(torch.sigmoid(logits.float())[:, 0])
-    return torch.cat(out), len(out)
+            if candidates:
+                logits = model.predict_candidates(queries[start:start + chunk], encoded, candidates, generator)
+                out.append(torch.sigmoid(logits.float())[:, :, 0].transpose(0, 1))
+            else:
+                logits = model.predict(queries[start:start + chunk], encoded)
+                out.append(torch.sigmoid(logits.float())[:, 0])
+    return torch.cat(out, dim=-3), len(out)
 
 
 class InContextSession:
@@ -102,6 +120,11 @@ class InContextSession:
         self.settings = settings or InContextSettings()
         if self.settings.support_size < 1 or self.settings.ensemble < 1:
             raise InputError(None, "support size and ensemble must be at least 1")
+        if self.settings.candidates < 0 or self.settings.candidates == 1:
+            raise InputError(None, f"candidates must be 0 (none) or at least 2, not {self.settings.candidates}")
+        if self.settings.candidates and not isinstance(model, StochasticInContextModel2D):
+            raise InputError(None, "this in-context model draws no candidates (a stochastic model such as "
+                                   "tyche does)")
         self.classes = support.resolve(classes)
         self.axis = axis_index(axis)
         self.device = device or next(model.parameters()).device  # type: ignore[attr-defined]
@@ -153,23 +176,27 @@ class InContextSession:
 
     # ------------------------------------------------------------------------------------------ prediction
 
-    def _predict(self, queries: torch.Tensor, images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    def _predict(self, queries: torch.Tensor, images: torch.Tensor, masks: torch.Tensor, seed: int) -> torch.Tensor:
         probabilities, passes = predict_probabilities(self.model, queries, images, masks, self.autocast_dtype,
-                                                      self.settings.max_pairs_per_pass)
+                                                      self.settings.max_pairs_per_pass, self.settings.candidates,
+                                                      seed)
         self._passes += passes
         return probabilities
 
     def _block_probabilities(self, block: QueryBlock, fitted_queries: np.ndarray, value: int,
                              rng: np.random.Generator) -> np.ndarray:
-        """(members, B, size, size) probabilities of one block's query slices."""
+        """(members, B, size, size) probabilities of one block's query slices; with candidates, (members x K, B,
+        size, size), member by member."""
         members = []
         queries = torch.from_numpy(fitted_queries)[:, None].to(self.device)
         for member in range(self.settings.ensemble):
             chosen = choose_supports(block.pool, block.centre, self.settings.support_size, member, rng)
             mirror = member % 2 == 1
             images, masks = self._support_arrays(chosen, value, mirror)
-            probability = self._predict(queries.flip(-1) if mirror else queries, images, masks)
-            members.append((probability.flip(-1) if mirror else probability).cpu().numpy())
+            seed = int(rng.integers(2**31)) if self.settings.candidates else 0
+            probability = self._predict(queries.flip(-1) if mirror else queries, images, masks, seed)
+            probability = (probability.flip(-1) if mirror else probability).cpu().numpy()
+            members.extend(probability if self.settings.candidates else [probability])
         return np.stack(members)
 
     def segment_volume(self, volume: np.ndarray, uncertainty: bool = False, keep_probabilities: bool = False,
@@ -209,8 +236,9 @@ class InContextSession:
         volume = image
         if volume.ndim != 3:
             raise InputError(None, f"the query must be a 3-D volume, got {volume.ndim} dimensions")
-        if uncertainty and self.settings.ensemble < 2:
-            raise InputError(None, "an uncertainty map needs an ensemble of at least 2 members (--ensemble 2)")
+        if uncertainty and self.settings.ensemble < 2 and not self.settings.candidates:
+            raise InputError(None, "an uncertainty map needs an ensemble of at least 2 members (--ensemble 2) or "
+                                   "candidates from a stochastic model (--candidates 4)")
         count = volume.shape[2 - query_axis]
         size = self.model.input_size
         fits, fitted = [], np.zeros((count, size, size), dtype=np.float32)
@@ -218,8 +246,11 @@ class InContextSession:
             fitted[index], fit = fit_square(get_slice(image, query_axis, index), size, "antialias")
             fits.append(fit)
         vote = LabelVote(volume.shape, self.settings.threshold)
+        drawn = self.settings.candidates
+        candidate_votes = [LabelVote(volume.shape, self.settings.threshold) for _ in range(drawn)]
         spread = np.zeros(volume.shape, dtype=np.float32) if uncertainty else None
-        result = InContextResult(vote.labels, list(self.classes), spread)
+        result = InContextResult(vote.labels, list(self.classes), spread,
+                                 candidates=[v.labels for v in candidate_votes])
         plans = [(segment, query_blocks(support_slices[segment.value], count, self.settings.match_tolerance,
                                         self.settings.block_slices, self.slice_spacing_mm))
                  for segment in self.classes]
@@ -229,17 +260,24 @@ class InContextSession:
             rng = np.random.default_rng([self.settings.seed, segment.value])
             probability = np.zeros(volume.shape, dtype=np.float32)
             deviation = np.zeros(volume.shape, dtype=np.float32) if uncertainty else None
+            per_candidate = np.zeros((drawn, *volume.shape), dtype=np.float32)
             for block in blocks:
                 members = self._block_probabilities(block, fitted[block.slices], segment.value, rng)
                 mean = members.mean(axis=0)
+                candidate_means = members.reshape(-1, drawn, *members.shape[1:]).mean(axis=0) if drawn else None
                 for row, index in enumerate(block.slices):
                     put_slice(probability, query_axis, index, unfit_square(mean[row], fits[index], "bilinear"))
+                    for k in range(drawn):
+                        put_slice(per_candidate[k], query_axis, index,
+                                  unfit_square(candidate_means[k, row], fits[index], "bilinear"))
                     if deviation is not None:
                         std = members[:, row].std(axis=0)
                         put_slice(deviation, query_axis, index, unfit_square(std, fits[index], "bilinear"))
                 done += 1
                 clock(done, message=segment.name)
             vote.add(segment.value, probability)
+            for k, candidate_vote in enumerate(candidate_votes):
+                candidate_vote.add(segment.value, per_candidate[k])
             if spread is not None and deviation is not None:
                 np.maximum(spread, deviation, out=spread)
             if keep_probabilities:

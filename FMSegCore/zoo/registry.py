@@ -255,8 +255,8 @@ _CARDS = (
         name="vista3d",
         task="promptable-3d",
         title="VISTA3D (MONAI bundle)",
-        description="3D CT model: automatic segmentation of its classes (132 ids; 117 in its "everything" set) and interactive "
-                    "points (218 M parameters, monai.networks.nets.vista3d132). The MONAI bundle publishes "
+        description="3D CT model: automatic segmentation of its classes (132 ids, 117 in its 'everything' "
+                    "set) and interactive points (218 M parameters, monai.networks.nets.vista3d132). The MONAI bundle publishes "
                     "MD5 6ce45a8edde4400c5d28d5e74d7b61d5 but no sha256. Weights: NVIDIA non-commercial "
                     "licence (research or evaluation only). " + _NO_HASH,
         source="https://developer.download.nvidia.com/assets/Clara/monai/tutorials/model_zoo/model_vista3d.pt",

@@ -308,3 +308,16 @@ def test_models_lists_what_each_model_is_good_for_and_flags_non_commercial_licen
         assert card.good_for and row.rstrip().endswith(card.good_for)
     assert get_card("vista3d").restricted_licence and get_card("suprem-swinunetr").restricted_licence
     assert not get_card("litemedsam").restricted_licence
+
+
+def test_a_reader_that_stops_early_gets_no_traceback() -> None:
+    import subprocess
+    import sys
+
+    process = subprocess.Popen([sys.executable, "-c", "from FMSegCore.cli.main import main; import sys; "
+                                "sys.exit(main(['models', 'info', 'vista3d']))"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0)
+    assert process.stdout is not None
+    process.stdout.close()  # the reader goes away before the command writes (like `| head` that is done)
+    _, err = process.communicate(timeout=120)
+    assert b"Traceback" not in err and process.returncode == 141, err.decode()

@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from FMSegCore.engines.incontext.anatomical import AlignedQuery
     from FMSegCore.engines.incontext.session import InContextResult
     from FMSegCore.engines.incontext.support import SupportScan
+    from FMSegCore.prompts import SegmentPrompts
 
 #: --axis accepts x/y/z as well as the anatomical names.
 AXIS_ALIASES = {"x": "sagittal", "y": "coronal", "z": "axial", **{name: name for name in AXES}}
@@ -99,6 +100,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                "supports and segments the whole volume; with --task, the task's own model", action=_ModelGiven)
     add_option(parser, InContext, "support_size", "support slices per query slice")
     add_option(parser, InContext, "ensemble", "average this many predictions from different support subsets")
+    parser.add_argument("--corrections", nargs="+", default=None, metavar="MARKUPS",
+                        help="interactive models (multiverseg): Slicer markups (.mrk.json) of clicks, scribbles, "
+                             "lassos or 2-D boxes named after the classes they correct (exclude: description "
+                             "'exclude'); each slice holding some is predicted again with them (--match index)")
     add_option(parser, InContext, "candidates",
                "stochastic models (tyche): draw K plausible segmentations, each written beside the output as "
                "NAME.candidateK (their spread is the uncertainty map); 0: none")
@@ -153,6 +158,7 @@ def run(args: argparse.Namespace) -> int:
         registration_weight=args.registration_weight)
     incontext_to_file(args.image, [tuple(pair) for pair in args.support or ()], args.output, labels=args.labels,
                       uncertainty=args.uncertainty, options=options, overwrite=args.overwrite,
+                      corrections=args.corrections,
                       preview=args.preview, task=args.task)
     return 0
 
@@ -173,8 +179,10 @@ def _check_options(options: InContextOptions, uncertainty: Optional[PathLike]) -
 def incontext_to_file(image_path: PathLike, supports: Sequence[tuple[PathLike, PathLike]], output: PathLike,
                       labels: Optional[Sequence[Union[str, int]]] = None, uncertainty: Optional[PathLike] = None,
                       options: Optional[InContextOptions] = None, overwrite: bool = False,
-                      preview: Optional[PathLike] = None, task: Optional[PathLike] = None) -> PromptResult:
+                      preview: Optional[PathLike] = None, task: Optional[PathLike] = None,
+                      corrections: Optional[Sequence[PathLike]] = None) -> PromptResult:
     """What ``fmseg incontext`` does: check everything, align, segment, write atomically, print a report.
+    ``corrections``: markups files of prompts (named by class) that an interactive model applies afterwards.
 
     Exactly one of ``supports`` and ``task`` (a task file). A task file, or a 3-D in-context ``options.model``,
     goes the 3-D way (:func:`FMSegCore.cli.incontext3d.incontext3d_to_file`); with a task file
@@ -203,7 +211,8 @@ def incontext_to_file(image_path: PathLike, supports: Sequence[tuple[PathLike, P
     match = choose_match(options.match, image, [scan.volume for scan in scans])
     if options.method == "registration" and match != "anatomy":
         raise InputError(None, "--method registration needs supports from other scans (--match anatomy)")
-    result = (_segment_by_index(image, scans, classes, options, uncertainty is not None) if match == "index"
+    prompts = _corrections(corrections, image, options, match, classes)
+    result = (_segment_by_index(image, scans, classes, options, uncertainty is not None, prompts) if match == "index"
               else _segment_by_anatomy(image, scans, classes, options, uncertainty is not None))
     write_labelmap(result.labels.astype("uint16"), image, output, result.segments, overwrite=overwrite)
     for path, drawn in zip(candidate_paths, result.candidates):
@@ -275,9 +284,34 @@ def _show(options: InContextOptions) -> bool:
     return sys.stderr.isatty() if options.progress is None else options.progress
 
 
+def _corrections(paths: Optional[Sequence[PathLike]], image: Volume, options: InContextOptions,
+                 match: str, classes: Sequence[SegmentInfo]) -> list[SegmentPrompts]:
+    """The correction prompts, checked before any work (against the query, the classes and the slicing axis),
+    or none; they need an interactive model and the query's own slices (index matching)."""
+    if not paths:
+        return []
+    from FMSegCore.cli.prompt_cmd import load_prompts
+    from FMSegCore.zoo.families import family_of
+    from FMSegCore.zoo.registry import get_card
+
+    family = family_of(get_card(str(options.model)))
+    if family is None or "InteractiveInContextModel2D" not in family.implements:
+        raise InputError(paths[0], f"corrections need an interactive in-context model (multiverseg), not "
+                                   f"{options.model}")
+    if match != "index" or options.method != "model":
+        raise InputError(paths[0], "corrections are applied on the query's own slices: use --match index")
+    from FMSegCore.engines.incontext.corrections import check_corrections
+    from FMSegCore.io.orientation import anatomical_axes
+
+    prompts = load_prompts(paths, image)
+    check_corrections(prompts, classes, anatomical_axes(image.direction)[AXES[options.axis]], image.array.shape)
+    return prompts
+
+
 def _segment_by_index(image: Volume, scans: Sequence[SupportScan], classes: Sequence[SegmentInfo],
-                      options: InContextOptions, uncertainty: bool) -> InContextResult:
-    """The query sliced as it is, supports matched by relative slice position."""
+                      options: InContextOptions, uncertainty: bool,
+                      corrections: Sequence[SegmentPrompts] = ()) -> InContextResult:
+    """The query sliced as it is, supports matched by relative slice position; then the corrections."""
     from FMSegCore.engines.incontext.session import InContextSession
     from FMSegCore.engines.incontext.support import SupportSet
     from FMSegCore.io.orientation import anatomical_axes
@@ -291,9 +325,16 @@ def _segment_by_index(image: Volume, scans: Sequence[SupportScan], classes: Sequ
                                window=options.window)
     bar, progress = _progress_bar(show)
     try:
-        return session.segment_volume(image.array, uncertainty=uncertainty, progress=progress)
+        result = session.segment_volume(image.array, uncertainty=uncertainty, progress=progress,
+                                        keep_probabilities=bool(corrections))
     finally:
         bar.close()
+    if corrections:
+        from FMSegCore.engines.incontext.corrections import correct_result
+
+        count = correct_result(session, session.normalise(image.array), result, corrections)
+        print(f"Corrected {count} slice(s) with the prompts of {', '.join(p.name for p in corrections)}")
+    return result
 
 
 def _segment_by_anatomy(image: Volume, scans: Sequence[SupportScan], classes: Sequence[SegmentInfo],

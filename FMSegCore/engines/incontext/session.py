@@ -31,10 +31,25 @@ from FMSegCore.engines.incontext.support import SupportSet
 from FMSegCore.engines.label_vote import LabelVote
 from FMSegCore.errors import InputError
 from FMSegCore.io.labelmap import SegmentInfo
-from FMSegCore.models.interfaces import InContextModel2D, StochasticInContextModel2D
+from FMSegCore.models.interfaces import (
+    InContextModel2D,
+    InteractiveInContextModel2D,
+    PromptMaps2D,
+    StochasticInContextModel2D,
+)
 from FMSegCore.preprocessing.intensity import DEFAULT_CT_WINDOW, Window, normalize
 from FMSegCore.preprocessing.slicing import Axis, axis_index, fit_square, get_slice, put_slice, unfit_square
 from FMSegCore.progress import ProgressCallback, ProgressClock
+
+
+@dataclass
+class SlicePromptMasks:
+    """Prompts on one query slice as boolean masks on its own (row, col) grid: include and exclude clicks and
+    scribbles, and a box (all False when none)."""
+
+    include: np.ndarray
+    exclude: np.ndarray
+    box: np.ndarray
 
 
 @dataclass
@@ -199,17 +214,51 @@ class InContextSession:
             members.extend(probability if self.settings.candidates else [probability])
         return np.stack(members)
 
+    def correct_slice(self, image: np.ndarray, index: int, value: int, prompts: SlicePromptMasks,
+                      previous: np.ndarray) -> np.ndarray:
+        """The probability of class ``value`` on slice ``index`` (along the session's axis) of a normalised query
+        volume, given prompt masks on that slice and the previous probability there; interactive in-context
+        models (MultiverSeg) only. Supports as for the uncorrected slice (ensemble member 0)."""
+        if not isinstance(self.model, InteractiveInContextModel2D):
+            raise InputError(None, "this in-context model takes no corrections (an interactive one such as "
+                                   "multiverseg does)")
+        size, count = self.model.input_size, image.shape[2 - self.axis]
+        query, fit = fit_square(get_slice(image, self.axis, index), size, "antialias")
+        blocks = query_blocks(self._slices[value], count, self.settings.match_tolerance, 1, self.slice_spacing_mm)
+        block = next((b for b in blocks if index in b.slices), None)
+        pool, centre = (block.pool, block.centre) if block else (self._slices[value], None)  # none near: any
+        rng = np.random.default_rng([self.settings.seed, value])
+        images, masks = self._support_arrays(choose_supports(pool, centre, self.settings.support_size, 0, rng),
+                                             value, False)
+
+        def square(mask: np.ndarray) -> torch.Tensor:  # thin lines and single clicks survive the downsizing
+            fitted = fit_square(np.asarray(mask, dtype=np.float32), size, "antialias")[0] > 0
+            return torch.from_numpy(fitted.astype(np.float32))[None, None].to(self.device)
+
+        odds = np.clip(fit_square(previous.astype(np.float32), size, "bilinear")[0], 1e-6, 1 - 1e-6)
+        logits = np.clip(np.log(odds / (1 - odds)), -8, 8).astype(np.float32)  # MultiverSeg's mask range
+        maps = PromptMaps2D(square(prompts.box), square(prompts.include), square(prompts.exclude),
+                            torch.from_numpy(logits)[None, None].to(self.device))
+        with torch.no_grad():
+            logits = self.model.predict_with_prompts(torch.from_numpy(query)[None, None].to(self.device),
+                                                     self.model.encode_support(images, masks), maps)
+        return unfit_square(torch.sigmoid(logits.float())[0, 0].cpu().numpy(), fit, "bilinear")
+
     def segment_volume(self, volume: np.ndarray, uncertainty: bool = False, keep_probabilities: bool = False,
                        progress: Optional[ProgressCallback] = None, normalised: bool = False) -> InContextResult:
         """Segment every class in a query volume (KJI array of raw intensities, or of values already in [0, 1]
         when ``normalised``); a query one slice thick along the axis is a lone slice and takes supports from
         anywhere."""
         volume = np.asarray(volume)
-        image = volume if normalised else normalize(volume, self.modality, self.window)
+        image = volume if normalised else self.normalise(volume)
         if volume.ndim == 3 and volume.shape[2 - self.axis] == 1:
             return self._segment(image, self.axis, self._position_free(), uncertainty, keep_probabilities,
                                  progress)
         return self._segment(image, self.axis, self._slices, uncertainty, keep_probabilities, progress)
+
+    def normalise(self, volume: np.ndarray) -> np.ndarray:
+        """Raw intensities in [0, 1] as the session feeds them to the model."""
+        return normalize(np.asarray(volume), self.modality, self.window)
 
     def _position_free(self) -> dict[int, list[SupportSlice]]:
         return {value: [SupportSlice(s.example, s.index, None, s.area) for s in slices]

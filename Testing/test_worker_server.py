@@ -12,10 +12,12 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 import requests
+import torch
 from worker_fixtures import TOKEN, ct_case, kidney_roi, running_worker, sub_volume, upload
 
 from FMSegCore.engines.adaptation.defaults import DEFAULT_PIXEL_MM
@@ -495,6 +497,26 @@ def test_a_worker_that_cannot_start_says_why(tmp_path):
     with pytest.raises(WorkerUnavailable, match="cannot start"):
         missing.start()
     assert json  # json is used by the fixtures' label names
+
+
+def test_weights_uploaded_by_hand_are_checked_and_installed(client, monkeypatch, tmp_path):
+    import io
+
+    from reference_fixtures import official_state_dict
+
+    monkeypatch.setenv("FMSEG_CACHE_DIR", str(tmp_path))
+    buffer = io.BytesIO()
+    torch.save({"model": official_state_dict("tyche")}, buffer)
+    with pytest.raises(WorkerError, match="not a MultiverSeg checkpoint") as wrong:
+        client.import_weights("multiverseg", buffer.getvalue())
+    assert "\n" not in str(wrong.value) and "uploaded file" in str(wrong.value)
+    assert not any(tmp_path.rglob("*.pt"))  # nothing installed
+    done = client.import_weights("tyche", buffer.getvalue())
+    assert Path(done["path"]).read_bytes() == buffer.getvalue() and done["verified"] is False
+    assert {m["id"]: m for m in client.models()}["tyche"]["available"]
+    with pytest.raises(WorkerError, match="already installed"):
+        client.import_weights("tyche", buffer.getvalue())
+    assert client.import_weights("tyche", buffer.getvalue(), replace=True)["model"] == "tyche"
 
 
 def test_model_download_jobs_report_cached_models_and_fail_in_one_line_when_offline(client, monkeypatch, tmp_path):

@@ -125,11 +125,16 @@ class WorkerClient:
         return self._call("POST", "sessions", json={"volume": volume_id, **options})["session"]
 
     def prompt(self, session_id: str, name: str, boxes: Sequence[Sequence[Any]] = (),
-               points: Sequence[tuple[Sequence[float], bool]] = ()) -> tuple[np.ndarray, dict[str, Any]]:
+               points: Sequence[tuple[Sequence[float], bool]] = (),
+               curves: Sequence[tuple[Sequence[Sequence[float]], bool, bool]] = ()) -> tuple[np.ndarray, dict[str, Any]]:
         """Segment one structure: boxes as (lo, hi) IJK corners, or (lo, hi, corners) for an oriented ROI with
-        its 8 IJK corners; points as (ijk, include). Returns (KJI mask, timings)."""
+        its 8 IJK corners; points as (ijk, include); curves as (IJK control points, include, closed): scribbles
+        and lassos. Returns (KJI mask, timings)."""
         body = {"name": name, "boxes": [_box_json(*box) for box in boxes],
                 "points": [{"ijk": list(map(float, ijk)), "include": bool(include)} for ijk, include in points]}
+        if curves:
+            body["curves"] = [{"points": [list(map(float, p)) for p in ijk], "include": bool(include),
+                               "closed": bool(closed)} for ijk, include, closed in curves]
         data = self._call("POST", f"sessions/{session_id}/prompt", json=body, binary=True)
         mask, info = decode_mask(data)
         info["bytes"] = len(data)
@@ -142,6 +147,11 @@ class WorkerClient:
         """Start an ``incontext``, ``task``, ``adapt`` or ``segment`` job; its status (with ``id``). An
         ``incontext`` body holds ``supports`` or the ``task`` id of an uploaded or created task."""
         return self._call("POST", f"jobs/{kind}", json=body)
+
+    def import_weights(self, model: str, data: bytes, replace: bool = False) -> dict[str, Any]:
+        """Install checkpoint bytes as ``model``'s weights on the worker (checked there); where they went."""
+        return self._call("POST", f"models/{model}/weights{'?replace=true' if replace else ''}", data=data,
+                          content_type="application/octet-stream")
 
     def start_download(self, model: str) -> dict[str, Any]:
         return self._call("POST", "models/download", json={"model": model})

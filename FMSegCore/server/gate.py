@@ -6,6 +6,7 @@ read), the request log (``--verbose``) and the net for internal errors (always l
 from __future__ import annotations
 
 import hmac
+import re
 import sys
 import time
 import traceback
@@ -18,6 +19,13 @@ MAX_JSON_BYTES = 1 << 20
 TOKEN_HEADER = b"authorization"
 #: (method, path) of the routes whose bodies are binary uploads, limited by ``max_upload_bytes``.
 UPLOADS = {("POST", "/v1/volumes"), ("POST", "/v1/adapters"), ("POST", "/v1/tasks")}
+#: Upload routes with a part of the path that varies (a model's weights).
+UPLOAD_PATTERNS = (("POST", re.compile(r"/v1/models/[^/]+/weights")),)
+
+
+def is_upload(method: str, path: str) -> bool:
+    """Whether a request may carry an upload's body (``max_upload_bytes``) rather than JSON."""
+    return (method, path) in UPLOADS or any(method == m and pattern.fullmatch(path) for m, pattern in UPLOAD_PATTERNS)
 
 
 @dataclass
@@ -103,7 +111,7 @@ class Gate:
             length = int(headers.get(b"content-length", b"0"))
         except ValueError:
             return error_response(411, "missing or bad Content-Length", close=True)
-        limit = self.settings.max_upload_bytes if (scope["method"], scope["path"]) in UPLOADS else MAX_JSON_BYTES
+        limit = self.settings.max_upload_bytes if is_upload(scope["method"], scope["path"]) else MAX_JSON_BYTES
         if length < 0 or length > limit:
             return error_response(413, f"request body of {length} bytes exceeds the limit of {limit} bytes",
                                   close=True)

@@ -38,6 +38,7 @@ from FMSegCore.server.schemas import (
     TaskInfo,
     TaskRequest,
     VolumeAdded,
+    WeightsImported,
 )
 from FMSegCore.server.service import Service
 from FMSegCore.server.wire import CONTENT_TYPE, WireError, decode_array, encode_mask
@@ -120,6 +121,13 @@ def build_app(service: Service, settings: GateSettings, stop: Callable[[], None]
     @app.post("/v1/models/download", status_code=202, response_model=JobStatus)
     def download(body: DownloadRequest) -> Any:
         return service.start_download(body).status()
+
+    @app.post("/v1/models/{model_id}/weights", status_code=201, response_model=WeightsImported,
+              openapi_extra=ADAPTER_UPLOAD, summary="Install a checkpoint downloaded by hand (its bytes) as a "
+                                                    "zoo model's weights, checked as `fmseg models import` does")
+    async def import_weights(model_id: str, request: Request, replace: bool = False) -> Any:
+        data = await read_upload(request, settings.max_upload_bytes)
+        return await run_in_threadpool(service.import_weights, model_id, bytes(data), replace)
 
     @app.post("/v1/volumes", status_code=201, response_model=VolumeAdded, openapi_extra=UPLOAD,
               summary="Upload a volume (an array frame: KJI array, geometry, kind or segments in its meta)")

@@ -105,6 +105,14 @@ class Point(RequestModel):
     include: bool = True
 
 
+class Curve(RequestModel):
+    """A scribble (open curve) or, ``closed``, a lasso through IJK control points in drawing order."""
+
+    points: Annotated[list[Vector3], Field(max_length=4096)]
+    include: bool = True
+    closed: bool = False
+
+
 class PromptRequest(RequestModel):
     """One structure's prompts, in continuous IJK voxel indices of the session's volume."""
 
@@ -112,6 +120,7 @@ class PromptRequest(RequestModel):
     name: str
     boxes: Annotated[list[Box], Field(max_length=256)] = []
     points: Annotated[list[Point], Field(max_length=1024)] = []
+    curves: Annotated[list[Curve], Field(max_length=256)] = []
 
 
 class Pair(RequestModel):
@@ -214,6 +223,14 @@ class VolumeAdded(Answer):
 
 class Removed(Answer):
     removed: str
+
+
+class WeightsImported(Answer):
+    """Uploaded weights installed into the worker's model cache (``verified``: against a published sha256)."""
+
+    model: str
+    path: str
+    verified: bool
 
 
 class Closed(Answer):

@@ -29,7 +29,7 @@ from FMSegCore.io.volume import Volume
 from FMSegCore.models.factory import load_model
 from FMSegCore.preprocessing.slicing import AXIS_NAMES
 from FMSegCore.progress import Progress, ProgressClock
-from FMSegCore.prompts import BoxPrompt, PointPrompt, SegmentPrompts
+from FMSegCore.prompts import BoxPrompt, CurvePrompt, PointPrompt, SegmentPrompts, curve_problem
 from FMSegCore.server.defaults import EMBEDDING_BUDGET, SESSION_IDLE_S
 from FMSegCore.server.fields import RequestError, parse
 from FMSegCore.server.jobs import Job, JobRunner
@@ -134,6 +134,26 @@ class Service:
         return [{"id": card.name, "kind": model_kind(card), "dims": model_dims(card), "task": card.task,
                  "title": card.title, "size_bytes": card.size_bytes,
                  "available": is_cached(card), "licence": card.licence} for card in list_cards()]
+
+    def import_weights(self, name: str, data: bytes, replace: bool = False) -> dict[str, Any]:
+        """Install uploaded checkpoint bytes as zoo model ``name``'s weights (``fmseg models import``: checked
+        against the card and the family's layout, copied atomically into the cache)."""
+        from FMSegCore.zoo.import_weights import import_weights
+
+        try:
+            card = get_card(name)
+        except FMSegError as error:
+            raise RequestError(400, str(error)) from None
+        upload = Path(self._workdir.name) / f"{uuid.uuid4().hex[:16]}-{card.filename}"
+        upload.write_bytes(data)
+        try:
+            installed = import_weights(card, upload, replace)
+        except FMSegError as error:
+            message = str(error).replace(str(upload), "the uploaded file")
+            raise RequestError(400, f"weights: {message}") from None
+        finally:
+            upload.unlink(missing_ok=True)
+        return {"model": name, "path": str(installed), "verified": card.verifiable}
 
     def start_download(self, request: DownloadRequest) -> Job:
         """Fetch a zoo model into the cache; progress is the partial file's size (the download resumes if
@@ -684,7 +704,13 @@ def _segment_prompts(request: PromptRequest, shape_ijk: tuple[int, int, int]) ->
         if np.any(ijk < low) or np.any(ijk > high):
             raise RequestError(400, f"prompt.points[{number}]: the point lies outside the volume")
         points.append(PointPrompt(point.ijk, point.include))
-    prompts = SegmentPrompts(request.name, boxes, points)
+    curves = []
+    for number, curve in enumerate(request.curves):
+        problem = curve_problem(curve.points, curve.closed)
+        if problem or np.any(np.asarray(curve.points) < low) or np.any(np.asarray(curve.points) > high):
+            raise RequestError(400, f"prompt.curves[{number}]: {problem or 'a point lies outside the volume'}")
+        curves.append(CurvePrompt(tuple(curve.points), curve.include, curve.closed, source=f"prompt.curves[{number}]"))
+    prompts = SegmentPrompts(request.name, boxes, points, curves=curves)
     if prompts.is_empty():
         raise RequestError(400, f"prompt: segment '{request.name}' has no box and no include point to start from")
     return prompts

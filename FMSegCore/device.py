@@ -1,21 +1,25 @@
-"""Device choice (CUDA first, then Apple MPS, then CPU) and CPU runtime tuning."""
+"""Device choice (CUDA first, then Apple MPS, then CPU) and CPU runtime tuning. Torch is imported when a
+function runs, so that the CLI's parser (which names the device choices) starts without it."""
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
 import os
-from typing import Optional, Union
-
-import torch
+from typing import TYPE_CHECKING, Optional, Union
 
 from FMSegCore.errors import FMSegError
+
+if TYPE_CHECKING:
+    import torch
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")
 
 
 def resolve_device(name: Union[str, torch.device, None] = "auto") -> torch.device:
     """``auto`` picks CUDA, then MPS, then CPU; an explicit device that is absent is an error."""
+    import torch
+
     if isinstance(name, torch.device):
         return name
     name = (name or "auto").lower()
@@ -37,6 +41,8 @@ def resolve_device(name: Union[str, torch.device, None] = "auto") -> torch.devic
 
 def inference_dtype(device: torch.device, precision: str = "auto") -> Optional[torch.dtype]:
     """The autocast dtype for inference: bf16/fp16 on CUDA, none (fp32) elsewhere unless asked."""
+    import torch
+
     if precision == "fp32":
         return None
     if precision == "bf16":
@@ -49,10 +55,44 @@ def inference_dtype(device: torch.device, precision: str = "auto") -> Optional[t
 
 
 _TUNED = False
+#: Environment variable with the number of CPU threads (``fmseg --threads`` sets it); OMP_NUM_THREADS is read next.
+THREADS_ENV = "FMSEG_THREADS"
+
+
+def usable_cores() -> int:
+    """The cores this process may run on."""
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+
+
+def default_threads(cores: Optional[int] = None, load: Optional[float] = None) -> int:
+    """Threads when none is asked for: the cores that other work (the 1-minute load average) leaves idle, at
+    least one. On a busy machine fewer threads than cores run much faster than all of them fighting for cores."""
+    cores = usable_cores() if cores is None else cores
+    if load is None:
+        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    return max(1, min(cores, cores - int(load + 0.5)))
+
+
+def chosen_threads(requested: Optional[int] = None) -> tuple[int, str]:
+    """The CPU threads to use and why: ``requested`` (``--threads``), else ``FMSEG_THREADS``, else
+    ``OMP_NUM_THREADS``, else :func:`default_threads`. A value that is not a positive whole number is a
+    one-line :class:`FMSegError`."""
+    if requested is not None:
+        if requested < 1:
+            raise FMSegError(f"--threads must be at least 1, not {requested}")
+        return requested, "--threads"
+    for name in (THREADS_ENV, "OMP_NUM_THREADS"):
+        text = os.environ.get(name, "").strip()
+        if text:
+            if not text.isdigit() or int(text) < 1:
+                raise FMSegError(f"{name}={text!r} is not a positive whole number of threads")
+            return int(text), name
+    return default_threads(), "idle cores"
 
 
 def tune_cpu_runtime(threads: Optional[int] = None) -> None:
-    """Use every core and keep large buffers in the heap between layers (glibc), once per process.
+    """Set torch's CPU threads (:func:`chosen_threads`) and keep large buffers in the heap between layers
+    (glibc), once per process.
 
     Feature maps of tens of MB are otherwise returned to the OS after each layer and page-faulted back in,
     which costs a sizeable share of an encoder pass on CPU. Call this from a CLI or worker, not from a library
@@ -62,7 +102,9 @@ def tune_cpu_runtime(threads: Optional[int] = None) -> None:
     if _TUNED:
         return
     _TUNED = True
-    torch.set_num_threads(threads or max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+    import torch
+
+    torch.set_num_threads(chosen_threads(threads)[0])
     libc_name = ctypes.util.find_library("c")
     if not libc_name or "libc" not in libc_name:
         return

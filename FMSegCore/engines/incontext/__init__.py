@@ -1,12 +1,6 @@
-"""In-context segmentation: a support set of labelled examples defines the task; no training."""
+"""In-context segmentation: a support set of labelled examples defines the task; no training.
 
-from FMSegCore.engines.incontext.session import InContextResult, InContextSession, InContextSettings
-from FMSegCore.engines.incontext.support import (
-           SupportExample,
-           SupportSet,
-           example_from_arrays,
-           load_support_set,
-)
-
-__all__ = ["InContextResult", "InContextSession", "InContextSettings", "SupportExample", "SupportSet",
-           "example_from_arrays", "load_support_set"]
+The modules are imported where used (``session``, ``support``, ``anatomical``, ``volume3d``, ``task_file``,
+``corrections``), so that importing one of them (e.g. the task file's suffix, for the CLI's parser) does not
+import torch and MONAI.
+"""

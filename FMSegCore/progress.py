@@ -8,6 +8,7 @@ timing. No torch here: Slicer's side imports this module.
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
@@ -123,3 +124,75 @@ def bar_callback(bar: Any, describe: bool = True) -> ProgressCallback:
         bar.refresh()
 
     return show
+
+
+def show_progress(requested: Optional[bool]) -> bool:
+    """Whether a command reports its progress: unless switched off (``--no-progress``: False). On a terminal it
+    is a bar, elsewhere (logs, CI, Slicer's subprocess) a line every few seconds (:func:`progress_bar`)."""
+    return requested is not False
+
+
+def progress_bar(show: bool, total: Optional[float] = None, unit: str = "it", desc: str = "",
+                 interval: float = 5.0, stream: Any = None, **bar_options: Any) -> Any:
+    """A tqdm bar on stderr when it is a terminal; otherwise a :class:`LineProgress` (same methods) writing a
+    line every ``interval`` seconds; a silent tqdm when not ``show``."""
+    from tqdm import tqdm
+
+    stream = stream or sys.stderr
+    if show and not (hasattr(stream, "isatty") and stream.isatty()):
+        return LineProgress(total, unit, desc, interval, stream)
+    return tqdm(total=total, unit=unit, desc=desc, disable=not show, file=stream, **bar_options)
+
+
+class LineProgress:
+    """Progress as plain lines (``Segmenting: 12/35 slices, 40 s elapsed, about 75 s left``) at most every
+    ``interval`` seconds and when closed: for output that is not a terminal. Offers the tqdm methods FMSeg's
+    commands use (``update``, ``n``, ``total``, ``set_description``, ``set_postfix``, ``refresh``, ``close``)."""
+
+    def __init__(self, total: Optional[float], unit: str, desc: str, interval: float, stream: Any) -> None:
+        self.total, self.unit, self.desc, self.interval, self.stream = total, unit, desc, interval, stream
+        self.n: float = 0
+        self.postfix = ""
+        self.began = self.last = time.perf_counter()
+        self.closed = False
+
+    def __enter__(self) -> LineProgress:
+        return self
+
+    def __exit__(self, *_exc: Any) -> None:
+        self.close()
+
+    def update(self, count: float = 1) -> None:
+        self.n += count
+        self.refresh(force=False)
+
+    def set_description(self, desc: str, refresh: bool = True) -> None:
+        self.desc = desc
+        if refresh:
+            self.refresh(force=False)
+
+    def set_postfix(self, refresh: bool = True, **values: Any) -> None:
+        self.postfix = ", ".join(f"{key} {value}" for key, value in values.items())
+        if refresh:
+            self.refresh(force=False)
+
+    def refresh(self, force: bool = False) -> None:
+        """Write a line if ``interval`` seconds went by since the last one (or ``force``)."""
+        now = time.perf_counter()
+        if force or now - self.last >= self.interval:
+            self.last = now
+            self.stream.write(self.line(now - self.began) + "\n")
+            self.stream.flush()
+
+    def line(self, elapsed: float) -> str:
+        done = f"{self.n:g}" + (f"/{self.total:g}" if self.total else "")
+        text = f"{self.desc or 'Working'}: {done} {self.unit}{'s' if self.n != 1 else ''}, " \
+               f"{format_seconds(elapsed)} elapsed"
+        if self.total and 0 < self.n < self.total:
+            text += f", about {format_seconds(elapsed / self.n * (self.total - self.n))} left"
+        return text + (f" ({self.postfix})" if self.postfix else "")
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.refresh(force=True)

@@ -102,3 +102,31 @@ def test_the_runner_times_a_job_from_its_start():
         assert status["elapsed"] >= 0.06 and status["remaining"] is None
     finally:
         runner.shutdown()
+
+
+def test_off_a_terminal_progress_is_a_line_every_few_seconds_and_one_at_the_end():
+    import io
+
+    from FMSegCore.progress import LineProgress, progress_bar, show_progress
+
+    assert show_progress(None) and show_progress(True) and not show_progress(False)
+    log = io.StringIO()
+    bar = progress_bar(True, total=4, unit="slice", desc="Segmenting", interval=3600, stream=log)
+    assert isinstance(bar, LineProgress)
+    for _ in range(3):
+        bar.update(1)
+    assert log.getvalue() == ""  # within the interval: quiet
+    bar.interval = 0
+    bar.update(1)
+    bar.total = 5  # a bar whose total grows, as propagation finds more slices
+    bar.set_description("kidney_left")
+    bar.close()
+    bar.close()
+    lines = log.getvalue().splitlines()
+    assert lines[0].startswith("Segmenting: 4/4 slices, ") and "elapsed" in lines[0]
+    assert lines[-1].startswith("kidney_left: 4/5 slices") and "left" in lines[-1] and len(lines) == 3
+    quiet = io.StringIO()
+    silent = progress_bar(False, total=3, stream=quiet)
+    silent.update(3)
+    silent.close()
+    assert quiet.getvalue() == ""

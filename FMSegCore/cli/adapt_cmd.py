@@ -7,7 +7,6 @@ cancelled (Ctrl-C) or failed run leaves nothing behind.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
@@ -102,7 +101,6 @@ def check_adapter_output(path: Path, overwrite: bool) -> Path:
 
 def run(args: argparse.Namespace) -> int:
     option_args.check_options(Adaptation, vars(args))  # before anything heavy is imported
-    from tqdm import tqdm
 
     from FMSegCore.device import resolve_device, tune_cpu_runtime
     from FMSegCore.engines.adaptation.adapter_file import save_adapter
@@ -111,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
     from FMSegCore.engines.adaptation.geometry import SliceGeometry
     from FMSegCore.engines.adaptation.methods import MethodSettings
     from FMSegCore.preprocessing.intensity import ct_window
-    from FMSegCore.progress import bar_callback
+    from FMSegCore.progress import bar_callback, progress_bar
     from FMSegCore.zoo.registry import get_card
 
     began = time.perf_counter()
@@ -137,8 +135,8 @@ def run(args: argparse.Namespace) -> int:
     geometry = None if args.whole_slice else SliceGeometry(pixel_mm=args.pixel_mm)
     if device.type == "cpu":
         tune_cpu_runtime()
-    show = sys.stderr.isatty() and not args.no_progress
-    bar = tqdm(total=training.total_steps, unit="step", desc=f"Adapting ({args.method})", disable=not show, file=sys.stderr)
+    bar = progress_bar(not args.no_progress, total=training.total_steps, unit="step",
+                       desc=f"Adapting ({args.method})")
     try:
         result = adapt(args.model, args.mode, cases, structures, method, training, device, val_cases,
                        modality=cases[0].modality, window=args.window, axis=args.axis,

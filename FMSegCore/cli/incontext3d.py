@@ -70,7 +70,9 @@ def _check_settings(modality: str, window: Any, device: str, precision: str = "a
 
 
 def _show(progress: Optional[bool]) -> bool:
-    return sys.stderr.isatty() if progress is None else progress
+    from FMSegCore.progress import show_progress
+
+    return show_progress(progress)
 
 
 def _load(name: str, device_name: str, precision: str, show: bool):
@@ -200,11 +202,9 @@ def incontext3d_to_file(image_path: PathLike, supports: Sequence[tuple[PathLike,
 
 def _apply(model: Any, task: Any, image: Volume, classes: Sequence[SegmentInfo], options: InContextOptions,
            show: bool, uncertainty: bool, dtype: Any, apply_task: Any) -> Any:
-    from tqdm import tqdm
+    from FMSegCore.progress import bar_callback, progress_bar
 
-    from FMSegCore.progress import bar_callback
-
-    bar = tqdm(total=None, unit="window", desc="Segmenting", disable=not show, file=sys.stderr)
+    bar = progress_bar(show, unit="window", desc="Segmenting")
     try:
         return apply_task(model, task, image, classes, options.modality, options.window,
                           progress=bar_callback(bar), uncertainty=uncertainty, autocast_dtype=dtype)

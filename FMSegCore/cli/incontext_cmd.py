@@ -254,11 +254,9 @@ def candidate_outputs(output: Path, count: int, others: Sequence[Optional[PathLi
 def _progress_bar(show: bool):
     """A tqdm bar and the callback that shows the segmentation's progress on it (the segment's name as its
     description)."""
-    from tqdm import tqdm
+    from FMSegCore.progress import bar_callback, progress_bar
 
-    from FMSegCore.progress import bar_callback
-
-    bar = tqdm(total=None, unit="block", desc="Segmenting", disable=not show, file=sys.stderr)
+    bar = progress_bar(show, unit="block", desc="Segmenting")
     return bar, bar_callback(bar)
 
 
@@ -281,7 +279,9 @@ def _settings(options: InContextOptions):
 
 
 def _show(options: InContextOptions) -> bool:
-    return sys.stderr.isatty() if options.progress is None else options.progress
+    from FMSegCore.progress import show_progress
+
+    return show_progress(options.progress)
 
 
 def _corrections(paths: Optional[Sequence[PathLike]], image: Volume, options: InContextOptions,

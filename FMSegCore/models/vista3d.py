@@ -225,8 +225,8 @@ def _ras_order(direction: np.ndarray) -> tuple[tuple[int, int, int], tuple[int, 
 
 def segment_volume(model: VISTA3DModel, image: np.ndarray, spacing: Sequence[float],
                    class_ids: Sequence[int] = EVERYTHING_CLASSES, *, direction: Optional[np.ndarray] = None,
-                   overlap: float = 0.25, sw_batch_size: int = 1, class_chunk: int = 16,
-                   roi_size: Optional[Sequence[int]] = None) -> np.ndarray:
+                   overlap: float = 0.25, sw_batch_size: int = 1, class_chunk: Optional[int] = None,
+                   roi_size: Optional[Sequence[int]] = None, memory_bytes: int = 4 << 30) -> np.ndarray:
     """Automatic segmentation of a whole CT ``image`` (K, J, I) of HU with voxel ``spacing`` (I, J, K) mm: a
     (K, J, I) uint16 label map of class ids (0: background).
 
@@ -234,7 +234,8 @@ def segment_volume(model: VISTA3DModel, image: np.ndarray, spacing: Sequence[flo
     taken as RAS-ordered), resampled to 1.5 mm (linear), scaled as :meth:`VISTA3DModel.preprocess`, MONAI's
     ``sliding_window_inference`` (``roi_size`` I, J, K: default the 128^3 patch, replicate padding), and
     ``VistaPostTransformd``'s rule: a voxel takes the class of the highest logit where one is > 0. Classes run
-    ``class_chunk`` at a time (memory: ``class_chunk`` floats per 1.5 mm voxel). The label map goes back to the
+    ``class_chunk`` at a time (memory: ``class_chunk`` floats per 1.5 mm voxel; default: as many as fit
+    ``memory_bytes``, since each chunk runs the encoder over every window again). The label map goes back to the
     input grid by nearest neighbour, as the bundle's ``Invertd``."""
     device = next(model.parameters()).device
     image = np.asarray(image)
@@ -253,6 +254,8 @@ def segment_volume(model: VISTA3DModel, image: np.ndarray, spacing: Sequence[flo
     inputs = model.preprocess(resampled)[None].to(device).transpose(2, 4)  # (1, 1, I, J, K)
     roi = tuple(int(r) for r in (roi_size or model.crop_shape[::-1]))
     ids = [int(c) for c in class_ids]
+    if class_chunk is None:
+        class_chunk = max(1, min(len(ids), memory_bytes // (4 * max(1, int(np.prod(inputs.shape[2:]))))))
     best = torch.full(inputs.shape[2:], 0.0, device="cpu")
     labels = torch.zeros(inputs.shape[2:], dtype=torch.int32)
     with torch.inference_mode():

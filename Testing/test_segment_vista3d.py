@@ -164,8 +164,9 @@ def test_vista3d_segments_the_asked_classes_on_the_input_grid(installed, small_c
     output = tmp_path / "organs.seg.nrrd"
     code, out, err = run_cli(capsys, "segment", "--image", small_ct, "--model", "vista3d", "--classes",
                              "liver,spleen", "right kidney", "6", "--device", "cpu", "--output", output,
-                             "--no-progress")
+                             "--preview", tmp_path / "organs.png", "--no-progress")
     assert code == 0, err
+    assert (tmp_path / "organs.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "(preview)" in out
     assert all(name in out for name in ("liver", "spleen", "right kidney", "aorta")) and f"Wrote {output}" in out
     image = read_volume(small_ct)
     labels, segments = read_labelmap(output, reference=image)  # on the input grid, else an error

@@ -30,6 +30,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         choices=("propagation", "fmseg", "three_planes"),
                         help="interactive: the engines compared (propagation: the baseline, clicks change their "
                              "slice only; fmseg: the default; three_planes: the experimental vote)")
+    prompt.add_argument("--protocols", nargs="+", default=None,
+                        choices=("roi_3d", "click", "box_2d_largest", "scribble", "lasso"),
+                        help="interactive: the first prompts compared (default: roi_3d click box_2d_largest; "
+                             "scribble: one scribble on the click's slice, lasso: one lasso around the structure "
+                             "there)")
     prompt.add_argument("--data", nargs="*", type=Path, default=None,
                         help="case folders (image.nii.gz, label.nii.gz, labels.json); default: the bundled cases")
     prompt.add_argument("--structures", nargs="*", default=None, help="structure names (default: a curated list)")
@@ -60,6 +65,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     from FMSegCore.cli import bench_roi
 
     bench_roi.add_parser(kinds)
+    from FMSegCore.cli import bench_families
+
+    bench_families.add_parser(kinds)
     bench.set_defaults(func=lambda args: bench.print_help() or 1)
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, Union
 
 from FMSegCore.cli import option_args
+from FMSegCore.cli.preview import check_preview, write_preview
 from FMSegCore.cli.prompt_cmd import PromptResult, check_not_input, check_output, report
 from FMSegCore.engines.incontext.task_file import TASK_SUFFIX
 from FMSegCore.errors import InputError
@@ -46,10 +47,7 @@ def check_result_paths(output: PathLike, uncertainty: Optional[PathLike], previe
         check_not_input(uncertainty, inputs)
         if Path(uncertainty).resolve() == Path(output).resolve():
             raise InputError(uncertainty, "the uncertainty map and the result need different file names")
-    if preview is not None:
-        preview = check_output(preview, overwrite, (".png",))
-        check_not_input(preview, inputs)
-    return output, uncertainty, preview
+    return output, uncertainty, check_preview(preview, inputs, overwrite, [output, uncertainty])
 
 
 def is_3d_model(name: Optional[str]) -> bool:
@@ -186,17 +184,11 @@ def incontext3d_to_file(image_path: PathLike, supports: Sequence[tuple[PathLike,
     write_labelmap(result.labels, image, output, classes, overwrite=overwrite)
     if uncertainty is not None and result.uncertainty is not None:
         write_volume(image.with_array(result.uncertainty), uncertainty)
-    if preview is not None:
-        from FMSegCore.io.overlay import write_overlay_png
-
-        write_overlay_png(image, result.labels, {s.value: s.name for s in classes}, preview,
-                          {s.value: s.color for s in classes}, overwrite=overwrite)
     done = PromptResult(image, result.labels, list(classes), Path(output), time.perf_counter() - began)
     report(done)
     if uncertainty is not None:
         print(f"Wrote {uncertainty} (uncertainty: normalised entropy of the model's class probabilities)")
-    if preview is not None:
-        print(f"Wrote {preview} (preview)")
+    write_preview(image, result.labels, classes, preview, overwrite)
     return done
 
 

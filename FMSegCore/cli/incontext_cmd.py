@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Optional, Union
 
 from FMSegCore.cli import option_args
 from FMSegCore.cli.option_args import add_option, modality_name
+from FMSegCore.cli.preview import add_preview_option, write_preview
 from FMSegCore.cli.prompt_cmd import AXES, PromptResult, report
 from FMSegCore.errors import InputError
 from FMSegCore.io.labelmap import SEGMENTATION_SUFFIX, SegmentInfo, write_labelmap
@@ -134,8 +135,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_option(parser, InContext, "tolerance",
                "index matching: how far (fraction of the axis) a support slice may lie from the query slice's "
                "relative position")
-    parser.add_argument("--preview", default=None, metavar="PNG",
-                        help="also write a PNG of three slices with the result overlaid")
+    add_preview_option(parser)
     add_option(parser, InContext, "modality", "intensity normalisation (auto: guessed from each image)",
                type=modality_name)
     add_option(parser, InContext, "window", "CT window: abdomen, lung or bone")
@@ -219,11 +219,6 @@ def incontext_to_file(image_path: PathLike, supports: Sequence[tuple[PathLike, P
         write_labelmap(drawn.astype("uint16"), image, path, result.segments, overwrite=overwrite)
     if uncertainty is not None and result.uncertainty is not None:
         write_volume(image.with_array(result.uncertainty.astype("float32")), uncertainty)
-    if preview is not None:
-        from FMSegCore.io.overlay import write_overlay_png
-
-        write_overlay_png(image, result.labels, {s.value: s.name for s in result.segments}, preview,
-                          {s.value: s.color for s in result.segments}, overwrite=overwrite)
     done = PromptResult(image, result.labels, result.segments, output, time.perf_counter() - began)
     report(done)
     if candidate_paths:
@@ -231,8 +226,7 @@ def incontext_to_file(image_path: PathLike, supports: Sequence[tuple[PathLike, P
     if uncertainty is not None:
         drawn = f" x {options.candidates} candidates" if options.candidates else ""
         print(f"Wrote {uncertainty} (uncertainty: spread of {options.ensemble} ensemble member(s){drawn})")
-    if preview is not None:
-        print(f"Wrote {preview} (preview)")
+    write_preview(image, result.labels, result.segments, preview, overwrite)
     return done
 
 

@@ -21,6 +21,7 @@ from typing import Any, Callable, Optional
 
 from FMSegCore.cli import option_args
 from FMSegCore.cli.option_args import add_option, modality_name
+from FMSegCore.cli.preview import add_preview_option, check_preview, write_preview
 from FMSegCore.cli.prompt_cmd import PromptResult, check_not_input, check_output, report
 from FMSegCore.errors import InputError, ModelError
 from FMSegCore.io.colors import Color, segment_color
@@ -85,6 +86,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                "modality is refused; --model: the model's modality, CT for vista3d)", type=modality_name)
     add_option(parser, AutoSegmentation, "device", "auto, cpu, cuda, cuda:N or mps")
     add_option(parser, AutoSegmentation, "precision", "auto: bf16/fp16 on CUDA, fp32 on CPU")
+    add_preview_option(parser)
     parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(func=run)
@@ -98,16 +100,17 @@ def run(args: argparse.Namespace) -> int:
         if args.classes:
             raise InputError(None, "--classes goes with --model: an adapter segments the structures it learned")
         segment_to_file(args.image, args.adapter, args.output, args.device, args.precision, args.overwrite,
-                        progress=not args.no_progress, modality=args.modality)
+                        progress=not args.no_progress, modality=args.modality, preview=args.preview)
     else:
         segment_model_to_file(args.image, args.model, args.output, args.classes, args.device, args.precision,
-                              args.overwrite, progress=not args.no_progress, modality=args.modality)
+                              args.overwrite, progress=not args.no_progress, modality=args.modality,
+                              preview=args.preview)
     return 0
 
 
 def segment_to_file(image_path: str, adapter_path: str, output: str, device: str = AutoSegmentation.device,
                     precision: str = AutoSegmentation.precision, overwrite: bool = False, progress: bool = True,
-                    modality: str = AutoSegmentation.modality) -> PromptResult:
+                    modality: str = AutoSegmentation.modality, preview: Optional[str] = None) -> PromptResult:
     """What ``fmseg segment --adapter`` does: check, load the adapted model, segment, write atomically, report."""
     option_args.check_options(AutoSegmentation, {"device": device, "precision": precision, "modality": modality})
     from FMSegCore.device import inference_dtype, resolve_device, tune_cpu_runtime
@@ -119,6 +122,7 @@ def segment_to_file(image_path: str, adapter_path: str, output: str, device: str
     began = time.perf_counter()
     output_path = check_output(output, overwrite)
     check_not_input(output_path, [image_path, adapter_path])
+    preview_path = check_preview(preview, [image_path, adapter_path], overwrite, [output_path])
     adapter = load_adapter(adapter_path)
     if adapter.mode != "auto":
         raise InputError(adapter_path, "this adapter adapts a promptable model: use it with "
@@ -142,6 +146,7 @@ def segment_to_file(image_path: str, adapter_path: str, output: str, device: str
     write_labelmap(labels, image, output_path, infos, overwrite=overwrite)
     result = PromptResult(image, labels, infos, Path(output_path), time.perf_counter() - began)
     report(result)
+    write_preview(image, labels, infos, preview_path, overwrite)
     return result
 
 
@@ -251,13 +256,14 @@ def _check_weights_available(name: str) -> None:
 def segment_model_to_file(image_path: str, model_name: str, output: str, classes: Optional[Sequence[str]] = None,
                           device: str = AutoSegmentation.device, precision: str = AutoSegmentation.precision,
                           overwrite: bool = False, progress: bool = True,
-                          modality: str = AutoSegmentation.modality) -> PromptResult:
+                          modality: str = AutoSegmentation.modality, preview: Optional[str] = None) -> PromptResult:
     """What ``fmseg segment --model`` does: check everything (options, output, model, classes, weights, the scan's
     modality), load the zoo model, segment its classes, write atomically, report."""
     option_args.check_options(AutoSegmentation, {"device": device, "precision": precision, "modality": modality})
     began = time.perf_counter()
     output_path = check_output(output, overwrite)
     check_not_input(output_path, [image_path])
+    preview_path = check_preview(preview, [image_path], overwrite, [output_path])
     spec = automatic_model(model_name)
     if spec.modality and modality not in ("auto", spec.modality):
         raise InputError(None, f"model {model_name} segments {spec.modality} only (--modality {modality})")
@@ -287,6 +293,7 @@ def segment_model_to_file(image_path: str, model_name: str, output: str, classes
     write_labelmap(labels, image, output_path, infos, overwrite=overwrite)
     result = PromptResult(image, labels, infos, Path(output_path), time.perf_counter() - began)
     report(result)
+    write_preview(image, labels, infos, preview_path, overwrite)
     return result
 
 

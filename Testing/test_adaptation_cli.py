@@ -126,7 +126,7 @@ def _bad(name: str, tmp_path: Path):
     if name == "grid":
         return ["--train", image, MR / "label.nii.gz", "--output", output], "label.nii.gz"
     if name == "structure":
-        return ["--train", image, labels, "--labels", "heart", "--output", output], "labelled in no training case"
+        return ["--train", image, labels, "--labels", "heart", "--output", output], "unknown structure 'heart'; closest"
     if name == "holdout":
         return ["--train", image, labels, "--holdout", "1", "--output", output], "too few cases for a validation split"
     if name == "exists":
@@ -135,7 +135,8 @@ def _bad(name: str, tmp_path: Path):
     if name == "missing":
         return ["--train", tmp_path / "nope.nii.gz", labels, "--output", output], "nope.nii.gz"
     if name == "ending":
-        return ["--train", image, labels, "--output", tmp_path / "out.nii.gz"], "end in .pt"
+        return ["--train", image, labels, "--output", tmp_path / "out"], "end in .pt: use --output " + str(
+            tmp_path / "out.fmseg-adapter.pt")
     if name == "pixel-size":
         return ["--train", image, labels, "--pixel-mm", "0", "--output", output], "--pixel-mm must be at least 0.05"
     if name == "linear-probe-prompt":

@@ -181,8 +181,13 @@ def test_foreign_and_damaged_adapters_are_refused(base, abdomen, index, tmp_path
         load_adapter(pickled)
     truncated = tmp_path / "truncated.pt"
     truncated.write_bytes(good.read_bytes()[:1000])
-    with pytest.raises(InputError, match="truncated.pt"):
+    with pytest.raises(InputError, match="truncated.pt: .*damaged or truncated PyTorch file"):
         load_adapter(truncated)
+    text = tmp_path / "notes.txt"
+    text.write_text("my notes, not an adapter\n")
+    with pytest.raises(InputError, match=r"notes.txt: not an FMSeg adapter file: not a PyTorch file") as caught:
+        load_adapter(text)
+    assert "pop from empty list" not in str(caught.value)
 
 
 def test_partial_labels_and_structure_resolution(abdomen, index):
@@ -194,7 +199,7 @@ def test_partial_labels_and_structure_resolution(abdomen, index):
     structures = resolve_structures([with_spleen, only_liver], ["Liver", "spleen"])
     assert [s.name for s in structures] == ["liver", "spleen"]
     assert only_liver.value_of("spleen") is None and with_spleen.value_of("spleen") is not None
-    with pytest.raises(InputError, match="labelled in no training case"):
+    with pytest.raises(InputError, match="unknown structure 'heart'; the training cases name 'liver'"):
         resolve_structures([only_liver], ["heart"])
     with pytest.raises(InputError, match="liver-only: labels none of the structures"):
         resolve_structures([with_spleen, only_liver], ["spleen"])

@@ -95,7 +95,9 @@ def check_adapter_output(path: Path, overwrite: bool) -> Path:
     """An adapter path that may be written: ends in .pt, then the usual output checks (folder, no file in the
     way unless overwrite)."""
     if not path.name.endswith(".pt"):
-        raise InputError(path, "adapter files end in .pt (e.g. liver.fmseg-adapter.pt)")
+        from FMSegCore.engines.adaptation.adapter_file import ADAPTER_SUFFIX
+
+        raise InputError(path, f"adapter files end in .pt: use --output {path.with_name(path.name + ADAPTER_SUFFIX)}")
     return check_output(path, overwrite, suffixes=(".pt",))
 
 

@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import difflib
-import re
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -27,6 +25,7 @@ from FMSegCore.errors import InputError, ModelError
 from FMSegCore.io.colors import Color, segment_color
 from FMSegCore.io.labelmap import SEGMENTATION_SUFFIX, SegmentInfo, write_labelmap
 from FMSegCore.io.volume import Volume, read_volume
+from FMSegCore.names import closest_names, name_key, split_names
 from FMSegCore.options import AutoSegmentation
 
 # torch and MONAI are imported only when a command runs, so that `fmseg --help` starts fast.
@@ -58,7 +57,6 @@ def _vista3d() -> AutomaticModel:
 #: how to get their :class:`AutomaticModel` (imported when used).
 AUTOMATIC_FAMILIES: dict[str, Callable[[], AutomaticModel]] = {"vista3d": _vista3d}
 #: How many close matches an unknown class name is answered with.
-SUGGESTIONS = 5
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -179,11 +177,6 @@ def _automatic_cards() -> list[Any]:
             if (family := family_of(card)) is not None and family.name in AUTOMATIC_FAMILIES]
 
 
-def _class_key(text: str) -> str:
-    """A class name as compared: lower case, underscores and dashes as spaces, single spaces."""
-    return re.sub(r"[\s_-]+", " ", text.strip().lower()).strip()
-
-
 def resolve_classes(spec: AutomaticModel, requested: Optional[Sequence[str]], model: str = "the model") -> list[int]:
     """Class ids of ``--classes``: names (any case, ``_`` for spaces) or ids, each argument possibly a comma list;
     a merged class (``kidney``) expands to its parts as the model's own inference does; duplicates are dropped,
@@ -191,40 +184,25 @@ def resolve_classes(spec: AutomaticModel, requested: Optional[Sequence[str]], mo
     closest names."""
     if not requested:
         return list(spec.default)
-    by_name = {_class_key(name): value for value, name in spec.classes.items()}
+    by_name = {name_key(name): value for value, name in spec.classes.items()}
     ids: list[int] = []
-    for token in (part.strip() for argument in requested for part in argument.split(",")):
-        if not token:
-            continue
+    for token in split_names(requested):
         if token.isdigit():
             value = int(token)
             if value not in spec.classes:
                 raise InputError(None, f"{model} has no class {value} (its classes are "
                                        f"{min(spec.classes)} to {max(spec.classes)})")
-        elif _class_key(token) in by_name:
-            value = by_name[_class_key(token)]
+        elif name_key(token) in by_name:
+            value = by_name[name_key(token)]
         else:
             raise InputError(None, f"{model} has no class '{token}'; closest: "
-                                   f"{', '.join(repr(name) for name in _closest(token, spec.classes.values()))}")
+                                   f"{', '.join(repr(name) for name in closest_names(token, spec.classes.values()))}")
         for part in spec.subclasses.get(value, (value,)):
             if part not in ids:
                 ids.append(part)
     if not ids:
         raise InputError(None, "--classes names no class")
     return ids
-
-
-def _closest(token: str, names: Iterable[str]) -> list[str]:
-    """The class names closest to ``token`` (difflib's ratio), best first; those containing it when difflib finds
-    none close enough; else simply the nearest few."""
-    by_key = {_class_key(name): name for name in names}
-    key = _class_key(token)
-    found = difflib.get_close_matches(key, by_key, n=SUGGESTIONS, cutoff=0.6)
-    if not found:
-        found = [k for k in by_key if key and key in k][:SUGGESTIONS]
-    if not found:
-        found = difflib.get_close_matches(key, by_key, n=3, cutoff=0.0)
-    return [by_key[k] for k in found]
 
 
 def class_segments(spec: AutomaticModel, ids: Sequence[int]) -> list[SegmentInfo]:

@@ -16,6 +16,24 @@ from FMSegCore.errors import ModelError
 WRAPPER_KEYS = ("model", "state_dict", "model_state_dict")
 
 
+def unreadable_reason(path: Path, error: BaseException) -> str:
+    """Why ``torch.load`` could not read ``path``, in words a user can act on (torch's own messages, such as
+    "pop from empty list" for a text file, say nothing useful)."""
+    try:
+        with open(path, "rb") as stream:
+            head = stream.read(4)
+    except OSError as problem:
+        return f"cannot be read: {problem.strerror or problem}"
+    if not head:
+        return "the file is empty"
+    if head[:2] != b"PK" and head[:1] != b"\x80":
+        return "not a PyTorch file (no zip or pickle header)"
+    if head[:2] == b"PK":
+        return "a damaged or truncated PyTorch file"
+    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return f"an unreadable PyTorch file ({text[:160]})"
+
+
 def read_state_dict(checkpoint: Union[str, Path], title: str,
                     wrappers: tuple[str, ...] = WRAPPER_KEYS) -> dict[str, torch.Tensor]:
     """The tensors of a checkpoint (``weights_only=True``): a plain state_dict or one under a ``wrappers`` key."""
@@ -25,8 +43,8 @@ def read_state_dict(checkpoint: Union[str, Path], title: str,
     try:
         state = torch.load(checkpoint, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - unpickling errors come in many types
-        summary = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ModelError(f"{checkpoint}: cannot read a {title} checkpoint ({summary[:200]})") from None
+        raise ModelError(f"{checkpoint}: cannot read a {title} checkpoint: {unreadable_reason(checkpoint, error)}"
+                         ) from None
     if isinstance(state, dict):
         for key in wrappers:
             if isinstance(state.get(key), dict):

@@ -18,6 +18,7 @@ import torch
 from FMSegCore.engines.adaptation.defaults import MODES
 from FMSegCore.errors import InputError
 from FMSegCore.io.atomic import atomic_output
+from FMSegCore.models.checkpoints import unreadable_reason
 
 FORMAT = "fmseg-adapter"
 VERSION = 1
@@ -69,8 +70,7 @@ def load_adapter(path: Union[str, Path]) -> Adapter:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - any unpickling failure means "not an adapter"
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise InputError(path, f"not an FMSeg adapter file ({reason[:200]})") from None
+        raise InputError(path, f"not an FMSeg adapter file: {unreadable_reason(path, error)}") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise InputError(path, "not an FMSeg adapter file (no fmseg-adapter header)")
     if payload.get("version") != VERSION:

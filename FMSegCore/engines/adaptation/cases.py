@@ -21,6 +21,7 @@ from FMSegCore.errors import InputError
 from FMSegCore.io.labelmap import SegmentInfo, check_labelled_arrays, default_segment, read_labelmap
 from FMSegCore.io.orientation import anatomical_axes
 from FMSegCore.io.volume import read_volume
+from FMSegCore.names import name_key, split_names, unknown_name
 from FMSegCore.preprocessing.intensity import DEFAULT_CT_WINDOW, Window, guess_modality, normalize
 from FMSegCore.preprocessing.slicing import AXIS_NAMES
 
@@ -92,17 +93,16 @@ def resolve_structures(cases: Sequence[TrainingCase], requested: Optional[Sequen
     by_name: dict[str, SegmentInfo] = {}
     for case in cases:
         for segment in case.segments:
-            by_name.setdefault(segment.name.lower(), segment)
+            by_name.setdefault(name_key(segment.name), segment)
     chosen: list[SegmentInfo] = []
-    for item in requested or [segment.name for segment in by_name.values()]:
+    for item in split_names(requested) if requested else [segment.name for segment in by_name.values()]:
         text = str(item).strip()
-        segment = by_name.get(text.lower())
+        segment = by_name.get(name_key(text))
         if segment is None and text.isdigit():
             segment = next((s for case in cases for s in case.segments if s.value == int(text)), None)
         if segment is None:
-            known = ", ".join(sorted(s.name for s in by_name.values())[:12])
-            raise InputError(cases[0].source, f"structure {text!r} is labelled in no training case "
-                                              f"(they label: {known})")
+            raise InputError(cases[0].source, unknown_name("structure", text, sorted(s.name for s in by_name.values()),
+                                                           "the training cases"))
         if segment.name.lower() not in {c.name.lower() for c in chosen}:
             chosen.append(segment)
     names = [segment.name for segment in chosen]

@@ -19,6 +19,7 @@ from FMSegCore.engines.labelled import LabelledCase
 from FMSegCore.errors import InputError
 from FMSegCore.io.labelmap import SegmentInfo, check_labelled_arrays, default_segment, read_labelmap
 from FMSegCore.io.volume import Volume, read_volume
+from FMSegCore.names import name_key, split_names, unknown_name
 from FMSegCore.preprocessing.intensity import DEFAULT_CT_WINDOW, Window, guess_modality, normalize
 
 PathLike = Union[str, Path]
@@ -52,7 +53,7 @@ class SupportSet:
         if not requested:
             return [segments.get(value, default_segment(value)) for value in present]
         chosen: list[SegmentInfo] = []
-        for item in requested:
+        for item in split_names(requested):
             segment = _match(item, segments, present)
             if segment.value not in present:
                 raise InputError(self.examples[0].source, f"label {item!r} is absent from every support label map")
@@ -66,11 +67,16 @@ def _match(item: Union[str, int], segments: dict[int, SegmentInfo], present: lis
     if text.lstrip("-").isdigit():
         value = int(text)
         return segments.get(value, default_segment(value))
-    by_name = {segment.name.lower(): segment for segment in segments.values()}
-    if text.lower() in by_name:
-        return by_name[text.lower()]
-    known = ", ".join(sorted(segment.name for segment in segments.values() if segment.value in present)[:12])
-    raise InputError(None, f"unknown label {text!r}; the supports name: {known or 'no structures'}")
+    by_name = {name_key(segment.name): segment for segment in segments.values()}
+    if name_key(text) in by_name:
+        return by_name[name_key(text)]
+    named = [segment for segment in segments.values()
+             if segment.value in present and segment.name != f"Segment_{segment.value}"]
+    if not named:  # a label map without labels.json: its labels have values only
+        raise InputError(None, f"unknown label {text!r}: the supports' label maps name no structures (names come "
+                               "from a .seg.nrrd, or a labels.json beside a label map); give label values instead "
+                               f"({', '.join(str(v) for v in present[:20])}{' ...' if len(present) > 20 else ''})")
+    raise InputError(None, unknown_name("label", text, sorted(s.name for s in named), "the supports"))
 
 
 @dataclass

@@ -247,3 +247,15 @@ def test_a_new_slicer_segment_without_a_colour_gets_the_colour_rule_of_files():
     shown = [segmentation.GetSegmentation().GetNthSegment(n).GetColor() for n in range(2)]
     assert np.allclose(shown, distinct_colors(["liver", "kidney_left"]), atol=1e-6)
     assert not np.allclose(shown[1], default_color("kidney_left", 2), atol=1e-3)  # too close to the liver's
+
+
+@pytest.mark.parametrize("command", ["prompt", "incontext", "adapt"])
+def test_every_command_takes_the_same_axis_vocabulary(command):
+    from FMSegCore.cli.main import build_parser
+
+    parser = build_parser()
+    required = {"prompt": ["--image", "a", "--prompts", "b", "--output", "c"],
+                "incontext": ["--image", "a", "--support", "b", "c", "--output", "d"],
+                "adapt": ["--train", "a", "b", "--output", "c"]}[command]
+    for spelling, name in (("z", "axial"), ("Y", "coronal"), ("sagittal", "sagittal")):
+        assert parser.parse_args([command, *required, "--axis", spelling]).axis == name

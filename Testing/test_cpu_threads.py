@@ -49,3 +49,18 @@ def test_the_parser_and_help_need_no_torch():
             "print(sorted(m for m in ('torch', 'monai') if m in sys.modules))")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0 and run.stdout.strip() == "[]", run.stdout + run.stderr
+
+
+def test_the_threads_bench_times_every_setting_idle_and_beside_a_busy_job(tmp_path):
+    import json
+
+    output = tmp_path / "threads.json"
+    assert main(["bench", "threads", "--busy-jobs", "0", "1", "--repeats", "1", "--settle", "0", "--output",
+                 str(output)]) == 0
+    figures = json.loads(output.read_text())
+    assert [c["busy_jobs"] for c in figures["conditions"]] == [0, 1]
+    for condition in figures["conditions"]:
+        settings = condition["settings"]
+        assert set(settings) == {"one thread", "every core", "default"}
+        assert settings["default"]["threads"] == condition["default_threads"] >= 1
+        assert all(s["median_s"] > 0 for s in settings.values())

@@ -11,27 +11,10 @@ import torch
 from torch import nn
 
 from FMSegCore.errors import ModelError
+from FMSegCore.io.torch_files import unreadable_reason
 
 #: Keys official releases wrap their state_dict under (checked in this order).
 WRAPPER_KEYS = ("model", "state_dict", "model_state_dict")
-
-
-def unreadable_reason(path: Path, error: BaseException) -> str:
-    """Why ``torch.load`` could not read ``path``, in words a user can act on (torch's own messages, such as
-    "pop from empty list" for a text file, say nothing useful)."""
-    try:
-        with open(path, "rb") as stream:
-            head = stream.read(4)
-    except OSError as problem:
-        return f"cannot be read: {problem.strerror or problem}"
-    if not head:
-        return "the file is empty"
-    if head[:2] != b"PK" and head[:1] != b"\x80":
-        return "not a PyTorch file (no zip or pickle header)"
-    if head[:2] == b"PK":
-        return "a damaged or truncated PyTorch file"
-    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    return f"an unreadable PyTorch file ({text[:160]})"
 
 
 def read_state_dict(checkpoint: Union[str, Path], title: str,

@@ -18,7 +18,7 @@ import torch
 from FMSegCore.engines.adaptation.defaults import MODES
 from FMSegCore.errors import InputError
 from FMSegCore.io.atomic import atomic_output
-from FMSegCore.models.checkpoints import unreadable_reason
+from FMSegCore.io.torch_files import unreadable_reason
 
 FORMAT = "fmseg-adapter"
 VERSION = 1

@@ -16,6 +16,7 @@ import slicer
 import vtk
 from FMSegSlicerLib.logic import FMSegLogic
 from FMSegSlicerLib.panel import PanelController, PanelHooks
+from FMSegSlicerLib.scene_prompts import CURVE_KINDS, PROMPT_CLASSES, finish_curve, prompt_curves
 from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
 from slicer.i18n import tr as _
 from slicer.i18n import translate
@@ -31,10 +32,15 @@ from slicer.util import VTKObservationMixin
 from FMSegCore.engines.adaptation.defaults import default_method
 from FMSegCore.options import DEVICES, Adaptation, InContext, Prompting, bounds, choices
 
-#: Attribute that marks the markups nodes this module uses as prompts: "include", "exclude", "box", "roi".
+#: Attribute that marks the markups nodes this module uses as prompts: "include", "exclude", "box", "roi",
+#: "scribble", "exclude-scribble", "lasso", "exclude-lasso".
 PROMPT_ATTRIBUTE = "FMSeg.Prompt"
-PROMPT_NODE_NAMES = {"include": "FMSeg include", "exclude": "FMSeg exclude", "box": "FMSeg box", "roi": "FMSeg ROI"}
-PROMPT_COLORS = {"include": (0.2, 0.8, 0.2), "exclude": (0.9, 0.2, 0.2), "box": (1.0, 0.85, 0.1), "roi": (0.2, 0.6, 1.0)}
+PROMPT_NODE_NAMES = {"include": "FMSeg include", "exclude": "FMSeg exclude", "box": "FMSeg box", "roi": "FMSeg ROI",
+                     "scribble": "FMSeg scribble", "exclude-scribble": "FMSeg exclude scribble",
+                     "lasso": "FMSeg lasso", "exclude-lasso": "FMSeg exclude lasso"}
+PROMPT_COLORS = {"include": (0.2, 0.8, 0.2), "exclude": (0.9, 0.2, 0.2), "box": (1.0, 0.85, 0.1), "roi": (0.2, 0.6, 1.0),
+                 "scribble": (0.2, 0.8, 0.2), "exclude-scribble": (0.9, 0.2, 0.2), "lasso": (0.4, 0.9, 0.6),
+                 "exclude-lasso": (1.0, 0.45, 0.3)}
 ADAPTER_FILE_FILTER = "FMSeg adapters (*.pt);;All files (*)"  # the Logic writes and reads .pt files
 TASK_FILE_FILTER = "FMSeg tasks (*.fmseg-task);;All files (*)"  # fmseg task create's files
 TASK_SUFFIX = ".fmseg-task"
@@ -42,11 +48,16 @@ TASK_SUFFIX = ".fmseg-task"
 #: Keyboard shortcuts: (key sequence, PanelController method). They are active in the slice views and in this
 #: module's panel while the module is shown (Qt.WidgetWithChildrenShortcut on each slice view and on the panel).
 #: b, f, r, v, g, t, [ and ] are Slicer's own slice-view keys, hence Shift+B and Shift+R for the box and ROI.
+#: Curves: s and l draw an include scribble and lasso, Shift+S and Shift+L exclude ones.
 SHORTCUTS = (
     ("i", "placeInclude"),
     ("e", "placeExclude"),
     ("Shift+B", "toggleBox"),
     ("Shift+R", "toggleRoi"),
+    ("s", "toggleScribble"),
+    ("Shift+S", "toggleExcludeScribble"),
+    ("l", "toggleLasso"),
+    ("Shift+L", "toggleExcludeLasso"),
     ("Ctrl+Z", "undo"),
     ("Return", "segment"),
     ("Enter", "segment"),
@@ -73,7 +84,8 @@ class FMSegSlicer(ScriptedLoadableModule):
             "loaded again to segment other scans), and adapters trained on a few of your "
             "own labelled cases. The models run in a separate worker process, local or remote, on CUDA, Apple MPS "
             "or CPU. Shortcuts in slice views: i include point, e exclude point, Shift+B 2D box, Shift+R 3D ROI, "
-            "Ctrl+Z undo, Return segment. See the "
+            "s scribble, Shift+S exclude scribble, l lasso, Shift+L exclude lasso (curves: double-click or "
+            "right-click to end), Ctrl+Z undo, Return segment. See the "
             '<a href="https://github.com/fmseg/FMSeg#readme">README</a> for installation, models and scripting.'
         )
         self.parent.acknowledgementText = _(
@@ -140,7 +152,7 @@ class SlicerPanelHooks(PanelHooks):
 
     def __init__(self, widget):
         self.widget = widget
-        self.placing = None  # (kind, ROI node) while a box or ROI is being placed
+        self.placing = None  # (kind, node) while a box, ROI or curve is being placed
         self.clearing = False
         self.lastDirectory = ""
 
@@ -153,37 +165,43 @@ class SlicerPanelHooks(PanelHooks):
                 rois.append(node)
         return rois
 
+    def promptCurves(self):
+        skip = self.placing[1] if self.placing is not None else None  # not placed yet
+        return prompt_curves(slicer.mrmlScene, PROMPT_ATTRIBUTE, skip)
+
     def setPlacing(self, kind, enabled):
         interactionNode = slicer.app.applicationLogic().GetInteractionNode()
         if not enabled:
             if self.placing is not None and self.placing[0] == kind:
-                _kind, roi = self.placing
+                _kind, node = self.placing
                 self.placing = None
-                if roi.GetNumberOfDefinedControlPoints() == 0:
-                    slicer.mrmlScene.RemoveNode(roi)  # abandoned before it was placed
+                if kind in CURVE_KINDS and not finish_curve(node, kind):
+                    slicer.mrmlScene.RemoveNode(node)  # too few points to be a curve
+                elif node.GetNumberOfDefinedControlPoints() == 0:
+                    slicer.mrmlScene.RemoveNode(node)  # abandoned before it was placed
                 if interactionNode.GetCurrentInteractionMode() == interactionNode.Place:
                     interactionNode.SwitchToViewTransformMode()
             return
-        roi = slicer.mrmlScene.AddNewNodeByClass(
-            "vtkMRMLMarkupsROINode", slicer.mrmlScene.GenerateUniqueName(PROMPT_NODE_NAMES[kind]))
-        roi.SetAttribute(PROMPT_ATTRIBUTE, kind)
-        roi.CreateDefaultDisplayNodes()
-        roi.GetDisplayNode().SetSelectedColor(*PROMPT_COLORS[kind])
-        self.widget.observePromptNode(roi)
+        className = PROMPT_CLASSES[kind]
+        node = slicer.mrmlScene.AddNewNodeByClass(className, slicer.mrmlScene.GenerateUniqueName(PROMPT_NODE_NAMES[kind]))
+        node.SetAttribute(PROMPT_ATTRIBUTE, kind)
+        node.CreateDefaultDisplayNodes()
+        node.GetDisplayNode().SetSelectedColor(*PROMPT_COLORS[kind])
+        self.widget.observePromptNode(node)
         selectionNode = slicer.app.applicationLogic().GetSelectionNode()
-        selectionNode.SetReferenceActivePlaceNodeClassName("vtkMRMLMarkupsROINode")
-        selectionNode.SetActivePlaceNodeID(roi.GetID())
+        selectionNode.SetReferenceActivePlaceNodeClassName(className)
+        selectionNode.SetActivePlaceNodeID(node.GetID())
         interactionNode.SetPlaceModePersistence(0)
         interactionNode.SetCurrentInteractionMode(interactionNode.Place)
-        self.placing = (kind, roi)  # last: the place-state observers ignore the switch above
+        self.placing = (kind, node)  # last: the place-state observers ignore the switch above
 
     def placingEnded(self):
-        """The views left place mode: keep the box/ROI if it was placed, tell the panel."""
+        """The views left place mode: keep the box/ROI/curve if it was placed, tell the panel."""
         if self.placing is None:
             return
         kind, roi = self.placing
         self.placing = None
-        placed = roi.GetNumberOfDefinedControlPoints() > 0
+        placed = finish_curve(roi, kind) if kind in CURVE_KINDS else roi.GetNumberOfDefinedControlPoints() > 0
         if not placed:
             slicer.mrmlScene.RemoveNode(roi)
         elif kind == "roi":
@@ -204,7 +222,8 @@ class SlicerPanelHooks(PanelHooks):
                 node = self.widget.promptNode(role, create=False)
                 if node is not None:
                     node.RemoveAllControlPoints()
-            for node in self.promptRois():
+            include, exclude = self.promptCurves()
+            for node in self.promptRois() + include + exclude:
                 slicer.mrmlScene.RemoveNode(node)
         finally:
             self.clearing = False
@@ -212,7 +231,7 @@ class SlicerPanelHooks(PanelHooks):
     def hasPrompts(self):
         include = self.widget.promptNode("include", create=False)
         count = include.GetNumberOfDefinedControlPoints() if include is not None else 0
-        return count > 0 or bool(self.promptRois())
+        return count > 0 or bool(self.promptRois()) or bool(self.promptCurves()[0])
 
     def showError(self, title, text):
         slicer.util.errorDisplay(text, windowTitle=title)

@@ -17,6 +17,7 @@ import pytest
 from FMSegCore.errors import InputError
 from FMSegCore.io.markups import prompts_from_markups, read_markups
 from FMSegCore.io.volume import read_volume
+from FMSegCore.prompts import rasterise_curve
 
 ROOT = Path(__file__).resolve().parents[1]
 CASE = ROOT / "Resources" / "SampleData" / "ct_abdomen_pelvis"
@@ -224,3 +225,75 @@ def test_malformed_files_are_errors_naming_the_file_and_problem(tmp_path, image)
     no_points = broken(tmp_path, "points_ras.mrk.json", lambda m: m.update(controlPoints=[]))
     assert_error(no_points, image, "control points")
     assert_error(tmp_path / "absent.mrk.json", image, "not found")
+
+
+# ------------------------------------------------------------------------------------------------ curves
+
+
+def test_curve_is_a_scribble_on_the_slice_it_was_drawn_on(image, labels, value_of):
+    raw = fixture_json("curve_kidney.mrk.json")["markups"][0]
+    (segment,) = prompts_from_markups(FIXTURES / "curve_kidney.mrk.json", image).values()
+    assert segment.name == "curve_kidney" and not segment.boxes and not segment.points and not segment.is_empty()
+    (curve,) = segment.curves
+    assert curve.include and not curve.closed and curve.source == str(FIXTURES / "curve_kidney.mrk.json")
+    expected = np.array([hand_ijk(image, p["position"]) for p in raw["controlPoints"]])
+    np.testing.assert_allclose(curve.array(), expected, atol=1e-6)
+    k = curve.slice_index(2)
+    assert k == int(round(expected[0, 2])) and abs(expected[0, 2] - k) > 0.1  # 0.4 mm off the slice centre
+    assert curve.slice_axis() == 2 and curve.slice_index(0) is None and curve.slice_index(1) is None
+    drawn = rasterise_curve(curve, 2, labels.shape[1:])
+    assert drawn.sum() >= 10 and (labels[k][drawn] == value_of["kidney_left"]).all()
+
+
+def test_curve_saved_in_ras_with_an_exclude_point_is_an_exclude_scribble(tmp_path, image, labels, value_of):
+    raw = fixture_json("curve_stomach_exclude_ras.mrk.json")["markups"][0]
+    assert raw["coordinateSystem"] == "RAS" and raw["controlPoints"][0]["description"] == "exclude"
+    (curve,) = prompts_from_markups(FIXTURES / "curve_stomach_exclude_ras.mrk.json", image)[
+        "curve_stomach_exclude_ras"].curves
+    assert not curve.include
+    lps = [np.array(p["position"]) * (-1.0, -1.0, 1.0) for p in raw["controlPoints"]]
+    np.testing.assert_allclose(curve.array(), [hand_ijk(image, p) for p in lps], atol=1e-6)
+    ijk = curve.array()[len(lps) // 2]
+    assert label_at(labels, (ijk[0], ijk[1], curve.slice_index(2))) == value_of["stomach"]
+    # A segment with only an exclude curve has nothing to start from; without the description the curve includes.
+    assert prompts_from_markups(FIXTURES / "curve_stomach_exclude_ras.mrk.json", image)[
+        "curve_stomach_exclude_ras"].is_empty()
+    plain = broken(tmp_path, "curve_stomach_exclude_ras.mrk.json", lambda m: m["controlPoints"][0].update(description=""))
+    (again,) = prompts_from_markups(plain, image)["broken_curve_stomach_exclude_ras"].curves
+    assert again.include and again.points == curve.points
+
+
+def test_closed_curve_is_a_lasso_around_the_structure(image, labels, value_of):
+    (curve,) = prompts_from_markups(FIXTURES / "lasso_spleen.mrk.json", image)["lasso_spleen"].curves
+    assert curve.closed and curve.include and curve.kind == "lasso"
+    k = curve.slice_index(2)
+    inside = rasterise_curve(curve, 2, labels.shape[1:])
+    spleen = labels[k] == value_of["spleen"]
+    assert spleen.sum() > 50 and (inside & spleen).sum() >= 0.95 * spleen.sum()
+    assert inside.sum() < 4 * spleen.sum()  # around it, not the whole slice
+
+
+def _curve_file(tmp_path: Path, name: str, positions, kind: str = "Curve") -> Path:
+    content = copy.deepcopy(fixture_json("curve_kidney.mrk.json"))
+    markup = content["markups"][0]
+    markup["type"] = kind
+    template = markup["controlPoints"][0]
+    markup["controlPoints"] = [dict(template, id=str(n), label=f"p{n}", position=list(p))
+                               for n, p in enumerate(positions, start=1)]
+    return write_json(tmp_path / name, content)
+
+
+def test_bad_curves_are_one_line_naming_the_file_and_the_problem(tmp_path, image):
+    centre = image.ijk_to_lps(np.array(image.shape_ijk, float) / 2)[0]
+    one = _curve_file(tmp_path, "one.mrk.json", [centre])
+    assert_error(one, image, "Curve markup 'one'", "at least 2", "has 1")
+    twice = _curve_file(tmp_path, "twice.mrk.json", [centre, centre])
+    assert_error(twice, image, "at least 2", "has 1")
+    two = _curve_file(tmp_path, "two.mrk.json", [centre, centre + (9, 0, 0)], kind="ClosedCurve")
+    assert_error(two, image, "ClosedCurve markup 'two'", "at least 3")
+    flat = _curve_file(tmp_path, "flat.mrk.json", [centre, centre + (9, 0, 0), centre + (18, 0, 0)], "ClosedCurve")
+    assert_error(flat, image, "encloses no area")
+    far = _curve_file(tmp_path, "far.mrk.json", [centre, centre + (0, 0, 5000.0)])
+    assert_error(far, image, "Curve markup 'far'", "point 'p2'", "outside the image")
+    ok = _curve_file(tmp_path, "ok.mrk.json", [centre, centre + (9, 0, 0), centre + (9, 9, 0)], "ClosedCurve")
+    assert prompts_from_markups(ok, image)["ok"].curves[0].closed

@@ -80,6 +80,10 @@ CONTRACT = {
     "excludePointsPlaceWidget": ("qSlicerMarkupsPlaceWidget", "promptCollapsibleButton"),
     "boxButton": ("QPushButton", "promptCollapsibleButton"),
     "roiButton": ("QPushButton", "promptCollapsibleButton"),
+    "scribbleButton": ("QPushButton", "promptCollapsibleButton"),
+    "excludeScribbleButton": ("QPushButton", "promptCollapsibleButton"),
+    "lassoButton": ("QPushButton", "promptCollapsibleButton"),
+    "excludeLassoButton": ("QPushButton", "promptCollapsibleButton"),
     "autoUpdateCheckBox": ("QCheckBox", "promptCollapsibleButton"),
     "segmentButton": ("QPushButton", "promptCollapsibleButton"),
     "undoButton": ("QPushButton", "promptCollapsibleButton"),
@@ -305,10 +309,11 @@ class LogicTestDouble:
         return self._call("download_model", model_id=model_id, progress=progress)
 
     def prompt(self, volume_node, segmentation_node, segment_name, include_points=None, exclude_points=None,
-               rois=(), model="litemedsam", use_adapter=False):
+               rois=(), model="litemedsam", use_adapter=False, include_curves=(), exclude_curves=()):
         return self._call("prompt", volume_node=volume_node, segmentation_node=segmentation_node,
                           segment_name=segment_name, include_points=include_points, exclude_points=exclude_points,
-                          rois=rois, model=model, use_adapter=use_adapter)
+                          rois=rois, model=model, use_adapter=use_adapter, include_curves=include_curves,
+                          exclude_curves=exclude_curves)
 
     def undo(self, segmentation_node):
         return self._call("undo", segmentation_node=segmentation_node)
@@ -367,7 +372,7 @@ def make_controller(panel, ui):
         logic.executor.shutdown(wait=True, cancel_futures=True)
 
 
-def recording_hooks(panel, rois=()):
+def recording_hooks(panel, rois=(), curves=((), ())):
     """The real PanelHooks (node names and segments read from the MRML nodes), recording what the controller
     asks of the application."""
 
@@ -377,6 +382,9 @@ def recording_hooks(panel, rois=()):
 
         def promptRois(self):
             return list(rois)
+
+        def promptCurves(self):
+            return list(curves[0]), list(curves[1])
 
         def showError(self, title, text):
             self.errors.append((title, text))
@@ -433,6 +441,11 @@ def test_ui_widget_settings(ui):
     assert ui.connectButton.text() == "Start / connect" and ui.downloadModelButton.text() == "Download model"
     assert ui.boxButton.isCheckable() and ui.boxButton.text() == "2D box"
     assert ui.roiButton.isCheckable() and ui.roiButton.text() == "3D ROI"
+    curves = {"scribbleButton": ("Scribble", "s"), "excludeScribbleButton": ("Exclude scribble", "Shift+S"),
+              "lassoButton": ("Lasso", "l"), "excludeLassoButton": ("Exclude lasso", "Shift+L")}
+    for name, (text, key) in curves.items():
+        button = getattr(ui, name)
+        assert button.isCheckable() and button.text() == text and f"shortcut: {key})" in button.toolTip(), name
     assert ui.autoUpdateCheckBox.isChecked() and ui.autoUpdateCheckBox.text() == "Update after each prompt"
     assert ui.promptAdapterCheckBox.text() == "Use loaded adapter" and not ui.promptAdapterCheckBox.isChecked()
     texts = {"segmentButton": "Segment", "undoButton": "Undo", "clearPromptsButton": "Clear prompts",
@@ -580,7 +593,8 @@ def test_logic_test_double_and_logic_accept_what_the_controller_passes():
     on the real Logic's source when FMSegSlicerLib/logic.py exists."""
     uses = {"submit": (1, []), "connect": (0, ["url", "token", "device"]), "models": (0, []),
             "download_model": (1, ["progress"]),
-            "prompt": (3, ["include_points", "exclude_points", "rois", "model", "use_adapter"]),
+            "prompt": (3, ["include_points", "exclude_points", "rois", "model", "use_adapter", "include_curves",
+                           "exclude_curves"]),
             "undo": (1, []),
             "run_incontext": (3, ["support_size", "ensemble", "uncertainty", "model", "progress", "cancel"]),
             "adapt": (1, ["mode", "method", "rank", "steps", "progress", "cancel"]),
@@ -1011,6 +1025,85 @@ def test_box_and_roi_buttons_exclude_each_other_and_place_mode(panel, ui, make_c
     assert ui.excludePointsPlaceWidget.placeModeEnabled and not ui.includePointsPlaceWidget.placeModeEnabled
     ui.clearPromptsButton.click()
     assert hooks.cleared == 1 and ui.statusLabel.text() == "Prompts cleared."
+
+
+def module_shortcuts() -> dict[str, str]:
+    """FMSegSlicer.py's SHORTCUTS (key -> PanelController method), read with ast (the module imports Slicer)."""
+    for node in ast.parse(MODULE_FILE.read_text()).body:
+        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", None) == "SHORTCUTS":
+            return dict(ast.literal_eval(node.value))
+    raise AssertionError("SHORTCUTS not found in FMSegSlicer.py")
+
+
+#: Keys Slicer's slice views handle themselves (vtkMRMLSliceIntersectionWidget): a shortcut on them would clash.
+SLICE_VIEW_KEYS = {"b", "f", "r", "v", "g", "t", "V", "[", "]", "{", "}", "Left", "Right", "Up", "Down"}
+
+
+def test_curve_tools_have_shortcuts_that_name_panel_actions_and_leave_slicer_keys(panel, ui):
+    shortcuts = module_shortcuts()
+    expected = {"s": "toggleScribble", "Shift+S": "toggleExcludeScribble", "l": "toggleLasso",
+                "Shift+L": "toggleExcludeLasso"}
+    assert {key: shortcuts.get(key) for key in expected} == expected
+    assert not set(shortcuts) & SLICE_VIEW_KEYS
+    for action in shortcuts.values():
+        assert callable(getattr(panel.PanelController, action, None)), action
+    for kind, name in panel.PLACING_BUTTONS.items():  # every tool has its button in the .ui
+        assert getattr(ui, name).isCheckable(), kind
+
+
+def test_one_placing_tool_at_a_time_scribbles_and_lassos_included(panel, ui, make_controller):
+    hooks = recording_hooks(panel)
+    controller = make_controller(LogicTestDouble(), hooks)
+    controller.placeInclude()
+    controller.toggleScribble()
+    assert ui.scribbleButton.isChecked() and not ui.includePointsPlaceWidget.placeModeEnabled
+    controller.toggleExcludeLasso()
+    assert ui.excludeLassoButton.isChecked() and not ui.scribbleButton.isChecked()
+    controller.toggleBox()
+    assert ui.boxButton.isChecked() and not ui.excludeLassoButton.isChecked()
+    controller.toggleExcludeScribble()
+    controller.toggleLasso()
+    assert hooks.placing == [("scribble", True), ("scribble", False), ("exclude-lasso", True),
+                             ("exclude-lasso", False), ("box", True), ("box", False), ("exclude-scribble", True),
+                             ("exclude-scribble", False), ("lasso", True)]
+    controller.placingFinished()  # the user ended the lasso in the view: the button follows, no new request
+    checked = [name for name in panel.PLACING_BUTTONS.values() if getattr(ui, name).isChecked()]
+    assert checked == [] and hooks.placing[-1] == ("lasso", True)
+    controller.toggleLasso()
+    controller.toggleLasso()  # pressing the key again stops placing
+    assert hooks.placing[-2:] == [("lasso", True), ("lasso", False)] and not ui.lassoButton.isChecked()
+
+
+def test_a_failure_to_start_placing_a_curve_is_reported(panel, ui, make_controller):
+    class Failing(panel.PanelHooks):
+        def __init__(self):
+            self.errors = []
+
+        def setPlacing(self, kind, enabled):
+            raise RuntimeError("no slice view")
+
+        def showError(self, title, text):
+            self.errors.append((title, text))
+
+    hooks = Failing()
+    make_controller(LogicTestDouble(), hooks)
+    ui.excludeScribbleButton.click()
+    assert hooks.errors == [("FMSeg: Placing an exclude scribble failed", "RuntimeError: no slice view")]
+    assert "no slice view" in ui.statusLabel.text()
+
+
+def test_segment_sends_the_scribbles_and_lassos_with_the_other_prompts(panel, ui, mrml, make_controller):
+    include = [mrml.scene.AddNewNodeByClass("vtkMRMLMarkupsCurveNode", "scribble"),
+               mrml.scene.AddNewNodeByClass("vtkMRMLMarkupsClosedCurveNode", "lasso")]
+    exclude = [mrml.scene.AddNewNodeByClass("vtkMRMLMarkupsCurveNode", "no")]
+    logic = LogicTestDouble(prompt=lambda **arguments: "segment-id")
+    hooks = recording_hooks(panel, curves=(include, exclude))
+    make_controller(logic, hooks)
+    select_inputs(ui, mrml)
+    ui.segmentButton.click()
+    wait_until(lambda: hooks.results, what="the result")
+    (arguments,) = logic.called("prompt")
+    assert arguments["include_curves"] == include and arguments["exclude_curves"] == exclude
 
 
 def test_adapter_files_and_segmentation_with_the_adapter(panel, ui, mrml, make_controller, tmp_path):

@@ -174,7 +174,8 @@ def test_oversize_malformed_and_unknown_requests_are_refused_and_the_worker_keep
     assert client.info()["version"]  # still serving
 
 
-ROUTES = {("get", "/v1/info"), ("get", "/v1/models"), ("post", "/v1/models/download"), ("post", "/v1/volumes"),
+ROUTES = {("get", "/v1/info"), ("get", "/v1/models"), ("post", "/v1/models/download"),
+          ("post", "/v1/models/{model_id}/weights"), ("post", "/v1/volumes"),
           ("delete", "/v1/volumes/{volume_id}"), ("post", "/v1/adapters"), ("get", "/v1/adapters/{adapter_id}"),
           ("post", "/v1/tasks"), ("get", "/v1/tasks/{task_id}"),
           ("post", "/v1/sessions"), ("post", "/v1/sessions/{session_id}/prompt"),

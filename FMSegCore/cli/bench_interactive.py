@@ -58,7 +58,8 @@ def run(args: argparse.Namespace) -> int:
         tune_cpu_runtime()
     model = load_model(args.model, device)
     figures: dict = {"device": str(device), "model": args.model, "protocol": "interactive",
-                     "corrections": args.clicks, "engines": ENGINES, "development": list(DEVELOPMENT),
+                     "corrections": args.clicks, "engines": {e: ENGINES[e] for e in args.engines},
+                     "protocols": list(args.protocols or bench.DEFAULT_PROTOCOLS), "development": list(DEVELOPMENT),
                      "held_out": list(HELD_OUT), "results": []}
     results = []
     started = time.perf_counter()
@@ -77,7 +78,8 @@ def run(args: argparse.Namespace) -> int:
                 cache = session.cache = cache or session.cache  # same scan, same model: the embeddings are shared
                 engines[engine] = session.segment
             for name in tqdm(structures, desc=case, unit="structure", leave=False):
-                rows = bench.bench_structure(engines, case, split, name, scan.mask(name), args.clicks)
+                rows = bench.bench_structure(engines, case, split, name, scan.mask(name), args.clicks,
+                                             args.protocols or bench.DEFAULT_PROTOCOLS)
                 results.extend(rows)
                 for row in rows:
                     print(f"{split} {case}/{name} {row.engine} {row.protocol}: "

@@ -1,4 +1,5 @@
-"""``fmseg prompt``: segment the structures that Slicer markups (ROIs, point lists) prompt, into one label map.
+"""``fmseg prompt``: segment the structures that Slicer markups (ROIs, point lists, curves) prompt, into one label
+map.
 
 Every input is read and checked before the model is loaded, so bad input fails fast with one line naming the
 file; the result is written atomically (a half-written file never appears) and never replaces an existing
@@ -33,8 +34,8 @@ from FMSegCore.io.markups import prompts_from_markups
 from FMSegCore.io.orientation import anatomical_axes
 from FMSegCore.io.volume import PathLike, Volume, read_volume
 from FMSegCore.options import AXIS_INDEX, Prompting
-from FMSegCore.prompts import SegmentPrompts
-from FMSegCore.zoo.families import PROMPTABLE, require_kind
+from FMSegCore.prompts import SegmentPrompts, off_slice_problem, slicing_axis
+from FMSegCore.zoo.families import PROMPTABLE, model_dims, require_kind
 
 if TYPE_CHECKING:
     import torch
@@ -82,7 +83,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "segmentation with names), .nii.gz, .nii or .nrrd (label map plus <name>.labels.json).")
     parser.add_argument("--image", required=True, metavar="IMAGE", help="the volume (NIfTI, NRRD, MetaImage or DICOM folder)")
     parser.add_argument("--prompts", required=True, nargs="+", metavar="MARKUPS",
-                        help="Slicer markups files (.mrk.json): ROIs and/or point lists")
+                        help="Slicer markups files (.mrk.json): ROIs, point lists, curves (scribbles) and closed "
+                             "curves (lassos); a control point described 'exclude' makes its point or curve exclude")
     parser.add_argument("--output", required=True, metavar="OUTPUT", help=f"the result ({SEGMENTATION_SUFFIX}, .nii.gz, .nii or .nrrd)")
     add_segment_options(parser)
     parser.set_defaults(func=run)
@@ -170,6 +172,7 @@ def load_prompts(paths: Sequence[PathLike], image: Volume) -> list[SegmentPrompt
             first_file.setdefault(name, path)
             segment.boxes.extend(prompts.boxes)
             segment.points.extend(prompts.points)
+            segment.curves.extend(prompts.curves)
     for name, segment in segments.items():
         if segment.is_empty():
             raise InputError(first_file[name], f"segment '{name}' has no box and no include point to start from")
@@ -189,7 +192,7 @@ def _slices_expected(segments: Sequence[SegmentPrompts], axis: int, count: int) 
     slices), else None (propagation decides)."""
     total = 0
     for segment in segments:
-        if segment.points or any(box.slice_axis() is not None for box in segment.boxes):
+        if segment.points or segment.curves or any(box.slice_axis() is not None for box in segment.boxes):
             return None
         covered = set()
         for box in segment.boxes:
@@ -197,6 +200,20 @@ def _slices_expected(segments: Sequence[SegmentPrompts], axis: int, count: int) 
             covered.update(range(max(first, 0), min(last, count - 1) + 1))
         total += len(covered)
     return total
+
+
+def check_curves_on_slices(segments: Sequence[SegmentPrompts], image: Volume, options: SegmentOptions) -> None:
+    """For a 2-D model: every curve lies on one slice of the axis its segment is sliced along (InputError naming
+    its file and the axis otherwise), checked before the model loads, as the session checks it."""
+    if model_dims(require_kind(options.model, PROMPTABLE)) == 3:
+        return
+    default = anatomical_axes(image.direction)[AXES[options.axis]]
+    for segment in segments:
+        axis = slicing_axis(segment, default)
+        for curve in segment.curves:
+            problem = off_slice_problem(curve, axis)
+            if problem:
+                raise InputError(curve.source, f"segment '{segment.name}': {problem}")
 
 
 def check_options(options: SegmentOptions) -> torch.device:
@@ -297,6 +314,7 @@ def prompt_to_file(image_path: PathLike, prompt_paths: Sequence[PathLike], outpu
         load_prompt_adapter(options.adapter)
     image = read_volume(image_path)
     segments = load_prompts(prompt_paths, image)
+    check_curves_on_slices(segments, image, options)
     labels = segment_volume(image, segments, options, device)
     infos = [SegmentInfo(value, s.name, color)
              for value, (s, color) in enumerate(zip(segments, distinct_colors([s.name for s in segments])), start=1)]

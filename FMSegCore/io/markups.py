@@ -1,7 +1,8 @@
 """Slicer Markups JSON files (``.mrk.json``) and the prompts they give.
 
-Supported markups: point lists (``Fiducial``) and ROI boxes (``ROI``); any other type is rejected with an
-:class:`InputError`, since it cannot be turned into a prompt. Positions are returned in LPS millimetres
+Supported markups: point lists (``Fiducial``), ROI boxes (``ROI``), scribbles (open curves, ``Curve``) and lassos
+(closed curves, ``ClosedCurve``); any other type is rejected with an :class:`InputError`, since it cannot be turned
+into a prompt. A curve runs straight between its control points (Slicer's spline through them is not redone). Positions are returned in LPS millimetres
 whatever the file's ``coordinateSystem`` (``LPS`` or ``RAS``).
 
 Slicer does not store a node's name in the file (it names a loaded node after the file), so a markup's
@@ -9,6 +10,8 @@ name, which becomes the segment it prompts, is its ``name`` key if present, else
 ``.mrk.json``. A control point whose description is ``exclude``, ``background`` or ``negative`` (any case, spaces
 ignored) is an exclude point; every other point is an include point. Only placed points count (``positionStatus``
 ``defined``, the default when a file has none): as for Slicer's nodes (``prompts.excludes``, ``is_placed``).
+A curve excludes when the description of one of its control points says so (the file has no description of
+the whole curve).
 """
 
 from __future__ import annotations
@@ -28,14 +31,17 @@ from FMSegCore.prompts import (
     CORNER_SIGNS,
     PLACED_STATUS,
     BoxPrompt,
+    CurvePrompt,
     PointPrompt,
     SegmentPrompts,
     box_from_corners,
+    curve_problem,
     excludes,
     is_placed,
 )
 
-SUPPORTED_TYPES = ("Fiducial", "ROI")
+SUPPORTED_TYPES = ("Fiducial", "ROI", "Curve", "ClosedCurve")
+CURVE_TYPES = ("Curve", "ClosedCurve")
 MARKUPS_SUFFIX = ".mrk.json"
 
 
@@ -67,6 +73,11 @@ class Markup:
 
     def describe(self) -> str:
         return f"{self.type} markup '{self.name}'"
+
+    @property
+    def include(self) -> bool:
+        """A curve includes unless one of its control points' descriptions says exclude."""
+        return all(point.include for point in self.control_points)
 
     def roi_corners(self) -> np.ndarray:
         """The 8 corners (LPS, shape (8, 3)) of a ROI box."""
@@ -137,19 +148,24 @@ def _markup(entry: object, path: Path, number: int) -> Markup:
     name = entry.get("name") or _name_from_file(path)
     kind = entry.get("type")
     if kind not in SUPPORTED_TYPES:
-        raise InputError(path, f"markup '{name}' has unsupported type {kind!r} (use a point list or a ROI)")
+        raise InputError(path, f"markup '{name}' has unsupported type {kind!r} (use a point list, a ROI, a curve "
+                               "or a closed curve)")
     markup = Markup(type=kind, name=str(name), path=str(path))
     to_lps = _to_lps(entry, path, markup.describe())
     markup.control_points = _control_points(entry, path, markup.describe(), to_lps)
     if kind == "ROI":
         _roi_geometry(markup, entry, path, to_lps)
+    elif kind in CURVE_TYPES:
+        problem = curve_problem([p.position for p in markup.control_points], closed=kind == "ClosedCurve")
+        if problem:
+            raise InputError(path, f"{markup.describe()}: {problem}")
     elif not markup.control_points:
         raise InputError(path, f"{markup.describe()} has no placed control points")
     return markup
 
 
 def read_markups(path: PathLike) -> list[Markup]:
-    """Point lists and ROIs of a Slicer markups file, in LPS mm; InputError on anything malformed."""
+    """Point lists, ROIs and curves of a Slicer markups file, in LPS mm; InputError on anything malformed."""
     path = Path(path)
     content = read_json(path, "markups JSON file")
     entries = content.get("markups") if isinstance(content, dict) else None
@@ -188,22 +204,33 @@ def _box(markup: Markup, volume: Volume) -> BoxPrompt:
                      None if flat.any() else oriented.corners)
 
 
-def _points(markup: Markup, volume: Volume) -> list[PointPrompt]:
+def _voxels(markup: Markup, volume: Volume) -> list[tuple[float, float, float]]:
+    """The control points as continuous voxel indices; InputError naming the first one outside the image."""
     shape = np.asarray(volume.shape_ijk, dtype=float)
-    prompts = []
+    voxels = []
     for point in markup.control_points:
         ijk = volume.lps_to_ijk(np.asarray(point.position))[0]
         if _below(ijk) or _above(ijk, shape):
             raise InputError(markup.path, f"{markup.describe()}: point '{point.label}' lies outside the image")
-        prompts.append(PointPrompt(tuple(ijk.tolist()), include=point.include))
-    return prompts
+        voxels.append(tuple(ijk.tolist()))
+    return voxels
+
+
+def _points(markup: Markup, volume: Volume) -> list[PointPrompt]:
+    return [PointPrompt(ijk, include=point.include) for ijk, point in zip(_voxels(markup, volume), markup.control_points)]
+
+
+def _curve(markup: Markup, volume: Volume) -> CurvePrompt:
+    return CurvePrompt(tuple(_voxels(markup, volume)), include=markup.include, closed=markup.type == "ClosedCurve",
+                       source=markup.path, label=markup.name)
 
 
 def prompts_from_markups(paths: Union[PathLike, Iterable[PathLike]], volume: Volume) -> dict[str, SegmentPrompts]:
     """Prompts per segment (named after each markup) from markups files, in voxel index space of ``volume``.
 
     ROIs become boxes (flat ones 2D boxes on the nearest slice; boxes partly outside are clipped), point
-    lists become include/exclude points. Segments keep the order in which they first appear.
+    lists become include/exclude points, curves include/exclude scribbles and lassos (every point inside the
+    image). Segments keep the order in which they first appear.
     """
     if isinstance(paths, (str, Path)):
         paths = [paths]
@@ -213,6 +240,8 @@ def prompts_from_markups(paths: Union[PathLike, Iterable[PathLike]], volume: Vol
             segment = prompts.setdefault(markup.name, SegmentPrompts(markup.name))
             if markup.type == "ROI":
                 segment.boxes.append(_box(markup, volume))
+            elif markup.type in CURVE_TYPES:
+                segment.curves.append(_curve(markup, volume))
             else:
                 segment.points.extend(_points(markup, volume))
     return prompts

@@ -318,20 +318,23 @@ class FMSegLogic:
 
     # ------------------------------------------------------------------ prompting
     def _prepare_prompt(self, volume_node: Any, segmentation_node: Any, segment_name: str, include_points: Any,
-                        exclude_points: Any, rois: Sequence[Any], model: str, use_adapter: bool) -> dict[str, Any]:
+                        exclude_points: Any, rois: Sequence[Any], model: str, use_adapter: bool,
+                        include_curves: Sequence[Any] = (), exclude_curves: Sequence[Any] = ()) -> dict[str, Any]:
         if segmentation_node is None:
             raise ValueError("choose the segmentation that receives the result")
         if not segment_name.strip():
             raise ValueError("give the segment a name")
         array, meta = self._volume_data(volume_node)
-        boxes, points = collect_prompts(volume_node, include_points, exclude_points, rois)
-        if not boxes and not any(include for _, include in points):
-            raise ValueError(f"segment '{segment_name}': place a box, a ROI or an include point first")
+        boxes, points, curves = collect_prompts(volume_node, include_points, exclude_points, rois, include_curves,
+                                                exclude_curves)
+        if not boxes and not any(include for _, include in points) and not any(c[1] for c in curves):
+            raise ValueError(f"segment '{segment_name}': place a box, a ROI or an include point (or an include "
+                             "scribble or lasso) first")
         adapter = use_adapter and bool(self.adapter.data)
         if adapter and self.adapter.info.get("mode") != "prompt":
             raise ValueError("the loaded adapter segments automatically: use 'Segment with adapter'")
         return {"volume_node": volume_node, "segmentation_node": segmentation_node, "name": segment_name.strip(),
-                "array": array, "meta": meta, "boxes": boxes, "points": points,
+                "array": array, "meta": meta, "boxes": boxes, "points": points, "curves": curves,
                 "model": self.adapter.info.get("base_model", model) if adapter else model, "adapter": adapter}
 
     def _request_prompt(self, job: dict[str, Any]) -> tuple[np.ndarray, dict[str, Any]]:
@@ -342,7 +345,7 @@ class FMSegLogic:
         if key not in self._sessions:
             options = {"model": job["model"], "adapter": adapter_id, **self._device_option()}
             self._sessions[key] = client.open_session(volume_id, **options)
-        return client.prompt(self._sessions[key], job["name"], job["boxes"], job["points"])
+        return client.prompt(self._sessions[key], job["name"], job["boxes"], job["points"], job["curves"])
 
     def _apply_prompt(self, job: dict[str, Any], answer: tuple[np.ndarray, dict[str, Any]]) -> str:
         mask, _ = answer
@@ -360,10 +363,13 @@ class FMSegLogic:
 
     def prompt(self, volume_node: Any, segmentation_node: Any, segment_name: str, include_points: Any = None,
                exclude_points: Any = None, rois: Sequence[Any] = (), model: str = DEFAULT_PROMPT_MODEL,
-               use_adapter: bool = False) -> str:
-        """Segment one structure from its prompts into the segment ``segment_name``; the segment id."""
+               use_adapter: bool = False, include_curves: Sequence[Any] = (),
+               exclude_curves: Sequence[Any] = ()) -> str:
+        """Segment one structure from its prompts into the segment ``segment_name``; the segment id. Curves:
+        curve nodes (scribbles) and closed curve nodes (lassos); in ``include_curves``, one whose control point
+        is described "exclude" excludes (``fmseg prompt``'s rule for files)."""
         job = self._prepare_prompt(volume_node, segmentation_node, segment_name, include_points, exclude_points,
-                                   rois, model, use_adapter)
+                                   rois, model, use_adapter, include_curves, exclude_curves)
         return self._apply_prompt(job, self._guarded(lambda: self._request_prompt(job)))
 
     def prompt_async(self, *args: Any, **kwargs: Any) -> Pending:
@@ -637,8 +643,10 @@ class FMSegLogic:
 
 def _prompt_arguments(volume_node: Any, segmentation_node: Any, segment_name: str, include_points: Any = None,
                       exclude_points: Any = None, rois: Sequence[Any] = (), model: str = DEFAULT_PROMPT_MODEL,
-                      use_adapter: bool = False) -> tuple:
-    return volume_node, segmentation_node, segment_name, include_points, exclude_points, rois, model, use_adapter
+                      use_adapter: bool = False, include_curves: Sequence[Any] = (),
+                      exclude_curves: Sequence[Any] = ()) -> tuple:
+    return (volume_node, segmentation_node, segment_name, include_points, exclude_points, rois, model, use_adapter,
+            include_curves, exclude_curves)
 
 
 def _image_mtime(volume_node: Any) -> int:

@@ -39,6 +39,13 @@ CONNECT, DOWNLOAD, PROMPT, INCONTEXT, ADAPTER = "connect", "download", "prompt",
 INSTALL = "install"
 
 DEFAULT_SEGMENT_NAME = "Segment_1"
+#: The tools placed in the views, by kind: 2D box, 3D ROI, include/exclude scribble (curve), include/exclude lasso
+#: (closed curve); the .ui's checkable button of each.
+PLACING_BUTTONS = {"box": "boxButton", "roi": "roiButton", "scribble": "scribbleButton",
+                   "exclude-scribble": "excludeScribbleButton", "lasso": "lassoButton",
+                   "exclude-lasso": "excludeLassoButton"}
+PLACING_NAMES = {"box": "a box", "roi": "a ROI", "scribble": "a scribble", "exclude-scribble": "an exclude scribble",
+                 "lasso": "a lasso", "exclude-lasso": "an exclude lasso"}
 STATUS_LIMIT = 240
 
 
@@ -141,8 +148,13 @@ class PanelHooks:
         """ROI nodes (2D boxes and 3D ROIs) to send with the next prompt."""
         return []
 
+    def promptCurves(self):
+        """(include, exclude) curve and closed curve nodes (scribbles, lassos) to send with the next prompt."""
+        return [], []
+
     def setPlacing(self, kind: str, enabled: bool) -> None:
-        """Start or stop placing a prompt ROI of ``kind`` "box" (2D) or "roi" (3D) in the views."""
+        """Start or stop placing a prompt of ``kind`` (a key of ``PLACING_BUTTONS``: "box" 2D, "roi" 3D, "scribble",
+        "exclude-scribble", "lasso", "exclude-lasso") in the views."""
 
     def clearPrompts(self) -> None:
         """Remove the points, boxes and ROIs used as prompts."""
@@ -265,8 +277,8 @@ class PanelController:
         ui.deviceSelector.currentIndexChanged.connect(self._connectionSettingsChanged)
         ui.connectButton.clicked.connect(self.connectWorker)
         ui.downloadModelButton.clicked.connect(self.downloadModels)
-        ui.boxButton.toggled.connect(self._onBoxToggled)
-        ui.roiButton.toggled.connect(self._onRoiToggled)
+        for kind, name in PLACING_BUTTONS.items():
+            getattr(ui, name).toggled.connect(lambda *_args, kind=kind: self._onPlacingToggled(kind))
         ui.segmentButton.clicked.connect(self.segment)
         ui.undoButton.clicked.connect(self.undo)
         ui.clearPromptsButton.clicked.connect(self.clearPrompts)
@@ -605,11 +617,13 @@ class PanelController:
             return None
         self.promptPending = False
         name = ui.segmentNameEdit.text.strip() or DEFAULT_SEGMENT_NAME
+        curves = self.hooks.promptCurves() or ([], [])
         return self.start(
             PROMPT, "Segment", "prompt", (volume, segmentation, name), dict(
                 include_points=ui.includePointsPlaceWidget.currentNode(),
                 exclude_points=ui.excludePointsPlaceWidget.currentNode(),
                 rois=list(self.hooks.promptRois() or ()),
+                include_curves=list(curves[0]), exclude_curves=list(curves[1]),
                 model=ui.promptModelSelector.currentText,
                 use_adapter=bool(ui.promptAdapterCheckBox.checked and self.adapterFor("prompt"))),
             onDone=lambda segmentId, elapsed: self._promptDone(name, segmentId, elapsed))
@@ -654,51 +668,65 @@ class PanelController:
         return undone
 
     def clearPrompts(self, *_args) -> None:
-        self._setPlacingButtons(False, False)
+        self._setPlacingButtons(None)
         self.hooks.clearPrompts()
         self.promptPending = False
         self.setStatus("Prompts cleared.")
 
     def placeInclude(self, *_args) -> None:
-        self._setPlacingButtons(False, False)
+        self._setPlacingButtons(None)
         self.ui.excludePointsPlaceWidget.placeModeEnabled = False
         self.ui.includePointsPlaceWidget.placeModeEnabled = True
 
     def placeExclude(self, *_args) -> None:
-        self._setPlacingButtons(False, False)
+        self._setPlacingButtons(None)
         self.ui.includePointsPlaceWidget.placeModeEnabled = False
         self.ui.excludePointsPlaceWidget.placeModeEnabled = True
 
     def toggleBox(self, *_args) -> None:
-        self.ui.boxButton.checked = not self.ui.boxButton.checked
+        self._togglePlacing("box")
 
     def toggleRoi(self, *_args) -> None:
-        self.ui.roiButton.checked = not self.ui.roiButton.checked
+        self._togglePlacing("roi")
+
+    def toggleScribble(self, *_args) -> None:
+        self._togglePlacing("scribble")
+
+    def toggleExcludeScribble(self, *_args) -> None:
+        self._togglePlacing("exclude-scribble")
+
+    def toggleLasso(self, *_args) -> None:
+        self._togglePlacing("lasso")
+
+    def toggleExcludeLasso(self, *_args) -> None:
+        self._togglePlacing("exclude-lasso")
+
+    def _togglePlacing(self, kind) -> None:
+        button = getattr(self.ui, PLACING_BUTTONS[kind])
+        button.checked = not button.checked
 
     def placingFinished(self, *_args) -> None:
-        """The views left place mode (the box or ROI is placed, or the user pressed Escape)."""
+        """The views left place mode (the box, ROI or curve is placed, or the user pressed Escape)."""
         self._syncingPlacing = True
         try:
-            self._setPlacingButtons(False, False)
+            self._setPlacingButtons(None)
         finally:
             self._syncingPlacing = False
 
-    def _setPlacingButtons(self, box: bool, roi: bool) -> None:
-        if self.ui.boxButton.checked != box:
-            self.ui.boxButton.checked = box
-        if self.ui.roiButton.checked != roi:
-            self.ui.roiButton.checked = roi
+    def _setPlacingButtons(self, kind) -> None:
+        """Check the button of ``kind`` only (None: none)."""
+        for other, name in PLACING_BUTTONS.items():
+            button = getattr(self.ui, name)
+            if button.checked != (other == kind):
+                button.checked = other == kind
 
-    def _onBoxToggled(self, *_args) -> None:
-        self._onPlacingToggled("box", self.ui.boxButton, self.ui.roiButton)
-
-    def _onRoiToggled(self, *_args) -> None:
-        self._onPlacingToggled("roi", self.ui.roiButton, self.ui.boxButton)
-
-    def _onPlacingToggled(self, kind, button, other) -> None:
-        enabled = bool(button.checked)
+    def _onPlacingToggled(self, kind) -> None:
+        """One tool places at a time: a checked button unchecks the others and leaves point place mode."""
+        enabled = bool(getattr(self.ui, PLACING_BUTTONS[kind]).checked)
         if enabled:
-            other.checked = False
+            for other, name in PLACING_BUTTONS.items():
+                if other != kind:
+                    getattr(self.ui, name).checked = False
             self.ui.includePointsPlaceWidget.placeModeEnabled = False
             self.ui.excludePointsPlaceWidget.placeModeEnabled = False
         if self._syncingPlacing:
@@ -706,7 +734,7 @@ class PanelController:
         try:
             self.hooks.setPlacing(kind, enabled)
         except Exception as exc:
-            self.reportError("Placing a box" if kind == "box" else "Placing a ROI", exc)
+            self.reportError(f"Placing {PLACING_NAMES[kind]}", exc)
 
     # ------------------------------------------------------------------------------------------------------------
     # Support set and cases

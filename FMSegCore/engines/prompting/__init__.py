@@ -1,13 +1,13 @@
-"""Promptable segmentation: boxes, ROIs and points per named segment, carried through volumes.
+"""Promptable segmentation: boxes, ROIs, points, scribbles and lassos per named segment, carried through volumes.
 
 The session (torch) is imported on first use, so prompt types serve clients that have no torch (Slicer's Logic).
 """
 
 from typing import Any
 
-from FMSegCore.prompts import BoxPrompt, PointPrompt, SegmentPrompts
+from FMSegCore.prompts import BoxPrompt, CurvePrompt, PointPrompt, SegmentPrompts
 
-__all__ = ["BoxPrompt", "PointPrompt", "PromptSession", "PropagationSettings", "SegmentPrompts"]
+__all__ = ["BoxPrompt", "CurvePrompt", "PointPrompt", "PromptSession", "PropagationSettings", "SegmentPrompts"]
 
 
 def __getattr__(name: str) -> Any:

@@ -10,6 +10,11 @@ logits decide.
 
 Image embeddings are cached per (axis, slice, window): a new prompt re-runs only the decoder unless it needs
 a slice or window not yet encoded.
+
+Curves: a scribble becomes include (or exclude) points sampled along it, applied together; an include lasso a
+2D box around it on its slice, plus the filled lasso as a mask prompt where the model takes one, and the result
+on that slice stays within the lasso; an exclude lasso removes what it encloses on its slice. Curves must lie
+on one slice of the axis the segment is sliced along (an :class:`InputError` naming their file says so).
 """
 
 from __future__ import annotations
@@ -33,7 +38,15 @@ from FMSegCore.preprocessing.intensity import guess_modality, normalize
 from FMSegCore.preprocessing.overlap import dice
 from FMSegCore.preprocessing.slicing import get_slice, in_plane_axes, mask_box_rc
 from FMSegCore.progress import ProgressCallback, ProgressClock
-from FMSegCore.prompts import BoxPrompt, PointPrompt, SegmentPrompts
+from FMSegCore.prompts import (
+    BoxPrompt,
+    CurvePrompt,
+    PointPrompt,
+    SegmentPrompts,
+    off_slice_problem,
+    rasterise_curve,
+    slicing_axis,
+)
 
 BoxRC = tuple[float, float, float, float]  # row0, col0, row1, col1 (inclusive pixel centres)
 
@@ -72,6 +85,15 @@ class PropagationSettings:
     #: without a box, whether every include point seeds a propagation of its own (FMSeg before issue 13: a
     #: corrective include click started the segment again) rather than only the points on the first one's slice
     include_points_seed: bool = False
+    #: a scribble gives points about this many mm apart along it, at most ``scribble_points`` of them
+    scribble_step_mm: float = 5.0
+    scribble_points: int = 12
+    #: an include lasso also prompts the model with its filled outline as mask logits (models that take them)
+    lasso_mask_prompt: bool = True
+
+
+#: The mask-prompt logit inside (+) and outside (-) a lasso.
+LASSO_LOGIT = 8.0
 
 
 @dataclass
@@ -96,6 +118,7 @@ class SliceSeed:
     clips: Optional[dict[int, BoxRC]] = None  # per-slice bounds instead (an oriented ROI's sections)
     stops: bool = True  # whether propagation stops where the structure seems to end (else: fills the limits)
     one_window: bool = False  # points alone, on large slices: every box tried shares the largest one's window
+    lasso: Optional[np.ndarray] = None  # an include lasso filled on this slice: mask prompt and bounds
 
 
 @dataclass
@@ -267,8 +290,10 @@ class PromptSession:
                 self.cache.put(key, embedding)  # kept in the encoder's dtype (bf16 halves the cache)
 
     def decode_logits(self, axis: int, index: int, box: Optional[BoxRC], points: Sequence[PointPrompt] = (),
-                      window: Optional[SliceWindow] = None) -> tuple[torch.Tensor, float, SliceWindow]:
-        """The model's logits on one slice for a box and/or points, its quality estimate and the window used."""
+                      window: Optional[SliceWindow] = None,
+                      mask_prompt: Optional[np.ndarray] = None) -> tuple[torch.Tensor, float, SliceWindow]:
+        """The model's logits on one slice for a box and/or points (and a slice mask given as mask logits), its
+        quality estimate and the window used."""
         if window is None:
             window = self._window(box if box is not None else self._points_box(points, axis), axis)
         key = (self._image_key, axis, index, window)
@@ -281,6 +306,8 @@ class PromptSession:
             rc = np.array([self._to_slice(p.ijk, axis)[1:] for p in points])
             prompts.points = torch.tensor(window.to_window(rc), dtype=torch.float32, device=self.device)[None]
             prompts.point_labels = torch.tensor([[1 if p.include else 0 for p in points]], device=self.device)
+        if mask_prompt is not None:
+            prompts.mask_logits = self._mask_logits(mask_prompt, window)
         began = time.perf_counter()
         with torch.inference_mode(), self._autocast():
             logits, quality = self.model.decode(embedding[None], prompts)
@@ -288,10 +315,24 @@ class PromptSession:
         self.timings.decoded += 1
         return paste(logits[0, 0].float(), window, self.slice_shape(axis)), float(quality[0]), window
 
+    def _mask_logits(self, mask: np.ndarray, window: SliceWindow) -> torch.Tensor:
+        """A slice mask as the model's low-resolution mask logits (1, 1, mask_size, mask_size) over ``window``."""
+        inside = extract(mask.astype(np.float32), window)[None, None]
+        size = int(getattr(self.model, "mask_size", window.size))
+        if inside.shape[-1] != size:
+            inside = torch.nn.functional.interpolate(inside, size=(size, size), mode="bilinear", align_corners=False)
+        return ((inside * 2.0 - 1.0) * LASSO_LOGIT).to(self.device)
+
+    def takes_mask_prompt(self) -> bool:
+        """Whether lassos also prompt the model with a mask: the setting, unless the model says its decoder
+        ignores ``mask_logits`` (``accepts_mask_logits = False``)."""
+        return self.settings.lasso_mask_prompt and bool(getattr(self.model, "accepts_mask_logits", True))
+
     def decode_slice(self, axis: int, index: int, box: Optional[BoxRC], points: Sequence[PointPrompt] = (),
-                     window: Optional[SliceWindow] = None) -> tuple[np.ndarray, float, SliceWindow]:
+                     window: Optional[SliceWindow] = None,
+                     mask_prompt: Optional[np.ndarray] = None) -> tuple[np.ndarray, float, SliceWindow]:
         """Segment one slice from a box and/or points: (mask on the slice, model quality, window used)."""
-        logits, quality, window = self.decode_logits(axis, index, box, points, window)
+        logits, quality, window = self.decode_logits(axis, index, box, points, window, mask_prompt)
         mask = apply_clicks(logits.numpy() > 0, [self._to_slice(p.ijk, axis)[1:] + (p.include,) for p in points])
         return mask, quality, window
 
@@ -306,16 +347,31 @@ class PromptSession:
         """
         if prompts.is_empty():
             raise InputError(None, f"segment '{prompts.name}' has no box and no include point")
-        axis = _segment_axis(prompts, self.axis)
-        seeding_points = [] if prompts.boxes else self._seeding_points(prompts.include_points, axis)
-        corrections = [p for p in prompts.points if p not in seeding_points]
-        choice_key = (axis, tuple(prompts.boxes), tuple(seeding_points))
+        axis = slicing_axis(prompts, self.axis)
+        for curve in prompts.curves:
+            problem = off_slice_problem(curve, axis)
+            if problem:
+                raise InputError(curve.source, f"segment '{prompts.name}': {problem}")
+        curves = prompts.curves
+        prompts, groups = self._expand(prompts, axis)
+        lassos = tuple(c for c in curves if c.closed and c.include)
+        seeding_points = [] if prompts.boxes else self._seeding_points(prompts.include_points, axis, groups,
+                                                                      prompts.points)
+        pending = [(p, g) for p, g in zip(prompts.points, groups) if p not in seeding_points]
+        corrections = [p for p, _ in pending]
+        # A scribble's points are applied together: one correction ends at its last point.
+        ends = [n + 1 for n, (_, g) in enumerate(pending)
+                if g is None or n + 1 == len(pending) or pending[n + 1][1] != g]
+        choice_key = (axis, tuple(prompts.boxes), tuple(seeding_points), lassos)
         if choice_key not in self._window_choices:  # corrective clicks keep the window their prompt chose
             self._window_choices[choice_key] = self.choose_window(prompts, axis)
         self.use_window(self._window_choices[choice_key])
-        base_key = (self._image_key, axis, tuple(prompts.boxes), tuple(seeding_points))
+        base_key = (self._image_key, axis, tuple(prompts.boxes), tuple(seeding_points), lassos)
         if base_key not in self._propagations:
             seeds = self._seeds(SegmentPrompts(prompts.name, prompts.boxes, seeding_points), axis)
+            fills = self._fills(lassos, axis)
+            for seed in seeds:
+                seed.lasso = fills.get(seed.index)
             # Seed slices with boxes are known in advance: encode them together (batches on a GPU).
             self.encode([(self._image_key, axis, seed.index, self._window(seed.box, axis))
                          for seed in seeds if seed.box is not None])
@@ -327,7 +383,7 @@ class PromptSession:
                 self._grow(seed, axis, records, stop_at=seed_slices)
             self._propagations[base_key] = records
         propagated = self._propagations[base_key]
-        records = self._corrected(base_key, propagated, corrections, axis)
+        records = self._corrected(base_key, propagated, corrections, axis, ends)
         window = self._window_choices[choice_key]
         planes = [PlaneResult(axis, window, records, list(prompts.points))]
         mask = _assemble(records, axis, self.image.shape)
@@ -346,9 +402,47 @@ class PromptSession:
                     if records.get(index) is not propagated.get(index):
                         get_slice(voted, axis, index)[...] = get_slice(mask, axis, index)
                 mask = voted
+        for index, fill in self._fills([c for c in curves if c.closed and not c.include], axis).items():
+            get_slice(mask, axis, index)[fill] = False  # an exclude lasso: nothing of the segment inside it
         self.results[prompts.name] = mask
         self._planes[prompts.name] = planes
         return mask
+
+    def _expand(self, prompts: SegmentPrompts, axis: int) -> tuple[SegmentPrompts, list[Optional[int]]]:
+        """The prompts with curves as what this model takes: each scribble's points (first, in the curves' order;
+        then the clicks) and a 2D box around each include lasso; and, per point, the number of the scribble it
+        comes from (None: a click)."""
+        points: list[PointPrompt] = []
+        groups: list[Optional[int]] = []
+        boxes = list(prompts.boxes)
+        for number, curve in enumerate(prompts.curves):
+            index = curve.slice_index(axis)
+            if curve.closed:
+                if curve.include:
+                    lo, hi = curve.array().min(axis=0), curve.array().max(axis=0)
+                    lo[axis] = hi[axis] = index
+                    boxes.append(BoxPrompt(tuple(lo.tolist()), tuple(hi.tolist())))
+                continue
+            for point in curve.sample(self.volume.spacing, self.settings.scribble_step_mm,
+                                      self.settings.scribble_points):
+                ijk = list(point.ijk)
+                ijk[axis] = float(index)  # on the curve's slice exactly
+                points.append(PointPrompt((ijk[0], ijk[1], ijk[2]), point.include))
+                groups.append(number)
+        points += prompts.points
+        groups += [None] * len(prompts.points)
+        return SegmentPrompts(prompts.name, boxes, points, prompts.color), groups
+
+    def _fills(self, lassos: Sequence[CurvePrompt], axis: int) -> dict[int, np.ndarray]:
+        """Lassos filled on their slices (several on one slice: their union)."""
+        fills: dict[int, np.ndarray] = {}
+        for curve in lassos:
+            index = curve.slice_index(axis)
+            if index is None or not 0 <= index < self.num_slices(axis):
+                continue
+            fill = rasterise_curve(curve, axis, self.slice_shape(axis))
+            fills[index] = fills[index] | fill if index in fills else fill
+        return fills
 
     def _crossing_planes(self, prompts: SegmentPrompts, seeding_points: list[PointPrompt],
                          primary: dict[int, SliceRecord], axis: int) -> dict[int, dict[int, SliceRecord]]:
@@ -550,7 +644,10 @@ class PromptSession:
         slice's record and the model's quality estimate, or None where the points found nothing. With
         ``cached_only`` (a correction), on large slices only boxes an encoded window holds are tried."""
         if seed.box is not None:
-            mask, quality, _ = self.decode_slice(axis, seed.index, seed.box, seed.points)
+            prompt = seed.lasso if seed.lasso is not None and self.takes_mask_prompt() else None
+            mask, quality, _ = self.decode_slice(axis, seed.index, seed.box, seed.points, mask_prompt=prompt)
+            if seed.lasso is not None:  # the user drew the structure's outline: nothing beyond it (2 pixels)
+                mask = mask & ndimage.binary_dilation(seed.lasso, iterations=2)
             return SliceRecord(mask, seed.box, seed.index, 0), quality
         # Points alone: LiteMedSAM was trained with boxes, so try boxes of a few sizes around the points and
         # keep the answer the model is most confident about (as SAM picks among its multi-mask outputs).
@@ -618,8 +715,9 @@ class PromptSession:
                 index += step
 
     def _corrected(self, base_key: tuple, propagated: dict[int, SliceRecord], corrections: Sequence[PointPrompt],
-                   axis: int) -> dict[int, SliceRecord]:
-        """The propagation with the corrective clicks applied one by one, in the order given. The last result
+                   axis: int, ends: Optional[Sequence[int]] = None) -> dict[int, SliceRecord]:
+        """The propagation with the corrective clicks applied one by one, in the order given (``ends``: where
+        each correction ends, a scribble's points being one; default: every click is one). The last result
         per prompt is kept, so a click added to it applies only that click: its cost does not grow with the
         clicks before it, and the result equals applying all of them at once from the propagation."""
         settings = astuple(self.settings)
@@ -629,8 +727,9 @@ class PromptSession:
         if cached is not None and cached[0] == settings and tuple(corrections[:len(cached[1])]) == cached[1]:
             _, applied, records = cached
         records = dict(records)  # the cached records are not changed in place
-        for number in range(len(applied), len(corrections)):
-            self._correct(records, corrections[:number + 1], axis)
+        for end in range(1, len(corrections) + 1) if ends is None else ends:
+            if end > len(applied):
+                self._correct(records, corrections[:end], axis)
         self._corrections[base_key] = (settings, tuple(corrections), records)
         return records
 
@@ -699,11 +798,17 @@ class PromptSession:
                 records[other] = SliceRecord(current, box, old.seed, old.step, old.clip)
                 previous, other = current, other + step
 
-    def _seeding_points(self, include: list[PointPrompt], axis: int) -> list[PointPrompt]:
-        """The include points that start a segment given without a box: those on the first one's slice (the
-        later ones correct it), or all of them with ``include_points_seed``."""
+    def _seeding_points(self, include: list[PointPrompt], axis: int, groups: Sequence[Optional[int]] = (),
+                        points: Sequence[PointPrompt] = ()) -> list[PointPrompt]:
+        """The include points that start a segment given without a box: those of its first include scribble
+        (clicks then correct it, even on that slice), else the points on the first include point's slice (the
+        later ones correct it); all of them with ``include_points_seed``. ``groups``: the scribble each of
+        ``points`` comes from (None: a click)."""
         if self.settings.include_points_seed or not include:
             return include
+        scribbles = [g for p, g in zip(points, groups) if g is not None and p.include]
+        if scribbles:
+            return [p for p, g in zip(points, groups) if g == scribbles[0]]
         first = self._slice_of(include[0], axis)
         return [point for point in include if self._slice_of(point, axis) == first]
 
@@ -742,14 +847,6 @@ class PromptSession:
         if clip is not None:
             r0, c0, r1, c1 = max(r0, clip[0]), max(c0, clip[1]), min(r1, clip[2]), min(c1, clip[3])
         return (max(r0, 0.0), max(c0, 0.0), min(r1, rows - 1.0), min(c1, cols - 1.0))
-
-
-def _segment_axis(prompts: SegmentPrompts, default: int) -> int:
-    """The slicing axis for a segment: that of its 2D boxes when they all lie on one other axis."""
-    flat_axes = {box.slice_axis() for box in prompts.boxes}
-    if len(flat_axes) == 1 and None not in flat_axes:
-        return flat_axes.pop()
-    return default
 
 
 def _prompt_region(prompts: SegmentPrompts, shape: tuple[int, int, int]) -> tuple[slice, slice, slice]:

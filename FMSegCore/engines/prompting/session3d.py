@@ -4,7 +4,8 @@ is decoded in one 3-D crop around its prompts, at the model's spacing, and paste
 The crop is centred on the segment's boxes (their union), else on its include points; it follows the volume's
 own index axes, resampled to the model's spacing. Crop embeddings are cached, so corrective clicks re-run only
 the decoder; a segment prompted again with more points than before (same crop) also gets its previous logits
-as a mask prompt, SAM-Med3D's iterative refinement.
+as a mask prompt, SAM-Med3D's iterative refinement. Scribbles and lassos are given as include (or exclude)
+points sampled along them (they need not lie on one slice).
 """
 
 from __future__ import annotations
@@ -24,7 +25,11 @@ from FMSegCore.errors import InputError
 from FMSegCore.io.volume import Volume
 from FMSegCore.models.interfaces import PromptableModel3D, PromptBatch3D
 from FMSegCore.progress import Progress, ProgressCallback
-from FMSegCore.prompts import SegmentPrompts
+from FMSegCore.prompts import PointPrompt, SegmentPrompts
+
+#: Curves become points about this many mm apart along them, at most this many per curve.
+CURVE_STEP_MM = 5.0
+CURVE_POINTS = 12
 
 #: Logit given to volume voxels outside the crop when the crop's logits are pasted back.
 _OUTSIDE = -1e4
@@ -141,10 +146,20 @@ class PromptSession3D:
         return batch
 
     # ------------------------------------------------------------------ segmentation
+    def curve_points(self, prompts: SegmentPrompts) -> SegmentPrompts:
+        """The prompts with each curve (scribble or lasso) as points sampled along it, before the clicks."""
+        if not prompts.curves:
+            return prompts
+        sampled: list[PointPrompt] = []
+        for curve in prompts.curves:
+            sampled += curve.sample(self.volume.spacing, CURVE_STEP_MM, CURVE_POINTS)
+        return SegmentPrompts(prompts.name, prompts.boxes, sampled + prompts.points, prompts.color)
+
     def segment(self, prompts: SegmentPrompts, progress: Optional[ProgressCallback] = None) -> np.ndarray:
         """A boolean KJI mask of one structure from its prompts; remembered under its name."""
         if prompts.is_empty():
             raise InputError(None, f"segment '{prompts.name}' has no box and no include point")
+        prompts = self.curve_points(prompts)
         crop = self.crop_for(prompts)
         if progress:
             progress(Progress(0, 1, f"{prompts.name}: encoding the crop"))

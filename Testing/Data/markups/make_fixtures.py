@@ -14,6 +14,10 @@ Every position is derived from the ``ct_abdomen_pelvis`` label map, so the files
 - ``roi_rotated.mrk.json``: ROI centred on the spleen, 60 x 30 x 45 mm, rotated 30 degrees about S;
   ``roi_rotated_ras.mrk.json`` is the same node saved in RAS;
 - ``roi_flat.mrk.json``: ROI 1 mm thick (less than a 3 mm slice) across the left kidney;
+- ``curve_kidney.mrk.json``: curve (scribble, LPS) along the left kidney's section on the slice of its most
+  interior voxel, 0.4 mm off the slice centre; ``curve_stomach_exclude_ras.mrk.json``: curve saved in RAS along
+  the stomach there, its first control point described "exclude"; ``lasso_spleen.mrk.json``: closed curve
+  (lasso) around the spleen's section on the slice of its most interior voxel;
 - ``Resources/SampleData/ct_abdomen_pelvis/prompts/{liver,spleen,kidney_left}.mrk.json``: the demo's prompts,
   one ROI box per structure (5 mm margin), named after the structure;
 - ``Testing/Data/segmentations/lungs_cropped.seg.nrrd``: a segmentation saved by Slicer's storage node cropped
@@ -157,6 +161,33 @@ def write_cropped_segmentation(scene, logic) -> None:
 
 
 
+def add_curve(scene, name: str, volume: Volume, ijk, closed: bool = False, description: str = "",
+              offset_mm=(0.0, 0.0, 0.0)):
+    """A curve node (closed: a closed curve node) through IJK control points of ``volume``."""
+    node = scene.AddNewNodeByClass("vtkMRMLMarkupsClosedCurveNode" if closed else "vtkMRMLMarkupsCurveNode", name)
+    node.CreateDefaultDisplayNodes()
+    for lps in volume.ijk_to_lps(np.asarray(ijk, dtype=float)) + np.asarray(offset_mm):
+        node.AddControlPoint(*(LPS_TO_RAS @ lps))
+    if description:
+        node.SetNthControlPointDescription(0, description)
+    return node
+
+
+def write_curves(scene, volume: Volume, labels: np.ndarray, value: dict) -> None:
+    """Scribbles and a lasso drawn from the label map as the benchmark draws them."""
+    from FMSegCore.bench.prompt_bench import interior_voxel
+    from FMSegCore.bench.simulated_curves import scribble_on_slice
+
+    for structure, file, closed, description, system in (
+            ("kidney_left", "curve_kidney.mrk.json", False, "", "LPS"),
+            ("stomach", "curve_stomach_exclude_ras.mrk.json", False, "exclude", "RAS"),
+            ("spleen", "lasso_spleen.mrk.json", True, "", "LPS")):
+        mask = labels == value[structure]
+        curve = scribble_on_slice(mask, *interior_voxel(mask), closed=closed)
+        node = add_curve(scene, file.split(".")[0], volume, curve.points, closed, description, (0.0, 0.0, 0.4))
+        save(node, FIXTURES / file, coordinate_system=system)
+
+
 def main() -> None:
     volume = read_volume(CASE / "image.nii.gz")
     labels = read_volume(CASE / "label.nii.gz", allow_empty=True).array
@@ -192,6 +223,7 @@ def main() -> None:
         centre, size = box_lps(volume, labels, value[structure], margin_mm=5.0)
         save(add_roi(scene, structure, centre, size, axes), DEMO / f"{structure}.mrk.json")
 
+    write_curves(scene, volume, labels, value)
     write_cropped_segmentation(scene, logics["Segmentations"])
 
 

@@ -339,8 +339,10 @@ def test_prompt_with_a_scribble_file_segments_the_structure(tmp_path, image, ref
     scribble = Path(__file__).resolve().parent / "Data" / "markups" / "curve_kidney.mrk.json"
     output = tmp_path / "scribbled.seg.nrrd"
     code, out, err = run_main(["prompt", "--image", str(IMAGE), "--prompts", str(scribble), "--output", str(output),
-                               "--device", "cpu", "--no-progress"])
+                               "--device", "cpu", "--preview", str(tmp_path / "look.png")])
     assert code == 0, err
+    assert (tmp_path / "look.png").read_bytes()[:4] == b"\x89PNG" and "(preview)" in out
+    assert "elapsed" in err and "Segmented: " in err  # off a terminal: progress as lines, not silence
     labels, segments = read_labelmap(output, reference=image)
     assert [s.name for s in segments] == ["curve_kidney"] and "curve_kidney" in out
     kidney = reference == REFERENCE_VALUES["kidney_left"]

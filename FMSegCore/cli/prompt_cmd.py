@@ -113,6 +113,9 @@ def add_segment_options(parser: argparse.ArgumentParser, full: bool = True) -> N
         add_option(parser, Prompting, "three_planes", "2-D models, experimental: also propagate along the two "
                    "other axes and keep what two of the three planes find (see the README's benchmark: it helps "
                    "leaking structures, hurts vessels; about three times the encoding)")
+        from FMSegCore.cli.preview import add_preview_option
+
+        add_preview_option(parser)
     parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -126,7 +129,8 @@ def options_from_args(args: argparse.Namespace) -> SegmentOptions:
 
 
 def run(args: argparse.Namespace) -> int:
-    prompt_to_file(args.image, args.prompts, args.output, options_from_args(args), overwrite=args.overwrite)
+    prompt_to_file(args.image, args.prompts, args.output, options_from_args(args), overwrite=args.overwrite,
+                   preview=getattr(args, "preview", None))
     return 0
 
 
@@ -241,16 +245,15 @@ def load_prompt_adapter(path: str):
 def segment_volume(image: Volume, segments: Sequence[SegmentPrompts], options: SegmentOptions,
                    device: Optional[torch.device] = None) -> np.ndarray:
     """Run the promptable model on the image: a KJI uint16 label map with values 1..N in segment order."""
-    from tqdm import tqdm
-
     from FMSegCore.device import inference_dtype, tune_cpu_runtime
     from FMSegCore.engines.prompting.session3d import PromptSession3D
     from FMSegCore.engines.prompting.sessions import open_prompt_session
     from FMSegCore.models.factory import load_model
+    from FMSegCore.progress import progress_bar, show_progress
 
     device = device or check_options(options)
     axis = anatomical_axes(image.direction)[AXES[options.axis]]
-    show = sys.stderr.isatty() if options.progress is None else options.progress
+    show = show_progress(options.progress)  # a bar on a terminal, a line every few seconds elsewhere
     if device.type == "cpu":
         tune_cpu_runtime()
     _status(f"Loading {options.model} on {device}...", show)
@@ -265,16 +268,18 @@ def segment_volume(image: Volume, segments: Sequence[SegmentPrompts], options: S
                                   modality=options.modality, autocast_dtype=inference_dtype(device, options.precision),
                                   three_planes=options.three_planes, **window)
     if isinstance(session, PromptSession3D):  # one decoder call per segment: a bar over segments
-        with tqdm(total=len(segments), unit="segment", desc="Segmenting", disable=not show, file=sys.stderr) as bar:
+        with progress_bar(show, total=len(segments), unit="segment", desc="Segmenting") as bar:
             labels, _ = session.run(list(segments), progress=lambda update: bar.set_description(update.message))
             bar.update(len(segments))
         return labels
     total = _slices_expected(segments, axis, image.shape_ijk[axis])
-    bar = tqdm(total=total, unit="slice", desc="Segmenting", disable=not show, file=sys.stderr, leave=True)
+    bar = progress_bar(show, total=total, unit="slice", desc="Segmenting", leave=True)
     decode = session.decode_slice
 
     def counted(*args, **kwargs):
         result = decode(*args, **kwargs)
+        if bar.total is not None and bar.n >= bar.total:  # a structure longer than expected: the total grows
+            bar.total = bar.n + 1
         bar.update(1)
         return result
 
@@ -302,12 +307,17 @@ def report(result: PromptResult) -> None:
 
 
 def prompt_to_file(image_path: PathLike, prompt_paths: Sequence[PathLike], output: PathLike,
-                   options: Optional[SegmentOptions] = None, overwrite: bool = False) -> PromptResult:
-    """What ``fmseg prompt`` does: check everything, segment, write the result atomically, print a report."""
+                   options: Optional[SegmentOptions] = None, overwrite: bool = False,
+                   preview: Optional[PathLike] = None) -> PromptResult:
+    """What ``fmseg prompt`` does: check everything, segment, write the result atomically, print a report (and
+    write the ``preview`` PNG when asked)."""
+    from FMSegCore.cli.preview import check_preview, write_preview
+
     began = time.perf_counter()
     options = options or SegmentOptions()
     output = check_output(output, overwrite)
     check_not_input(output, [image_path, *prompt_paths])
+    preview_path = check_preview(preview, [image_path, *prompt_paths], overwrite, [output])
     device = check_options(options)
     if options.adapter:
         check_not_input(output, [options.adapter])
@@ -321,4 +331,5 @@ def prompt_to_file(image_path: PathLike, prompt_paths: Sequence[PathLike], outpu
     write_labelmap(labels, image, output, infos, overwrite=overwrite)
     result = PromptResult(image, labels, infos, output, time.perf_counter() - began)
     report(result)
+    write_preview(image, labels, infos, preview_path, overwrite)
     return result

@@ -6,32 +6,21 @@ fixtures used, fixed inputs and the official outputs. A family's test fills our 
 from __future__ import annotations
 
 import json
-import math
-import zlib
 from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
 import torch
 
+from FMSegCore.bench.families_bench import seeded_tensor
+
 REFERENCE = Path(__file__).resolve().parent / "Data" / "reference"
 
 
 def reference_tensor(key: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """The fixture's value of the official tensor ``key`` (seeded by the official name)."""
-    if dtype in (torch.int64, torch.int32):
-        return torch.zeros(shape, dtype=dtype)
-    generator = torch.Generator().manual_seed(zlib.crc32(key.encode("utf-8")))
-    noise = torch.randn(tuple(shape), generator=generator, dtype=torch.float32)
-    if len(shape) == 0:
-        return (0.1 * noise).to(dtype)
-    if len(shape) == 1:
-        if key.endswith("running_var"):
-            return (1.0 + 0.1 * noise.abs()).to(dtype)
-        if key.endswith("weight"):
-            return (1.0 + 0.1 * noise).to(dtype)
-        return (0.1 * noise).to(dtype)
-    return (noise / math.sqrt(math.prod(shape[1:]))).to(dtype)
+    """The fixture's value of the official tensor ``key`` (seeded by the official name): the fill rule of
+    ../shared/reference/README.md, which the families benchmark uses too."""
+    return seeded_tensor(key, shape, dtype)
 
 
 def metadata(name: str) -> dict:

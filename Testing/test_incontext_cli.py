@@ -112,12 +112,11 @@ def test_bad_input_is_refused(tmp_path, capsys):
 
 def test_tyche_draws_candidates_written_beside_the_output_and_their_spread_is_the_uncertainty(
         tmp_path, capsys, monkeypatch):
-    import torch
-    from reference_fixtures import official_state_dict
+    from reference_fixtures import official_checkpoint
 
     monkeypatch.setenv("FMSEG_CACHE_DIR", str(tmp_path / "cache"))
     weights = tmp_path / "tyche_v1_model_weights_CVPR.pt"
-    torch.save({"model": official_state_dict("tyche")}, weights)  # the official layout (fixture weights)
+    weights.write_bytes(official_checkpoint("tyche"))  # the official layout (fixture weights)
     assert run_cli(capsys, "models", "import", "tyche", weights)[0] == 0
     support_labels, truth = half_labelled_chest(tmp_path, keep=slice(20, 22))
     output, uncertainty = tmp_path / "result.nii.gz", tmp_path / "spread.nii.gz"

@@ -17,7 +17,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
-import torch
 from worker_fixtures import TOKEN, ct_case, kidney_roi, running_worker, sub_volume, upload
 
 from FMSegCore.engines.adaptation.defaults import DEFAULT_PIXEL_MM
@@ -389,6 +388,44 @@ def test_incontext_job_aligns_a_support_from_another_scan_like_the_cli_engine(cl
     assert 2 * ((result_labels == 1) & truth).sum() / ((result_labels == 1).sum() + truth.sum()) > 0.85
 
 
+def test_a_tyche_job_returns_its_candidates_as_label_maps_of_the_query(client, case, monkeypatch, tmp_path):
+    from reference_fixtures import TYCHE_CENTRED, official_checkpoint
+
+    from FMSegCore.engines.incontext.session import InContextSession, InContextSettings
+    from FMSegCore.engines.incontext.support import SupportSet, example_from_arrays
+    from FMSegCore.io.labelmap import SegmentInfo
+
+    monkeypatch.setenv("FMSEG_CACHE_DIR", str(tmp_path))  # a throw-away cache: Tyche's weights cannot be fetched
+    client.import_weights("tyche", official_checkpoint("tyche", shifts=TYCHE_CENTRED))
+    image, labels, names, support, query = _support_and_query(case)
+    support_labels = (labels[support] == names["liver"]).astype(np.uint16)
+    support_volume, query_volume = sub_volume(image, support), sub_volume(image, query)
+    pair = {"image": upload(client, support_volume),
+            "labels": upload(client, support_volume, support_labels,
+                             segments=[{"value": 1, "name": "liver", "color": [0.8, 0.4, 0.3]}])}
+    body = {"volume": upload(client, query_volume), "supports": [pair], "model": "tyche", "support_size": 2,
+            "match": "index"}
+    job = client.start_job("incontext", dict(body, candidates=2, uncertainty=True))
+    status = client.wait(job["id"], interval=0.05)
+    assert status["result"]["candidates"] == ["candidate1", "candidate2"]
+    assert status["arrays"] == ["candidate1", "candidate2", "labels", "uncertainty"]
+    drawn = [client.job_array(job["id"], name)[0] for name in status["result"]["candidates"]]
+    assert [d.shape for d in drawn] == [query_volume.array.shape] * 2
+    assert all(d.any() and set(np.unique(d)) <= {0, 1} for d in drawn)
+    assert (drawn[0] != drawn[1]).any()  # two draws, two segmentations
+    example = example_from_arrays(support_volume.array, support_labels, [SegmentInfo(1, "liver", (0.8, 0.4, 0.3))])
+    expected = InContextSession(load_model("tyche", "cpu"), SupportSet([example]), [1], axis=2, device="cpu",
+                                settings=InContextSettings(support_size=2, candidates=2)
+                                ).segment_volume(query_volume.array, uncertainty=True)
+    assert all(np.array_equal(d, e) for d, e in zip(drawn, expected.candidates))  # the CLI's candidates
+
+    plain = client.wait(client.start_job("incontext", body)["id"], interval=0.05)
+    assert plain["result"]["candidates"] == [] and plain["arrays"] == ["labels"]
+    with pytest.raises(WorkerError, match="'universeg-fmseg' draws no candidates") as refused:
+        client.start_job("incontext", dict(body, model="universeg-fmseg", candidates=2))
+    assert refused.value.status == 400
+
+
 def test_adaptation_job_is_cancelled_between_steps_then_a_short_one_gives_a_usable_adapter(client, case, tmp_path):
     from FMSegCore.engines.adaptation.adapter_file import load_adapter
 
@@ -501,23 +538,22 @@ def test_a_worker_that_cannot_start_says_why(tmp_path):
 
 
 def test_weights_uploaded_by_hand_are_checked_and_installed(client, monkeypatch, tmp_path):
-    import io
-
-    from reference_fixtures import official_state_dict
+    from reference_fixtures import official_checkpoint
 
     monkeypatch.setenv("FMSEG_CACHE_DIR", str(tmp_path))
-    buffer = io.BytesIO()
-    torch.save({"model": official_state_dict("tyche")}, buffer)
+    checkpoint = official_checkpoint("tyche")
     with pytest.raises(WorkerError, match="not a MultiverSeg checkpoint") as wrong:
-        client.import_weights("multiverseg", buffer.getvalue())
+        client.import_weights("multiverseg", checkpoint)
     assert "\n" not in str(wrong.value) and "uploaded file" in str(wrong.value)
     assert not any(tmp_path.rglob("*.pt"))  # nothing installed
-    done = client.import_weights("tyche", buffer.getvalue())
-    assert Path(done["path"]).read_bytes() == buffer.getvalue() and done["verified"] is False
+    done = client.import_weights("tyche", checkpoint)
+    assert Path(done["path"]).read_bytes() == checkpoint and done["verified"] is False
     assert {m["id"]: m for m in client.models()}["tyche"]["available"]
     with pytest.raises(WorkerError, match="already installed"):
-        client.import_weights("tyche", buffer.getvalue())
-    assert client.import_weights("tyche", buffer.getvalue(), replace=True)["model"] == "tyche"
+        client.import_weights("tyche", checkpoint)
+    loaded = load_model("tyche", "cpu")
+    assert client.import_weights("tyche", checkpoint, replace=True)["model"] == "tyche"
+    assert load_model("tyche", "cpu") is not loaded  # replaced weights are read again, not the copy loaded before
 
 
 def test_model_download_jobs_report_cached_models_and_fail_in_one_line_when_offline(client, monkeypatch, tmp_path):

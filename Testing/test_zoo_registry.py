@@ -273,13 +273,12 @@ def test_models_fetch_installed_litemedsam(monkeypatch: pytest.MonkeyPatch,
 
 def test_models_import_checks_the_layout_and_installs_atomically(tmp_path: Path, isolated_cache: Path,
                                                                  capsys: pytest.CaptureFixture[str]) -> None:
-    import torch
-    from reference_fixtures import official_state_dict
+    from reference_fixtures import official_checkpoint
 
     card = get_card("universeg-v1")
     official = tmp_path / "downloads" / card.filename
     official.parent.mkdir()
-    torch.save(official_state_dict("universeg"), official)  # the release's layout: a plain state_dict
+    official.write_bytes(official_checkpoint("universeg", wrapping=None))  # the release's layout: a plain state_dict
     other = resources_dir() / "Models" / "iris_fmseg_v1.pt"  # a real checkpoint of another family
     truncated = tmp_path / "truncated.pt"
     truncated.write_bytes(official.read_bytes()[:20_000])

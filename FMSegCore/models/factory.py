@@ -50,3 +50,10 @@ def load_model(name: str = DEFAULT_PROMPTABLE, device: Union[str, torch.device] 
     if key not in _LOADED:
         _LOADED[key] = build_network(get_card(name), device, allow_download=allow_download)
     return _LOADED[key]
+
+
+def forget_model(name: str) -> None:
+    """Drop the loaded copies of zoo model ``name`` (its weights were replaced): the next :func:`load_model`
+    reads its checkpoint again."""
+    for key in [key for key in _LOADED if key[0] == name]:
+        del _LOADED[key]

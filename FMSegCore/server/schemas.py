@@ -137,7 +137,9 @@ class IncontextRequest(options_model(InContext)):  # type: ignore[misc]
     """In-context segmentation of an uploaded volume (the in-context options), like uploaded ``supports`` show, or
     with an uploaded ``task`` (3-D in-context models; applied with the task's own model: a ``model`` given must be
     that one). With a 3-D ``model`` the supports are encoded into a task first; the 2-D options (support size,
-    ensemble, axis, match...) then do not apply."""
+    ensemble, axis, match...) then do not apply. The job's arrays: ``labels``, ``uncertainty`` when asked for, and
+    with ``candidates`` K (stochastic models) one label map per candidate, named in the result's ``candidates``
+    (``candidate1`` ... ``candidateK``)."""
 
     where = "incontext"
     volume: str
@@ -195,6 +197,8 @@ class ModelCard(Answer):
     task: Optional[str] = Field(None, description="the checkpoint's task, e.g. promptable-3d")
     title: str
     size_bytes: Optional[int] = None
+    stochastic: bool = Field(False, description="it draws candidate segmentations (in-context option candidates; "
+                                                "a stochastic model such as tyche)")
     available: bool
     licence: Optional[str] = None
 

@@ -26,7 +26,7 @@ from FMSegCore.errors import FMSegError, InputError
 from FMSegCore.io.labelmap import SegmentInfo, default_segment
 from FMSegCore.io.orientation import anatomical_axes
 from FMSegCore.io.volume import Volume
-from FMSegCore.models.factory import load_model
+from FMSegCore.models.factory import forget_model, load_model
 from FMSegCore.preprocessing.slicing import AXIS_NAMES
 from FMSegCore.progress import Progress, ProgressClock
 from FMSegCore.prompts import BoxPrompt, CurvePrompt, PointPrompt, SegmentPrompts, curve_problem
@@ -45,7 +45,7 @@ from FMSegCore.server.schemas import (
     VolumeMeta,
 )
 from FMSegCore.server.wire import encode_array
-from FMSegCore.zoo.families import INCONTEXT, PROMPTABLE, model_dims, model_kind, require_kind
+from FMSegCore.zoo.families import INCONTEXT, PROMPTABLE, is_stochastic, model_dims, model_kind, require_kind
 from FMSegCore.zoo.registry import get_card, list_cards
 
 
@@ -128,16 +128,18 @@ class Service:
                 "cuda": torch.cuda.is_available(), **counts, "models": self.models()}
 
     def models(self) -> list[dict[str, Any]]:
-        """The zoo's cards: id, kind, title, size, and whether the file is here already."""
+        """The zoo's cards: id, kind, title, size, whether the file is here already, and whether the model draws
+        candidate segmentations."""
         from FMSegCore.zoo.cache import is_cached
 
         return [{"id": card.name, "kind": model_kind(card), "dims": model_dims(card), "task": card.task,
-                 "title": card.title, "size_bytes": card.size_bytes,
+                 "title": card.title, "size_bytes": card.size_bytes, "stochastic": is_stochastic(card),
                  "available": is_cached(card), "licence": card.licence} for card in list_cards()]
 
     def import_weights(self, name: str, data: bytes, replace: bool = False) -> dict[str, Any]:
         """Install uploaded checkpoint bytes as zoo model ``name``'s weights (``fmseg models import``: checked
-        against the card and the family's layout, copied atomically into the cache)."""
+        against the card and the family's layout, copied atomically into the cache); a copy of the model loaded
+        before is dropped, so the next job runs the new weights."""
         from FMSegCore.zoo.import_weights import import_weights
 
         try:
@@ -153,6 +155,8 @@ class Service:
             raise RequestError(400, f"weights: {message}") from None
         finally:
             upload.unlink(missing_ok=True)
+        with self._models_lock:
+            forget_model(name)
         return {"model": name, "path": str(installed), "verified": card.verifiable}
 
     def start_download(self, request: DownloadRequest) -> Job:
@@ -372,9 +376,16 @@ class Service:
             both = ", not both" if request.supports else ""
             raise RequestError(400, "incontext: give either 'supports' (labelled examples) or 'task' (an uploaded "
                                     f"or created task's id){both}")
+        if request.candidates and request.task is not None:
+            raise RequestError(400, "incontext.candidates: a task draws no candidates (a stochastic 2-D model such "
+                                    "as tyche does, from supports)")
         if request.task is not None:
             return self._start_incontext_task(request, query)
-        if model_dims(_check_card(request.model, INCONTEXT)) == 3:
+        card = _check_card(request.model, INCONTEXT)
+        if request.candidates and not is_stochastic(card):
+            raise RequestError(400, f"incontext.candidates: model '{request.model}' draws no candidates (a "
+                                    "stochastic model such as tyche does)")
+        if model_dims(card) == 3:
             return self._start_incontext_3d(request, query)
         modality, window = request.modality, request.window
         examples, support_volumes = [], []
@@ -423,8 +434,12 @@ class Service:
             job.frames["labels"] = encode_array(result.labels.astype(np.uint16), compress=True)
             if result.uncertainty is not None:
                 job.frames["uncertainty"] = encode_array(result.uncertainty.astype(np.float32), compress=True)
+            drawn = [f"candidate{number}" for number in range(1, len(result.candidates) + 1)]
+            for frame, labels in zip(drawn, result.candidates):  # label maps like "labels", one per candidate
+                job.frames[frame] = encode_array(labels.astype(np.uint16), compress=True)
             return {"segments": [_segment_json(s) for s in result.segments], "seconds": round(result.seconds, 2),
-                    "model_passes": result.model_passes, "match": match, "alignments": alignments}
+                    "model_passes": result.model_passes, "match": match, "alignments": alignments,
+                    "candidates": drawn}
 
         return self.jobs.submit("incontext", work)
 

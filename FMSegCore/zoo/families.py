@@ -30,6 +30,8 @@ _TASK_INTERFACES = {"PromptableModel3D": (PROMPTABLE, 3), "PromptableModel2D": (
 #: Interface names a family may declare (those of :mod:`FMSegCore.models.interfaces`).
 INTERFACE_NAMES = ("PromptableModel2D", "PromptableModel3D", "InContextModel2D", "InContextModel3D",
                    "StochasticInContextModel2D", "InteractiveInContextModel2D", "AdaptableModel")
+#: The interface of in-context models that draw candidate segmentations (the in-context option ``candidates``).
+STOCHASTIC = "StochasticInContextModel2D"
 
 
 @dataclass(frozen=True)
@@ -173,6 +175,12 @@ def model_dims(card: Any) -> Optional[int]:
     """2 or 3 (the family's task interface), None for a model nothing runs."""
     family = family_of(card)
     return family.dims if family is not None else None
+
+
+def is_stochastic(card: Any) -> bool:
+    """The card's model draws candidate segmentations (its family implements :data:`STOCHASTIC`, as Tyche's)."""
+    family = family_of(card)
+    return family is not None and STOCHASTIC in family.implements
 
 
 def require_kind(name: str, kind: str, dims: Optional[int] = None) -> Any:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -312,6 +313,103 @@ def test_incontext_from_scene_pairs_with_uncertainty_matches_fmsegcore(logic, sc
     assert uncertainty is not None and uncertainty.IsA("vtkMRMLScalarVolumeNode")
     assert np.allclose(slicer.util.arrayFromVolume(uncertainty), expected.uncertainty, atol=1e-6)
     assert np.allclose(ijk_to_ras(uncertainty), ijk_to_ras(query_node))
+
+
+@pytest.fixture
+def worker_with_own_cache(scene, monkeypatch, tmp_path):
+    """A worker serving on 127.0.0.1 in this process, its model cache a throw-away folder (Tyche's weights cannot
+    be fetched here: tests import the fixture's), and a Logic connected to it."""
+    from worker_fixtures import TOKEN, running_worker
+
+    from FMSegCore.server.service import Service
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("FMSEG_CACHE_DIR", str(cache))
+    with running_worker(service=Service("cpu")) as server:
+        remote = FMSegLogic(scene)
+        remote.connect(server.url, TOKEN, device="cpu")
+        try:
+            yield remote, cache
+        finally:
+            remote.shutdown()
+
+
+def _files(folder):
+    return sorted((str(path), path.stat().st_size) for path in folder.rglob("*")) if folder.exists() else []
+
+
+def test_weights_imported_by_hand_are_checked_by_the_worker_and_a_wrong_file_changes_nothing(
+        worker_with_own_cache, tmp_path):
+    from reference_fixtures import official_checkpoint
+
+    from FMSegCore.server.client import WorkerError
+
+    logic, cache = worker_with_own_cache
+    good = tmp_path / "tyche_v1_model_weights_CVPR.pt"
+    good.write_bytes(official_checkpoint("tyche"))
+    other_family = tmp_path / "universeg.pt"
+    other_family.write_bytes(official_checkpoint("universeg", wrapping=None))
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(good.read_bytes()[:20_000])
+    before = _files(cache)
+    for wrong, problem in ((other_family, "not a Tyche checkpoint"), (truncated, "cannot read")):
+        with pytest.raises(WorkerError, match=problem) as refused:
+            logic.import_weights("tyche", str(wrong))
+        assert "\n" not in str(refused.value) and refused.value.status == 400
+        assert _files(cache) == before  # nothing installed, nothing left behind
+    assert not {m["id"]: m for m in logic.models()}["tyche"]["available"]
+    with pytest.raises(ValueError, match="no such file"):
+        logic.import_weights("tyche", str(tmp_path / "absent.pt"))
+
+    pending = logic.import_weights_async("tyche", str(good))
+    info = pending.result(timeout=120)
+    assert info["model"] == "tyche" and info["verified"] is False
+    assert Path(info["path"]).read_bytes() == good.read_bytes() and Path(info["path"]).is_relative_to(cache)
+    assert {m["id"]: m for m in info["models"]}["tyche"]["available"]  # the cards, listed again
+    with pytest.raises(WorkerError, match="already installed"):
+        logic.import_weights("tyche", str(good))
+    assert logic.import_weights("tyche", str(good), replace=True)["model"] == "tyche"
+
+
+def test_tyche_candidates_become_segmentation_nodes_of_their_own(worker_with_own_cache, scene, case):
+    from reference_fixtures import TYCHE_CENTRED, official_checkpoint
+
+    from FMSegCore.engines.incontext.session import InContextSession, InContextSettings
+    from FMSegCore.engines.incontext.support import SupportSet, example_from_arrays
+    from FMSegCore.io.labelmap import SegmentInfo
+
+    logic, _ = worker_with_own_cache
+    logic.client.import_weights("tyche", official_checkpoint("tyche", shifts=TYCHE_CENTRED))
+    image, labels, names = case
+    liver = np.flatnonzero((labels == names["liver"]).any(axis=(1, 2)))
+    support_slices, query_slices = liver[::6][:5], liver[len(liver) // 2 + 1: len(liver) // 2 + 3]
+    support = _pair(scene, image, labels, names, support_slices, ["liver"], "tyche support")
+    query_node, query_volume = add_oblique_volume(image.array[query_slices], image.spacing, "tyche query")
+    target = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "tyche result")
+    result = logic.run_incontext(query_node, target, [support], support_size=2, model="tyche", candidates=2,
+                                 match="index")
+
+    nodes = result["candidate_nodes"]
+    assert [node.GetName() for node in nodes] == ["tyche result candidate 1", "tyche result candidate 2"]
+    example = example_from_arrays(image.array[support_slices], (labels[support_slices] == names["liver"]).astype(int),
+                                  [SegmentInfo(1, "liver", (0.8, 0.3, 0.2))])
+    expected = InContextSession(load_model("tyche", "cpu"), SupportSet([example]), [1], axis=2, device="cpu",
+                                settings=InContextSettings(support_size=2, candidates=2)
+                                ).segment_volume(query_volume.array)
+    drawn = [_segment_array(node, "liver", query_node) for node in nodes]
+    assert all(np.array_equal(got, want == 1) for got, want in zip(drawn, expected.candidates))
+    assert drawn[0].any() and (drawn[0] != drawn[1]).any()  # two plausible, different segmentations
+    assert np.array_equal(_segment_array(target, "liver", query_node), expected.labels == 1)
+    for node in nodes:
+        segment = node.GetSegmentation().GetSegment(node.GetSegmentation().GetSegmentIdBySegmentName("liver"))
+        assert np.allclose(segment.GetColor(), (0.8, 0.3, 0.2))  # the support's colour
+        assert not node.GetDisplayNode().GetVisibility()  # hidden: the result stays readable
+    count = scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode")
+    again = logic.run_incontext(query_node, target, [support], support_size=2, model="tyche", candidates=2,
+                                match="index")
+    assert again["candidate_nodes"] == nodes and scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == count
+    plain = logic.run_incontext(query_node, target, [support], support_size=2, model="tyche", match="index")
+    assert plain["candidate_nodes"] == [] and scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == count - 2
 
 
 def test_adaptation_reports_progress_cancels_then_saves_loads_and_segments(logic, scene, case, oblique, tmp_path):

@@ -251,6 +251,37 @@ class FMSegLogic:
 
         return self._guarded(request)
 
+    def _prepare_import_weights(self, model_id: str, path: str, replace: bool = False) -> dict[str, Any]:
+        source = Path(path)
+        if not source.is_file():
+            raise ValueError(f"{source}: no such file")
+        return {"model": model_id, "path": source, "replace": bool(replace)}
+
+    def _request_import_weights(self, job: dict[str, Any]) -> dict[str, Any]:
+        """The file read and sent (off the GUI thread: checkpoints are large); the worker checks it and installs it
+        (nothing is changed when it refuses); its answer, with the worker's model cards listed again."""
+        try:
+            data = job["path"].read_bytes()
+        except OSError as error:
+            raise ValueError(f"{job['path']}: cannot read the weights ({error.strerror})") from None
+        client = self._worker()
+        info = client.import_weights(job["model"], data, job["replace"])
+        self._sessions = {key: session for key, session in self._sessions.items() if key[1] != job["model"]}
+        return dict(info, models=client.models())
+
+    def import_weights(self, model_id: str, path: str, replace: bool = False) -> dict[str, Any]:
+        """Install a checkpoint file downloaded by hand (licence-gated or offline sites) as ``model_id``'s
+        weights on the worker (``fmseg models import``: checked against the card and the family's layout; an
+        installed file only with ``replace``). The worker's answer (model, path, verified) and ``models``, its
+        cards after the import; a wrong file is a one-line :class:`WorkerError` and changes nothing."""
+        job = self._prepare_import_weights(model_id, path, replace)
+        return self._guarded(lambda: self._request_import_weights(job))
+
+    def import_weights_async(self, *args: Any, **kwargs: Any) -> Pending:
+        # the prompt lane, as downloads: an import does not wait for a long adaptation to end
+        job = self._prepare_import_weights(*args, **kwargs)
+        return self._async(job, self._request_import_weights, lambda info: info, long_job=False)
+
     def shutdown(self) -> None:
         self.disconnect()
         for lane in (self._executor, self._jobs):
@@ -312,9 +343,7 @@ class FMSegLogic:
         if labels.shape != slicer.util.arrayFromVolume(volume_node).shape:
             raise ValueError("the worker's result does not match the volume's grid")
         self._remember(segmentation_node)
-        scene_segments.prepare(segmentation_node, volume_node)
-        return [scene_segments.write_segment(segmentation_node, volume_node, str(s["name"]), labels == int(s["value"]),
-                                             s.get("color")) for s in segments]
+        return scene_segments.write_labels(segmentation_node, volume_node, labels, segments)
 
     # ------------------------------------------------------------------ prompting
     def _prepare_prompt(self, volume_node: Any, segmentation_node: Any, segment_name: str, include_points: Any,
@@ -415,21 +444,23 @@ class FMSegLogic:
                            support_size: int = InContext.support_size, ensemble: int = InContext.ensemble,
                            uncertainty: bool = InContext.uncertainty, model: str = DEFAULT_INCONTEXT_MODEL,
                            progress: Optional[ProgressCallback] = None, cancel: Optional[Callable[[], bool]] = None,
-                           match: str = InContext.match) -> dict[str, Any]:
+                           match: str = InContext.match, candidates: int = InContext.candidates) -> dict[str, Any]:
         """``match``: ``anatomy`` aligns each support to the query first, ``index`` matches slices by relative
-        position (supports on the query's own grid), ``auto`` picks (the worker decides)."""
+        position (supports on the query's own grid), ``auto`` picks (the worker decides). ``candidates``: K > 1
+        segmentations drawn by a stochastic model (tyche), each into a segmentation node of its own."""
         if segmentation_node is None:
             raise ValueError("choose the segmentation that receives the result")
         array, meta = self._volume_data(volume_node)
         pairs, _ = self._prepare_pairs(supports, "support example")
         return {"volume_node": volume_node, "segmentation_node": segmentation_node, "array": array, "meta": meta,
                 "pairs": pairs, "body": {"support_size": int(support_size), "ensemble": int(ensemble),
-                                         "uncertainty": bool(uncertainty), "model": model, "match": match},
+                                         "uncertainty": bool(uncertainty), "model": model, "match": match,
+                                         **({"candidates": int(candidates)} if candidates else {})},
                 "progress": progress, "cancel": cancel}
 
     def _request_incontext(self, job: dict[str, Any]) -> dict[str, Any]:
         """Supports uploaded (with their label maps, dropped once the job has read them), or the loaded task's
-        id (uploaded again if the worker lost it); then the job, its labels and uncertainty."""
+        id (uploaded again if the worker lost it); then the job, its labels, uncertainty and candidates."""
         client = self._worker()
         supports = self._upload_pairs(job["pairs"])
         given = {"supports": supports} if job["pairs"] else {"task": self._task_id()}
@@ -441,19 +472,25 @@ class FMSegLogic:
         status = client.wait(started["id"], job["progress"], job["cancel"])
         labels, _ = client.job_array(started["id"], "labels")
         uncertainty = client.job_array(started["id"], "uncertainty")[0] if "uncertainty" in status["arrays"] else None
-        return {"labels": labels, "uncertainty": uncertainty, "segments": status["result"]["segments"]}
+        candidates = [client.job_array(started["id"], name)[0] for name in status["result"].get("candidates", ())]
+        return {"labels": labels, "uncertainty": uncertainty, "segments": status["result"]["segments"],
+                "candidates": candidates}
 
     def _apply_incontext(self, job: dict[str, Any], answer: dict[str, Any]) -> dict[str, Any]:
-        ids = self._write_labels(job["volume_node"], job["segmentation_node"], answer["labels"], answer["segments"])
+        volume_node, segmentation_node = job["volume_node"], job["segmentation_node"]
+        ids = self._write_labels(volume_node, segmentation_node, answer["labels"], answer["segments"])
         node = None
         if answer["uncertainty"] is not None:
-            node = add_volume_like(job["volume_node"], answer["uncertainty"].astype(np.float32),
-                                   f"{job['volume_node'].GetName()} uncertainty", self.scene)
-        return {"segments": ids, "uncertainty_node": node}
+            node = add_volume_like(volume_node, answer["uncertainty"].astype(np.float32),
+                                   f"{volume_node.GetName()} uncertainty", self.scene)
+        candidates = scene_segments.write_candidates(self.scene, segmentation_node, volume_node,
+                                                     answer.get("candidates", ()), answer["segments"])
+        return {"segments": ids, "uncertainty_node": node, "candidate_nodes": candidates}
 
     def run_incontext(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
         """Segment ``volume_node`` like the support examples (volume, segmentation, segment ids) show;
-        ``{"segments": ids, "uncertainty_node": node or None}``."""
+        ``{"segments": ids, "uncertainty_node": node or None, "candidate_nodes": [node, ...]}`` (candidates: one
+        segmentation node each, "<segmentation> candidate 1"...)."""
         job = self._prepare_incontext(*args, **kwargs)
         return self._apply_incontext(job, self._guarded(lambda: self._request_incontext(job)))
 

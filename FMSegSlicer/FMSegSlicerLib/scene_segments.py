@@ -1,4 +1,5 @@
-"""Results into segmentation nodes, label maps out of them, and one-step undo. No Qt; MRML only.
+"""Results into segmentation nodes (candidates of stochastic models into nodes of their own), label maps out of
+them, and one-step undo. No Qt; MRML only.
 
 A result replaces the content of the segment of the same name (or adds one with the structure's colour and,
 for a known structure, its standard terminology); every other segment is left as it was. Before any change
@@ -16,6 +17,9 @@ import slicer.util
 
 from FMSegCore.io.colors import segment_color as new_segment_color
 from FMSegCore.io.terminology import terminology_entry
+
+#: Marks the segmentation nodes that hold candidates: "<id of the result's segmentation node>:<number>".
+CANDIDATE_ATTRIBUTE = "FMSeg.CandidateOf"
 
 
 def snapshot(segmentation_node: Any) -> Any:
@@ -61,6 +65,45 @@ def write_segment(segmentation_node: Any, volume_node: Any, name: str, mask_kji:
     slicer.util.updateSegmentBinaryLabelmapFromArray(np.ascontiguousarray(mask_kji, dtype=np.uint8),
                                                      segmentation_node, segment_id, volume_node)
     return segment_id
+
+
+def write_labels(segmentation_node: Any, volume_node: Any, labels: np.ndarray,
+                 segments: Sequence[dict[str, Any]]) -> list[str]:
+    """Store each segment (``{"value", "name", "color"}``) of a KJI label map on the volume's grid; the segment
+    ids, in the order of ``segments``."""
+    prepare(segmentation_node, volume_node)
+    return [write_segment(segmentation_node, volume_node, str(s["name"]), labels == int(s["value"]), s.get("color"))
+            for s in segments]
+
+
+def write_candidates(scene: Any, segmentation_node: Any, volume_node: Any, candidates: Sequence[np.ndarray],
+                     segments: Sequence[dict[str, Any]]) -> list[Any]:
+    """Candidate segmentations (label maps drawn by a stochastic model) into segmentation nodes of their own,
+    "<segmentation> candidate 1", 2..., the segments named and coloured as in the result, hidden at first (the
+    result stays readable; show one in the Data module). A run replaces the candidate nodes FMSeg made for this
+    segmentation before (marked by :data:`CANDIDATE_ATTRIBUTE`) and removes those beyond the new count."""
+    owner = segmentation_node.GetID()
+    earlier = {}
+    for node in slicer.util.getNodesByClass("vtkMRMLSegmentationNode", scene):
+        mark = node.GetAttribute(CANDIDATE_ATTRIBUTE) or ""
+        if mark.rpartition(":")[0] == owner:
+            earlier[int(mark.rpartition(":")[2])] = node
+    nodes = []
+    for number, labels in enumerate(candidates, start=1):
+        node = earlier.pop(number, None)
+        if node is None:
+            node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode",
+                                           f"{segmentation_node.GetName()} candidate {number}")
+            node.SetAttribute(CANDIDATE_ATTRIBUTE, f"{owner}:{number}")
+            node.CreateDefaultDisplayNodes()
+            node.GetDisplayNode().SetVisibility(False)
+        else:
+            node.GetSegmentation().RemoveAllSegments()
+        write_labels(node, volume_node, labels, segments)
+        nodes.append(node)
+    for node in earlier.values():
+        scene.RemoveNode(node)
+    return nodes
 
 
 def segment_names(segmentation_node: Any, segment_ids: Optional[Sequence[str]] = None) -> list[str]:

@@ -43,6 +43,7 @@ PROMPT_COLORS = {"include": (0.2, 0.8, 0.2), "exclude": (0.9, 0.2, 0.2), "box": 
                  "exclude-lasso": (1.0, 0.45, 0.3)}
 ADAPTER_FILE_FILTER = "FMSeg adapters (*.pt);;All files (*)"  # the Logic writes and reads .pt files
 TASK_FILE_FILTER = "FMSeg tasks (*.fmseg-task);;All files (*)"  # fmseg task create's files
+WEIGHTS_FILE_FILTER = "Checkpoints (*.pt *.pth *.ckpt *.bin);;All files (*)"  # the official releases' files
 TASK_SUFFIX = ".fmseg-task"
 
 #: Keyboard shortcuts: (key sequence, PanelController method). They are active in the slice views and in this
@@ -236,38 +237,40 @@ class SlicerPanelHooks(PanelHooks):
     def showError(self, title, text):
         slicer.util.errorDisplay(text, windowTitle=title)
 
-    def chooseAdapterPath(self, save):
+    def _choosePath(self, title, fileFilter, save=False, suffix=""):
+        """The file dialogs: a path to save to (``suffix`` added when missing) or to open; "" when cancelled. The
+        next dialog opens in the folder of the last one."""
         parent = slicer.util.mainWindow()
         if save:
-            path = qt.QFileDialog.getSaveFileName(parent, _("Save adapter"), self.lastDirectory, ADAPTER_FILE_FILTER)
+            path = qt.QFileDialog.getSaveFileName(parent, title, self.lastDirectory, fileFilter)
         else:
-            path = qt.QFileDialog.getOpenFileName(parent, _("Load adapter"), self.lastDirectory, ADAPTER_FILE_FILTER)
+            path = qt.QFileDialog.getOpenFileName(parent, title, self.lastDirectory, fileFilter)
         if not path:
             return ""
-        if save and not path.endswith(".pt"):
-            path += ".pt"
+        if save and suffix and not path.endswith(suffix):
+            path += suffix
         self.lastDirectory = qt.QFileInfo(path).absolutePath()
         return path
+
+    def chooseAdapterPath(self, save):
+        return self._choosePath(_("Save adapter") if save else _("Load adapter"), ADAPTER_FILE_FILTER, save, ".pt")
 
     def chooseTaskPath(self, save):
-        parent = slicer.util.mainWindow()
-        if save:
-            path = qt.QFileDialog.getSaveFileName(parent, _("Save task"), self.lastDirectory, TASK_FILE_FILTER)
-        else:
-            path = qt.QFileDialog.getOpenFileName(parent, _("Load task"), self.lastDirectory, TASK_FILE_FILTER)
-        if not path:
-            return ""
-        if save and not path.endswith(TASK_SUFFIX):
-            path += TASK_SUFFIX
-        self.lastDirectory = qt.QFileInfo(path).absolutePath()
-        return path
+        return self._choosePath(_("Save task") if save else _("Load task"), TASK_FILE_FILTER, save, TASK_SUFFIX)
+
+    def chooseWeightsPath(self, model):
+        return self._choosePath(_("Import weights for {model}").format(model=model), WEIGHTS_FILE_FILTER)
+
+    def confirm(self, title, text):
+        return slicer.util.confirmOkCancelDisplay(text, windowTitle=title)
 
     def confirmInstall(self, text):
-        return slicer.util.confirmOkCancelDisplay(
+        return self.confirm(
+            _("FMSeg: install packages"),
             _("FMSeg's worker needs Python packages that are not installed: {text}\n\nInstall the missing ones now "
               "into Slicer's Python? Packages Slicer ships are pinned and stay as they are. (To keep torch out of "
               "Slicer's Python instead, set FMSEG_WORKER_PYTHON to a Python environment of its own: see the "
-              "README.)").format(text=text), windowTitle=_("FMSeg: install packages"))
+              "README.)").format(text=text))
 
     def resultReady(self, kind, result):
         if kind == "incontext" and isinstance(result, dict) and result.get("uncertainty_node") is not None:

@@ -73,6 +73,7 @@ CONTRACT = {
     "serverTokenEdit": ("QLineEdit", "inputsCollapsibleButton"),
     "connectButton": ("QPushButton", "inputsCollapsibleButton"),
     "downloadModelButton": ("QPushButton", "inputsCollapsibleButton"),
+    "importWeightsButton": ("QPushButton", "inputsCollapsibleButton"),
     "downloadProgressBar": ("QProgressBar", "inputsCollapsibleButton"),
     "statusLabel": ("QLabel", "inputsCollapsibleButton"),
     "promptCollapsibleButton": ("ctkCollapsibleButton", None),
@@ -97,6 +98,7 @@ CONTRACT = {
     "supportTable": ("QTableWidget", "incontextCollapsibleButton"),
     "supportSizeSpinBox": ("QSpinBox", "incontextCollapsibleButton"),
     "ensembleSpinBox": ("QSpinBox", "incontextCollapsibleButton"),
+    "candidatesSpinBox": ("QSpinBox", "incontextCollapsibleButton"),
     "uncertaintyCheckBox": ("QCheckBox", "incontextCollapsibleButton"),
     "runInContextButton": ("QPushButton", "incontextCollapsibleButton"),
     "saveTaskButton": ("QPushButton", "incontextCollapsibleButton"),
@@ -258,7 +260,7 @@ class LogicTestDouble:
     Logic's ``*_async`` methods, returning the Logic's real ``Pending``: the test's function runs in the background
     and ``Pending.result()`` "applies" it (records the applying thread, as the Logic writes MRML there)."""
 
-    ASYNC = ("prompt", "run_incontext", "adapt", "segment_with_adapter", "run_task", "save_task")
+    ASYNC = ("prompt", "run_incontext", "adapt", "segment_with_adapter", "run_task", "save_task", "import_weights")
 
     def __init__(self, async_variants=False, **functions):
         self.executor = ThreadPoolExecutor(max_workers=4)
@@ -308,6 +310,9 @@ class LogicTestDouble:
     def download_model(self, model_id, progress=None, cancel=None):
         return self._call("download_model", model_id=model_id, progress=progress)
 
+    def import_weights(self, model_id, path, replace=False):
+        return self._call("import_weights", model_id=model_id, path=path, replace=replace)
+
     def prompt(self, volume_node, segmentation_node, segment_name, include_points=None, exclude_points=None,
                rois=(), model="litemedsam", use_adapter=False, include_curves=(), exclude_curves=()):
         return self._call("prompt", volume_node=volume_node, segmentation_node=segmentation_node,
@@ -319,10 +324,11 @@ class LogicTestDouble:
         return self._call("undo", segmentation_node=segmentation_node)
 
     def run_incontext(self, volume_node, segmentation_node, supports, support_size=8, ensemble=1, uncertainty=False,
-                      model="universeg-fmseg", progress=None, cancel=None):
-        return self._call("run_incontext", volume_node=volume_node, segmentation_node=segmentation_node,
-                          supports=supports, support_size=support_size, ensemble=ensemble, uncertainty=uncertainty,
-                          model=model, progress=progress, cancel=cancel)
+                      model="universeg-fmseg", progress=None, cancel=None, candidates=0):
+        arguments = dict(volume_node=volume_node, segmentation_node=segmentation_node, supports=supports,
+                         support_size=support_size, ensemble=ensemble, uncertainty=uncertainty, model=model,
+                         progress=progress, cancel=cancel)
+        return self._call("run_incontext", **arguments, **({"candidates": candidates} if candidates else {}))
 
     def run_task(self, volume_node, segmentation_node, uncertainty=False, progress=None, cancel=None):
         return self._call("run_task", volume_node=volume_node, segmentation_node=segmentation_node,
@@ -439,6 +445,10 @@ def test_ui_widget_settings(ui):
     assert ui.serverTokenEdit.echoMode() == QtWidgets.QLineEdit.EchoMode.Password
     assert ui.segmentNameEdit.text() == "Segment_1"
     assert ui.connectButton.text() == "Start / connect" and ui.downloadModelButton.text() == "Download model"
+    assert ui.importWeightsButton.text() == "Import weights\u2026"
+    assert "downloaded by hand" in ui.importWeightsButton.toolTip() and "licence-gated" in ui.importWeightsButton.toolTip()
+    # off until a stochastic model is chosen; its range is set by the controller from the option
+    assert not ui.candidatesSpinBox.isEnabled() and ui.candidatesSpinBox.specialValueText() == "off"
     assert ui.boxButton.isCheckable() and ui.boxButton.text() == "2D box"
     assert ui.roiButton.isCheckable() and ui.roiButton.text() == "3D ROI"
     curves = {"scribbleButton": ("Scribble", "s"), "excludeScribbleButton": ("Exclude scribble", "Shift+S"),
@@ -596,7 +606,9 @@ def test_logic_test_double_and_logic_accept_what_the_controller_passes():
             "prompt": (3, ["include_points", "exclude_points", "rois", "model", "use_adapter", "include_curves",
                            "exclude_curves"]),
             "undo": (1, []),
-            "run_incontext": (3, ["support_size", "ensemble", "uncertainty", "model", "progress", "cancel"]),
+            "run_incontext": (3, ["support_size", "ensemble", "uncertainty", "model", "progress", "cancel",
+                                  "candidates"]),
+            "import_weights": (2, ["replace"]),
             "adapt": (1, ["mode", "method", "rank", "steps", "progress", "cancel"]),
             "save_adapter": (1, ["overwrite"]), "load_adapter": (1, []),
             "segment_with_adapter": (2, ["progress", "cancel"]),
@@ -1413,3 +1425,199 @@ def test_the_panel_saves_loads_and_applies_a_task_through_the_real_logic_and_wor
         assert segmentation.GetSegment(segment_id).GetColor() == pytest.approx(colors[name], abs=1e-6)
         got = slicer.util.arrayFromSegmentBinaryLabelmap(result, segment_id, query).astype(bool)
         assert np.array_equal(got, expected == value), name
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Official models: weights imported by hand, and the candidates of stochastic in-context models
+
+
+STOCHASTIC_MODELS = [{"id": "universeg-fmseg", "kind": "incontext", "dims": 2, "available": True},
+                     {"id": "tyche", "kind": "incontext", "dims": 2, "stochastic": True, "available": True},
+                     {"id": "iris-fmseg", "kind": "incontext", "dims": 3, "available": True}]
+
+
+def test_candidates_are_offered_for_stochastic_models_only_within_the_options_range(panel, ui, mrml, make_controller,
+                                                                                  tmp_path):
+    from FMSegCore.options import InContext, bounds
+
+    def run_incontext(**arguments):
+        return {"segments": ["liver_id"], "uncertainty_node": None,
+                "candidate_nodes": ["c"] * arguments.get("candidates", 0)}
+
+    logic = LogicTestDouble(connect=lambda **a: {"version": "t", "device": "cpu", "models": STOCHASTIC_MODELS},
+                            run_incontext=run_incontext, load_task=lambda path: dict(TASK_INFO))
+    hooks = task_hooks(panel, str(tmp_path / "t.fmseg-task"))
+    controller = make_controller(logic, hooks)
+    spin = ui.candidatesSpinBox
+    assert (spin.minimum(), spin.maximum(), spin.value()) == (*bounds(InContext, "candidates"), InContext.candidates)
+    spin.setValue(10_000)
+    assert spin.value() == bounds(InContext, "candidates")[1]  # the worker's limit, not the .ui's
+    assert not spin.isEnabled()  # not connected: nothing says the model is stochastic
+    select_inputs(ui, mrml)
+    ui.supportVolumeSelector.setCurrentNode(mrml.volume("atlas"))
+    ui.supportSegmentationSelector.setCurrentNode(mrml.segmentation("atlas labels", ["liver"]))
+    ui.addSupportButton.click()
+    ui.connectButton.click()
+    wait_until(lambda: ui.statusLabel.text().startswith("Connected"), what="connection")
+    assert ui.incontextModelSelector.currentText() == "universeg-fmseg" and not spin.isEnabled()
+    ui.incontextModelSelector.setCurrentText("tyche")
+    assert spin.isEnabled()
+    spin.setValue(3)
+    ui.runInContextButton.click()
+    wait_until(lambda: len(hooks.results) == 1, what="the tyche run")
+    assert logic.called("run_incontext")[0]["candidates"] == 3
+    assert ui.statusLabel.text().endswith(" s, 3 candidate segmentations (hidden) added.")
+    ui.incontextModelSelector.setCurrentText("universeg-fmseg")
+    assert not spin.isEnabled() and spin.value() == 3
+    ui.runInContextButton.click()
+    wait_until(lambda: len(hooks.results) == 2, what="the universeg run")
+    assert "candidates" not in logic.called("run_incontext")[1]  # the spin box's value is not sent
+    ui.incontextModelSelector.setCurrentText("tyche")
+    ui.loadTaskButton.click()
+    wait_until(lambda: controller.task is not None, what="the task")
+    assert not spin.isEnabled()  # a task draws no candidates
+    assert hooks.errors == []
+
+
+def weights_hooks(panel, paths, answers=()):
+    """Hooks whose weights dialog returns ``paths[model]`` ("" when absent: cancelled) and whose confirmations
+    answer ``answers`` in turn; what was asked is recorded."""
+
+    class Hooks(type(recording_hooks(panel))):
+        def __init__(self):
+            super().__init__()
+            self.asked, self.questions, self.answers = [], [], list(answers)
+
+        def chooseWeightsPath(self, model):
+            self.asked.append(model)
+            return paths.get(model, "")
+
+        def confirm(self, title, text):
+            self.questions.append((title, text))
+            return self.answers.pop(0)
+
+    return Hooks()
+
+
+def test_the_panel_imports_weights_through_the_real_logic_and_worker_then_draws_tyche_candidates(
+        panel, ui, mrml, make_controller, tmp_path, monkeypatch):
+    """Stand-in UI, real everything else (FMSegLogic, a worker serving on 127.0.0.1 in this process with a
+    throw-away model cache, slicer-core MRML): a wrong file is the worker's one line in the status and leaves the
+    cache as it was; the fixture's Tyche checkpoint is installed, the models are listed again, the candidates spin
+    box opens, and a run with 2 candidates adds two segmentation nodes."""
+    import slicer.util
+    import torch
+    from FMSegSlicerLib.scene_geometry import to_vtk_matrix
+    from reference_fixtures import TYCHE_CENTRED, official_checkpoint
+    from worker_fixtures import TOKEN, ct_case, running_worker
+
+    from FMSegCore.server.service import Service
+
+    logic_module()
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("FMSEG_CACHE_DIR", str(cache))  # Tyche's weights cannot be fetched here
+    monkeypatch.setattr("FMSegCore.server.service.tune_cpu_runtime", lambda threads=None: None)  # one core
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    good = tmp_path / "tyche_v1_model_weights_CVPR.pt"
+    good.write_bytes(official_checkpoint("tyche", shifts=TYCHE_CENTRED))
+    other_family = tmp_path / "universeg_v1.pt"
+    other_family.write_bytes(official_checkpoint("universeg", wrapping=None))
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(good.read_bytes()[:20_000])
+
+    image, labels, names = ct_case()
+    liver = np.flatnonzero((labels == names["liver"]).any(axis=(1, 2)))
+    ijk_to_ras = np.diag([-1.0, -1.0, 1.0, 1.0]) @ np.diag([*image.spacing, 1.0])
+
+    block = liver[len(liver) // 2 - 3: len(liver) // 2 + 3]  # a few slices, two of them labelled: the support
+    volume = slicer.util.addVolumeFromArray(np.ascontiguousarray(image.array[block]), to_vtk_matrix(ijk_to_ras),
+                                            "tyche CT")
+    sparse = np.zeros((len(block),) + labels.shape[1:], dtype=np.uint8)
+    sparse[[0, -1]] = labels[block[[0, -1]]] == names["liver"]
+    support = mrml.segmentation("tyche sparse labels")
+    segment_id = support.GetSegmentation().AddEmptySegment("liver", "liver", (0.8, 0.3, 0.2))
+    slicer.util.updateSegmentBinaryLabelmapFromArray(sparse, support, segment_id, volume)
+    result = mrml.segmentation("tyche result")
+
+    def files():
+        return sorted(str(path) for path in cache.rglob("*")) if cache.exists() else []
+
+    with running_worker(service=Service("cpu")) as server:
+        real = logic_module().FMSegLogic(mrml.scene, device="cpu")
+        real.executor = real._executor  # the fixture's clean-up shuts this down
+        paths = {"tyche": str(other_family)}
+        hooks = weights_hooks(panel, paths, answers=[False, True])
+        controller = make_controller(real, hooks)
+        try:
+            ui.serverUrlEdit.setText(server.url)
+            ui.serverTokenEdit.setText(TOKEN)
+            ui.importWeightsButton.click()  # connects first: which models have weights is the worker's to say
+            wait_until(lambda: hooks.asked, timeout=60, what="the weights dialog")
+            assert ui.incontextModelSelector.currentText() == "universeg-fmseg"
+            # the default models have weights (they ship with FMSeg): each is offered, the user cancels both
+            assert hooks.asked == ["litemedsam", "universeg-fmseg"] and not controller.jobs
+            assert not ui.candidatesSpinBox.isEnabled()
+            ui.incontextModelSelector.setCurrentText("tyche")
+            assert ui.candidatesSpinBox.isEnabled()  # the worker's card: tyche is stochastic
+            before = files()
+            for wrong, problem in ((other_family, "not a Tyche checkpoint"), (truncated, "cannot read a Tyche")):
+                paths["tyche"] = str(wrong)
+                hooks.asked.clear()
+                ui.importWeightsButton.click()
+                wait_until(lambda: "failed" in ui.statusLabel.text(), timeout=60, what="the refusal")
+                assert hooks.asked == ["tyche"]  # litemedsam has weights (bundled): tyche is the one without
+                status = ui.statusLabel.text()
+                assert status.startswith(f"Importing {wrong.name} as tyche's weights failed: WorkerError: worker: "
+                                         "weights: the uploaded file: "), status
+                assert problem in status  # the status is cut to its length; the dialog has the whole line
+                title, text = hooks.errors[-1]
+                assert title == f"FMSeg: Importing {wrong.name} as tyche's weights failed" and "\n" not in text
+                assert text.startswith("WorkerError: worker: weights: the uploaded file: ") and problem in text
+                assert text.endswith("(importing it as tyche)")
+                assert files() == before and not controller.models["tyche"]["available"]
+                ui.statusLabel.setText("")
+            assert len(hooks.errors) == 2 and hooks.questions == []
+
+            paths["tyche"] = str(good)
+            ui.importWeightsButton.click()
+            wait_until(lambda: ui.statusLabel.text().startswith(("Imported", "Importing")) and not controller.jobs,
+                       timeout=60, what="the import")
+            assert ui.statusLabel.text().startswith("Imported tyche's weights in "), ui.statusLabel.text()
+            assert "no published sha256 to verify" in ui.statusLabel.text()
+            installed = [path for path in cache.rglob("*.pt") if path.is_file()]
+            assert [path.read_bytes() for path in installed] == [good.read_bytes()]
+            assert controller.models["tyche"]["available"] and controller.models["tyche"]["stochastic"]
+            assert ui.incontextModelSelector.currentText() == "tyche" and ui.candidatesSpinBox.isEnabled()
+
+            hooks.asked.clear()
+            paths["litemedsam"] = ""  # every selected model has weights: each is offered, the user skips the first
+            ui.importWeightsButton.click()  # ... and declines replacing tyche's
+            assert hooks.asked == ["litemedsam", "tyche"] and len(hooks.questions) == 1
+            assert "tyche has weights already" in hooks.questions[0][1]
+            assert ui.statusLabel.text() == "Import cancelled: tyche keeps its weights." and not controller.jobs
+            ui.importWeightsButton.click()  # replaced after asking
+            wait_until(lambda: ui.statusLabel.text().startswith("Imported") and not controller.jobs, timeout=60,
+                       what="the replacement")
+            assert len(hooks.questions) == 2
+
+            ui.inputVolumeSelector.setCurrentNode(volume)
+            ui.segmentationSelector.setCurrentNode(result)
+            ui.supportVolumeSelector.setCurrentNode(volume)
+            ui.supportSegmentationSelector.setCurrentNode(support)
+            ui.addSupportButton.click()
+            ui.supportSizeSpinBox.setValue(2)
+            ui.candidatesSpinBox.setValue(2)
+            ui.runInContextButton.click()
+            wait_until(lambda: hooks.results or "failed" in ui.statusLabel.text(), timeout=120, what="the result")
+            assert hooks.results and hooks.results[0][0] == "incontext", ui.statusLabel.text()
+            assert "2 candidate segmentations (hidden) added" in ui.statusLabel.text()
+        finally:
+            real.shutdown()
+            torch.set_num_threads(threads)
+
+    nodes = hooks.results[0][1]["candidate_nodes"]
+    assert [node.GetName() for node in nodes] == ["tyche result candidate 1", "tyche result candidate 2"]
+    drawn = [slicer.util.arrayFromSegmentBinaryLabelmap(node, node.GetSegmentation().GetSegmentIdBySegmentName("liver"),
+                                                        volume) for node in nodes]
+    assert drawn[0].any() and (drawn[0] != drawn[1]).any()

@@ -29,6 +29,7 @@ import logging
 import threading
 import time
 
+from FMSegCore.options import InContext, bounds
 from FMSegCore.progress import Progress
 from FMSegCore.zoo import families
 
@@ -118,14 +119,15 @@ def describe_task(info) -> str:
 
 
 def model_cards(models) -> list[dict]:
-    """Zoo cards as dicts with "id", "kind", "dims", "available" (strings are taken as ids of unknown kind)."""
+    """Zoo cards as dicts with "id", "kind", "dims", "stochastic", "available" (strings are taken as ids of unknown
+    kind)."""
     cards = []
     for entry in models or ():
         if isinstance(entry, dict) and entry.get("id"):
             cards.append({"id": str(entry["id"]), "kind": entry.get("kind"), "dims": entry.get("dims"),
-                          "available": entry.get("available")})
+                          "stochastic": bool(entry.get("stochastic")), "available": entry.get("available")})
         elif isinstance(entry, str) and entry:
-            cards.append({"id": entry, "kind": None, "dims": None, "available": None})
+            cards.append({"id": entry, "kind": None, "dims": None, "stochastic": False, "available": None})
     return cards
 
 
@@ -170,6 +172,15 @@ class PanelHooks:
         """A file path for saving (``save``; the dialog has asked about replacing a file) or loading a task file
         (``.fmseg-task``); "" when the user cancels."""
         return ""
+
+    def chooseWeightsPath(self, model: str) -> str:
+        """A checkpoint file to install as ``model``'s weights (the dialog names the model); "" when the user
+        cancels."""
+        return ""
+
+    def confirm(self, title: str, text: str) -> bool:
+        """Ask the user a question (OK/Cancel); False: cancel."""
+        return False
 
     def confirmInstall(self, text: str) -> bool:
         """Ask the user whether to install missing packages (``text`` says which); False: do not."""
@@ -259,6 +270,9 @@ class PanelController:
         self.timer = qt.QTimer()
         self.timer.interval = int(pollIntervalMs)
         self.timer.timeout.connect(self.poll)
+        # the candidates' range is the in-context option's (FMSegCore.options), as the CLI's and the worker's
+        self.ui.candidatesSpinBox.minimum, self.ui.candidatesSpinBox.maximum = bounds(InContext, "candidates")
+        self.ui.candidatesSpinBox.value = InContext.candidates
         self._connectSignals()
         self.updateButtons()
 
@@ -277,6 +291,7 @@ class PanelController:
         ui.deviceSelector.currentIndexChanged.connect(self._connectionSettingsChanged)
         ui.connectButton.clicked.connect(self.connectWorker)
         ui.downloadModelButton.clicked.connect(self.downloadModels)
+        ui.importWeightsButton.clicked.connect(self.importWeights)
         for kind, name in PLACING_BUTTONS.items():
             getattr(ui, name).toggled.connect(lambda *_args, kind=kind: self._onPlacingToggled(kind))
         ui.segmentButton.clicked.connect(self.segment)
@@ -317,6 +332,7 @@ class PanelController:
         adapterBusy = self.isRunning(ADAPTER)
         ui.connectButton.enabled = not self.jobs
         ui.downloadModelButton.enabled = not connecting and not self.isRunning(DOWNLOAD)
+        ui.importWeightsButton.enabled = not connecting and not self.isRunning(DOWNLOAD)
         ui.segmentButton.enabled = bool(hasInputs and not self.isRunning(PROMPT) and not connecting)
         ui.undoButton.enabled = bool(segmentation is not None and not self.isRunning(PROMPT))
         ui.addSupportButton.enabled = bool(ui.supportVolumeSelector.currentNode() is not None
@@ -328,6 +344,8 @@ class PanelController:
         ui.saveTaskButton.enabled = bool(self.supports and self.modelDims(ui.incontextModelSelector.currentText) == 3
                                          and not incontextBusy and not connecting)
         ui.loadTaskButton.enabled = bool(not incontextBusy and not connecting)
+        # candidates: stochastic models only (as the worker's card says), from a support set (a task draws none)
+        ui.candidatesSpinBox.enabled = bool(self.isStochastic(ui.incontextModelSelector.currentText) and not self.task)
         ui.clearTaskButton.enabled = bool(self.task and not incontextBusy)
         ui.addCaseButton.enabled = bool(ui.caseVolumeSelector.currentNode() is not None
                                         and ui.caseSegmentationSelector.currentNode() is not None)
@@ -344,6 +362,10 @@ class PanelController:
         """2 or 3 as the worker's card of ``modelId`` says (None: unknown, e.g. before connecting)."""
         dims = (self.models.get(str(modelId)) or {}).get("dims")
         return dims if isinstance(dims, int) and not isinstance(dims, bool) else None
+
+    def isStochastic(self, modelId) -> bool:
+        """The worker's card of ``modelId`` says it draws candidate segmentations (tyche)."""
+        return bool((self.models.get(str(modelId)) or {}).get("stochastic"))
 
     def adapterFor(self, mode: str) -> bool:
         """An adapter is loaded for ``mode``: "auto" (segments by itself) or "prompt" (helps prompts); an adapter
@@ -602,6 +624,45 @@ class PanelController:
             self.models.setdefault(model_id, {"id": model_id, "kind": None})["available"] = True
         self.setStatus(f"Downloaded {', '.join(ids or ())} in {elapsed:.0f} s.")
 
+    def importWeights(self, *_args):
+        """Install a checkpoint file downloaded by hand as the weights of a selected model: each selected model
+        without weights in turn (all of them when every one has weights) is offered a file dialog until the user
+        chooses a file; weights already there are replaced only after asking. The worker checks the file; a wrong
+        one is its one line in the status and changes nothing."""
+        if self.connection is None:  # which models have weights is the worker's to say: connect first
+            self._afterConnect.append(self.importWeights)
+            if not self.isRunning(CONNECT):
+                self.connectWorker()
+            return None
+        if self.isRunning(DOWNLOAD):
+            self.setStatus("Import: a download or import is running; try again when it ends.")
+            return None
+        selected = self.selectedModels()
+        missing = [m for m in selected if not (self.models.get(m) or {}).get("available")]
+        model, path = None, ""
+        for model in missing or selected:
+            path = self.hooks.chooseWeightsPath(model)
+            if path:
+                break
+        if not path:
+            return None
+        replace = bool((self.models.get(model) or {}).get("available"))
+        if replace and not self.hooks.confirm(
+                "FMSeg: replace weights", f"{model} has weights already. Replace them with {path}? The worker "
+                                          "checks the file first and keeps the installed weights if it refuses it."):
+            self.setStatus(f"Import cancelled: {model} keeps its weights.")
+            return None
+        name = path.replace("\\", "/").rsplit("/", 1)[-1]
+        return self.start(DOWNLOAD, f"Importing {name} as {model}'s weights", "import_weights", (model, str(path)),
+                          {"replace": replace}, onDone=self._importDone)
+
+    def _importDone(self, info, elapsed) -> None:
+        info = info if isinstance(info, dict) else {}
+        self.setModels(info.get("models"))  # the worker's cards again: the model has weights now
+        model = info.get("model", "the model")
+        check = "verified against its published sha256" if info.get("verified") else "no published sha256 to verify"
+        self.setStatus(f"Imported {model}'s weights in {elapsed:.1f} s ({check}): {info.get('path', '')}")
+
     # ------------------------------------------------------------------------------------------------------------
     # Prompts
 
@@ -833,19 +894,25 @@ class PanelController:
         if not self.supports:
             self.setStatus("Add at least one labelled support case, or load a task.")
             return None
+        model = ui.incontextModelSelector.currentText
+        candidates = int(ui.candidatesSpinBox.value) if self.isStochastic(model) else 0
         return self.start(
             INCONTEXT, "In-context segmentation", "run_incontext",
             (volume, segmentation, self._withSegments(self.supports)),
             dict(support_size=int(ui.supportSizeSpinBox.value), ensemble=int(ui.ensembleSpinBox.value),
-                 uncertainty=bool(ui.uncertaintyCheckBox.checked), model=ui.incontextModelSelector.currentText),
+                 uncertainty=bool(ui.uncertaintyCheckBox.checked), model=model,
+                 **({"candidates": candidates} if candidates else {})),
             onDone=self._incontextDone, cancellable=True, reportsProgress=True)
 
     def _incontextDone(self, result, elapsed) -> None:
         segments = result.get("segments") if isinstance(result, dict) else result
         count = len(segments) if isinstance(segments, (list, tuple)) else 0
         uncertainty = isinstance(result, dict) and result.get("uncertainty_node") is not None
+        drawn = len((result.get("candidate_nodes") or ()) if isinstance(result, dict) else ())
+        added = [*(["uncertainty volume"] if uncertainty else []),
+                 *([f"{drawn} candidate segmentation{'s' if drawn != 1 else ''} (hidden)"] if drawn else [])]
         self.setStatus(f"In-context: {count} segment{'s' if count != 1 else ''} in {elapsed:.1f} s"
-                       + (", uncertainty volume added." if uncertainty else "."))
+                       + (f", {' and '.join(added)} added." if added else "."))
         self.hooks.resultReady("incontext", result)
 
     def saveTask(self, *_args):

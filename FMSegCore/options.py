@@ -168,7 +168,21 @@ class AutoSegmentation:
     device: Device = "auto"
 
 
-OPTION_SETS = (Prompting, InContext, TaskCreation, Adaptation, AutoSegmentation)
+@dataclass
+class Batch:
+    """A cohort run: ``fmseg batch`` (the engine, its workers and the results' format; the method's own settings
+    are the sets above)."""
+
+    engine: Literal["local", "ray"] = "local"
+    workers: Optional[Annotated[int, Range(1, 1024)]] = None  # None: one per GPU, else one
+    gpus_per_worker: Annotated[float, Range(0.0, 16.0)] = 1.0
+    format: Literal[".seg.nrrd", ".nii.gz"] = ".seg.nrrd"
+    modality: Modality = "auto"
+    precision: Precision = "auto"
+    device: Device = "auto"
+
+
+OPTION_SETS = (Prompting, InContext, TaskCreation, Adaptation, AutoSegmentation, Batch)
 
 
 @dataclass(frozen=True)

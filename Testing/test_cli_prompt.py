@@ -323,7 +323,8 @@ def test_demo_leaves_no_folder_behind_when_it_cannot_run(tmp_path, no_model, mon
 
 
 def test_curves_must_lie_on_a_slice_only_for_a_2d_model(tmp_path, image):
-    from FMSegCore.cli.prompt_cmd import SegmentOptions, check_curves_on_slices, load_prompts
+    from FMSegCore.cli.prompt_cmd import SegmentOptions, check_curves_on_slices
+    from FMSegCore.io.markups import load_prompts
 
     slanted = curve_markup(tmp_path / "slanted.mrk.json", image, [(30, 35, 85), (35, 40, 88)])
     segments = load_prompts([slanted], image)

@@ -281,7 +281,7 @@ def _corrections(paths: Optional[Sequence[PathLike]], image: Volume, options: In
     or none; they need an interactive model and the query's own slices (index matching)."""
     if not paths:
         return []
-    from FMSegCore.cli.prompt_cmd import load_prompts
+    from FMSegCore.io.markups import load_prompts
     from FMSegCore.zoo.families import family_of
     from FMSegCore.zoo.registry import get_card
 

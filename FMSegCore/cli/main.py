@@ -18,7 +18,7 @@ THREADS_HELP = (f"CPU threads (default: ${THREADS_ENV}, else $OMP_NUM_THREADS, e
 
 #: Sub-command modules (FMSegCore.cli.<name>); each defines ``register(subparsers)`` which sets ``func``.
 COMMAND_MODULES = ("prompt_cmd", "incontext_cmd", "adapt_cmd", "segment_cmd", "models_cmd", "demo_cmd", "bench_cmd",
-                   "train_cmd", "serve_cmd", "task_cmd", "data_cmd")
+                   "train_cmd", "serve_cmd", "task_cmd", "data_cmd", "batch_cmd")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -30,7 +30,7 @@ from FMSegCore.io.labelmap import (
     labels_json_path,
     write_labelmap,
 )
-from FMSegCore.io.markups import prompts_from_markups
+from FMSegCore.io.markups import load_prompts
 from FMSegCore.io.orientation import anatomical_axes
 from FMSegCore.io.volume import PathLike, Volume, read_volume
 from FMSegCore.options import AXIS_INDEX, Prompting
@@ -163,24 +163,6 @@ def check_not_input(output: Path, inputs: Sequence[PathLike]) -> None:
         source = Path(source)
         if output.exists() and source.exists() and os.path.samefile(output, source):
             raise InputError(output, f"output would replace the input file {source}")
-
-
-def load_prompts(paths: Sequence[PathLike], image: Volume) -> list[SegmentPrompts]:
-    """Prompts per segment from markups files, in the order segments first appear; every file and segment
-    is checked against the image (an error names the file)."""
-    segments: dict[str, SegmentPrompts] = {}
-    first_file: dict[str, PathLike] = {}
-    for path in paths:
-        for name, prompts in prompts_from_markups([path], image).items():
-            segment = segments.setdefault(name, SegmentPrompts(name))
-            first_file.setdefault(name, path)
-            segment.boxes.extend(prompts.boxes)
-            segment.points.extend(prompts.points)
-            segment.curves.extend(prompts.curves)
-    for name, segment in segments.items():
-        if segment.is_empty():
-            raise InputError(first_file[name], f"segment '{name}' has no box and no include point to start from")
-    return list(segments.values())
 
 
 # ------------------------------------------------------------------------------------------------ running

@@ -17,7 +17,7 @@ the whole curve).
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Union
@@ -245,3 +245,21 @@ def prompts_from_markups(paths: Union[PathLike, Iterable[PathLike]], volume: Vol
             else:
                 segment.points.extend(_points(markup, volume))
     return prompts
+
+
+def load_prompts(paths: Sequence[PathLike], image: Volume) -> list[SegmentPrompts]:
+    """Prompts per segment from markups files, in the order segments first appear; every file and segment
+    is checked against the image (an error names the file)."""
+    segments: dict[str, SegmentPrompts] = {}
+    first_file: dict[str, PathLike] = {}
+    for path in paths:
+        for name, prompts in prompts_from_markups([path], image).items():
+            segment = segments.setdefault(name, SegmentPrompts(name))
+            first_file.setdefault(name, path)
+            segment.boxes.extend(prompts.boxes)
+            segment.points.extend(prompts.points)
+            segment.curves.extend(prompts.curves)
+    for name, segment in segments.items():
+        if segment.is_empty():
+            raise InputError(first_file[name], f"segment '{name}' has no box and no include point to start from")
+    return list(segments.values())

@@ -187,3 +187,32 @@ def test_bad_input_is_one_line_and_nothing_is_lost(cohort, tmp_path, capsys):
     assert "nothing answers there" in _refused(capsys, "--inputs", scans, "--output", str(tmp_path / "b"),
                                                "--task", task, "--engine", "ray", "--address", "127.0.0.1:9")
     assert not (tmp_path / "b").exists()
+
+
+def test_a_support_set_and_per_case_prompts_segment_a_cohort_too(cohort, tmp_path):
+    """The two other methods on the coarse copy: the bundled CT as the support set (its spleen), and a CSV whose
+    column names each case's markups (the kidney's box, in physical space, so it fits the coarse copy too); a
+    case whose prompts file is missing fails alone."""
+    table = tmp_path / "cohort.csv"
+    coarse = cohort["scans"] / "coarse.nrrd"
+    table.write_text(f"case,image,prompts\ncoarse,{coarse},{CT / 'prompts' / 'kidney_left.mrk.json'}\n"
+                     f"unprompted,{coarse},absent.mrk.json\n")
+    support = tmp_path / "support"
+    code = main(["batch", "--inputs", str(table), "--output", str(support), "--support", str(CT / "image.nii.gz"),
+                 str(CT / "label.nii.gz"), "--labels", "spleen", "--device", "cpu", "--no-progress"])
+    assert code == 0
+    prompted = tmp_path / "prompted"
+    code = main(["batch", "--inputs", str(table), "--output", str(prompted), "--prompts-column", "prompts",
+                 "--device", "cpu", "--no-progress", "--format", ".nii.gz"])
+    assert code == 1
+    rows = _rows(prompted)
+    assert rows["unprompted"]["status"] == "failed" and "absent.mrk.json: file not found" in rows["unprompted"]["error"]
+    scan = read_volume(coarse)
+    for folder, name, ending in ((support, "spleen", ".seg.nrrd"), (prompted, "kidney_left", ".nii.gz")):
+        labels, segments = read_labelmap(folder / f"coarse{ending}", reference=scan)
+        assert [s.name for s in segments] == [name]
+        truth, truth_segments = read_labelmap(CT / "label.nii.gz")
+        value = next(s.value for s in truth_segments if s.name == name)
+        found_ml = float((labels.array > 0).sum()) * float(np.prod(scan.spacing)) / 1000.0
+        true_ml = float((truth.array == value).sum()) * float(np.prod(truth.spacing)) / 1000.0
+        assert 0.5 * true_ml < found_ml < 1.5 * true_ml, (name, found_ml, true_ml)

@@ -69,12 +69,14 @@ def start_ray(address: Optional[str], cpus: int) -> Any:
 
 
 def _read(item: dict[str, Any]) -> dict[str, Any]:
+    """Read one scan (a Ray task); the seconds each step takes add up to the case's time (queueing excluded)."""
     job: CaseJob = pickle.loads(item["job"])
     began = time.perf_counter()
     try:
-        return {"job": item["job"], "volume": pickle.dumps(read_case(job)), "row": b"", "began": began}
+        volume, row = pickle.dumps(read_case(job)), b""
     except Exception as error:  # noqa: BLE001 - recorded in the case's row
-        return {"job": item["job"], "volume": b"", "row": pickle.dumps(failed(job, error)), "began": began}
+        volume, row = b"", pickle.dumps(failed(job, error))
+    return {"job": item["job"], "volume": volume, "row": row, "seconds": time.perf_counter() - began}
 
 
 class _Segment:
@@ -88,30 +90,32 @@ class _Segment:
         self.segmenter = build_segmenter(spec, device, threads)
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-        results = []
-        for job_bytes, volume_bytes, row in zip(batch["job"], batch["volume"], batch["row"]):
-            if row:  # the scan could not be read
-                results.append(b"")
+        rows, results, seconds = list(batch["row"]), [], list(batch["seconds"])
+        for index, (job_bytes, volume_bytes) in enumerate(zip(batch["job"], batch["volume"])):
+            results.append(b"")
+            if rows[index]:  # the scan could not be read
                 continue
-            job = pickle.loads(job_bytes)
+            job, began = pickle.loads(job_bytes), time.perf_counter()
             try:
-                results.append(pickle.dumps(self.segmenter.segment(pickle.loads(volume_bytes), job.case)))
+                results[index] = pickle.dumps(self.segmenter.segment(pickle.loads(volume_bytes), job.case))
             except Exception as error:  # noqa: BLE001 - recorded in the case's row
-                results.append(b"")
-                batch["row"] = [*batch["row"]]
-                batch["row"][len(results) - 1] = pickle.dumps(failed(job, error))
-        return {"job": list(batch["job"]), "volume": list(batch["volume"]), "row": list(batch["row"]),
-                "began": list(batch["began"]), "result": results}
+                rows[index] = pickle.dumps(failed(job, error))
+            seconds[index] = float(seconds[index]) + time.perf_counter() - began
+        return {"job": list(batch["job"]), "volume": list(batch["volume"]), "row": rows, "seconds": seconds,
+                "result": results}
 
 
 def _write(item: dict[str, Any]) -> dict[str, Any]:
+    """Write one case's results (a Ray task) and give its row."""
     job: CaseJob = pickle.loads(item["job"])
     if item["row"]:
         return {"row": item["row"]}
+    began = time.perf_counter()
     try:
-        image = pickle.loads(item["volume"])
-        seconds = time.perf_counter() - float(item["began"])
-        return {"row": pickle.dumps(write_case(job, image, pickle.loads(item["result"]), seconds))}
+        image, result = pickle.loads(item["volume"]), pickle.loads(item["result"])
+        row = write_case(job, image, result, 0.0)
+        row["seconds"] = round(float(item["seconds"]) + time.perf_counter() - began, 2)
+        return {"row": pickle.dumps(row)}
     except Exception as error:  # noqa: BLE001 - recorded in the case's row
         return {"row": pickle.dumps(failed(job, error))}
 

@@ -71,6 +71,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     from FMSegCore.cli import bench_threads
 
     bench_threads.add_parser(kinds)
+    from FMSegCore.cli import bench_batch
+
+    bench_batch.add_parser(kinds)
     bench.set_defaults(func=lambda args: bench.print_help() or 1)
 
 

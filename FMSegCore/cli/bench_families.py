@@ -4,11 +4,9 @@ the same call (:mod:`FMSegCore.bench.families_bench`)."""
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from pathlib import Path
 
-from FMSegCore.zoo.cache import resources_dir
+from FMSegCore.cli.bench_output import add_output_option, check_output_folder, write_figures
 
 #: The families, in the order they run (kept here so ``fmseg --help`` does not import torch).
 FAMILIES = ("universeg", "tyche", "multiverseg", "sam-med3d", "medsam", "vista3d", "litemedsam", "iris")
@@ -22,8 +20,7 @@ def add_parser(kinds: argparse._SubParsersAction) -> None:
     parser.add_argument("--warmup", type=int, default=1, help="untimed calls before each measurement")
     parser.add_argument("--threads", type=int, default=2,
                         help="torch CPU threads (the official timings used 2)")
-    parser.add_argument("--output", type=Path, default=resources_dir() / "Benchmarks" / "families_cpu.json",
-                        help="the JSON file written (atomically)")
+    add_output_option(parser, "families_cpu.json")
     parser.set_defaults(func=run)
 
 
@@ -31,17 +28,13 @@ def run(args: argparse.Namespace) -> int:
     from FMSegCore.bench.families_bench import format_table, run_bench
     from FMSegCore.device import tune_cpu_runtime
     from FMSegCore.errors import InputError
-    from FMSegCore.io.atomic import atomic_output
 
     if args.repeats < 1 or args.warmup < 0 or args.threads < 1:
         raise InputError(args.output, "--repeats and --threads must be at least 1, --warmup at least 0")
-    if not args.output.parent.is_dir():
-        raise InputError(args.output, f"output folder {args.output.parent} does not exist")
+    check_output_folder(args.output)
     tune_cpu_runtime(args.threads)  # as every fmseg CPU run does (recorded as allocator_tuned)
     figures = run_bench(args.families, repeats=args.repeats, warmup=args.warmup, threads=args.threads,
                         allocator_tuned=True, progress=lambda line: print(line, file=sys.stderr, flush=True))
     print(format_table(figures))
-    with atomic_output(args.output) as temporary:
-        temporary.write_text(json.dumps(figures, indent=2) + "\n", encoding="utf-8")
-    print(f"Wrote {args.output}")
+    write_figures(args.output, figures)
     return 0

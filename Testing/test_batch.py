@@ -216,3 +216,27 @@ def test_a_support_set_and_per_case_prompts_segment_a_cohort_too(cohort, tmp_pat
         found_ml = float((labels.array > 0).sum()) * float(np.prod(scan.spacing)) / 1000.0
         true_ml = float((truth.array == value).sum()) * float(np.prod(truth.spacing)) / 1000.0
         assert 0.5 * true_ml < found_ml < 1.5 * true_ml, (name, found_ml, true_ml)
+
+
+def test_a_folder_gives_one_case_per_scan_and_per_dicom_series_and_nothing_else(tmp_path):
+    import SimpleITK as sitk
+
+    from FMSegCore.batch.cases import read_cases
+    from FMSegCore.batch.results import file_sha256
+
+    image = sitk.ReadImage(str(CT / "image.nii.gz"))[:, :, 50:53]
+    sitk.WriteImage(image, str(tmp_path / "patient 1.nii.gz"))
+    sitk.WriteImage(image, str(tmp_path / "p2.nrrd"))
+    series = tmp_path / "p3_dicom"
+    series.mkdir()
+    slices = sitk.Cast(image, sitk.sitkInt16)
+    for index in range(slices.GetDepth()):
+        sitk.WriteImage(slices[:, :, index], str(series / f"{index:03d}.dcm"))
+    for other in ("results.csv", "p2.seg.nrrd", "p2.labels.json", ".hidden.nii.gz", "notes.txt"):
+        (tmp_path / other).write_text("not a scan")
+    (tmp_path / "empty_folder").mkdir()
+    cases = read_cases(tmp_path)
+    assert [case.case_id for case in cases] == ["p2", "p3_dicom", "patient_1"]
+    digest = file_sha256(series)
+    (series / "000.dcm").write_bytes((series / "000.dcm").read_bytes() + b"\0")
+    assert file_sha256(series) != digest  # a changed slice changes the series' hash: a rerun redoes it

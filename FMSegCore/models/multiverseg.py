@@ -52,7 +52,7 @@ from torch import nn
 from FMSegCore.models import universeg
 from FMSegCore.models.checkpoints import load_strict
 from FMSegCore.models.interfaces import PromptMaps2D
-from FMSegCore.models.universeg import Vmap, _vmap
+from FMSegCore.models.universeg import Vmap
 
 NUM_PARAMETERS = 18_903_297
 #: Channels of the target input: image, box, include, exclude, previous logits.
@@ -185,24 +185,8 @@ class MultiverSeg(nn.Module):
                 or support.shape[-2:] != target.shape[-2:]:
             raise ValueError(f"support {tuple(support.shape)} does not fit target {tuple(target.shape)}")
 
-        skips = []
-        for index, block in enumerate(self.enc_blocks):
-            target, support = block(target, support)
-            if index == len(self.enc_blocks) - 1:
-                break
-            skips.append((target, support))
-            target = self.downsample(target)
-            support = _vmap(self.downsample, support)
-
-        for index, block in enumerate(self.dec_blocks):
-            target_skip, support_skip = skips.pop()
-            target = torch.cat([self._upsample(target), target_skip], dim=1)
-            support = torch.cat([_vmap(self._upsample, support), support_skip], dim=2)
-            if index == len(self.dec_blocks) - 1:
-                target = block.target_only(target, support)
-            else:
-                target, support = block(target, support)
-
+        target = universeg.run_cross_unet(self.enc_blocks, self.dec_blocks, target, support, self.downsample,
+                                          self._upsample, lambda block, t, s: block.target_only(t, s))
         return self.out_conv(target)
 
 

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from FMSegCore.models.checkpoints import load_strict
-from FMSegCore.models.universeg import ConvOp, CrossOp, Vmap, _vmap
+from FMSegCore.models.universeg import ConvOp, CrossOp, Vmap, _vmap, run_cross_unet
 
 NUM_PARAMETERS = 1_774_785
 
@@ -131,20 +131,8 @@ class TycheNet(nn.Module):
 
     def _run(self, target: torch.Tensor, support: torch.Tensor) -> torch.Tensor:
         """Candidates ``(B, K, 2, H, W)`` ([image, noise]) and support ``(Bs, S, 2, H, W)`` -> ``(B, K, 1, H, W)``."""
-        skips = []
-        for index, block in enumerate(self.enc_blocks):
-            target, support = block(target, support)
-            if index == len(self.enc_blocks) - 1:
-                break
-            skips.append((target, support))
-            target, support = _vmap(self.downsample, target), _vmap(self.downsample, support)
-
-        for index, block in enumerate(self.dec_blocks):
-            target_skip, support_skip = skips.pop()
-            target = torch.cat([_vmap(self._upsample, target), target_skip], dim=2)
-            support = torch.cat([_vmap(self._upsample, support), support_skip], dim=2)
-            target, support = block(target, support, with_support=index < len(self.dec_blocks) - 1)
-
+        target = run_cross_unet(self.enc_blocks, self.dec_blocks, target, support, self.downsample, self._upsample,
+                                lambda block, t, s: block(t, s, with_support=False)[0], grouped_target=True)
         return _vmap(self.out_conv, target)
 
     @staticmethod

@@ -21,8 +21,9 @@ and reused for many queries.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -200,26 +201,42 @@ class UniverSeg(nn.Module):
         first = self.enc_blocks[0]
         target, support = first.branches(*first.cross.combine(first.cross.target_term(target_image),
                                                                first_layer_support))
-        skips = []
-        for index, block in enumerate(self.enc_blocks):
-            if index > 0:
-                target, support = block(target, support)
-            if index == len(self.enc_blocks) - 1:
-                break
-            skips.append((target, support))
-            target = self.downsample(target)
-            support = _vmap(self.downsample, support)
-
-        for index, block in enumerate(self.dec_blocks):
-            target_skip, support_skip = skips.pop()
-            target = torch.cat([self._upsample(target), target_skip], dim=1)
-            support = torch.cat([_vmap(self._upsample, support), support_skip], dim=2)
-            if index == len(self.dec_blocks) - 1:
-                target = block.target_only(target, support)
-            else:
-                target, support = block(target, support)
-
+        target = run_cross_unet(self.enc_blocks, self.dec_blocks, target, support, self.downsample,
+                                self._upsample, lambda block, t, s: block.target_only(t, s), first_done=True)
         return self.out_conv(target)
+
+
+def run_cross_unet(enc_blocks: Sequence[nn.Module], dec_blocks: Sequence[nn.Module], target: torch.Tensor,
+                   support: torch.Tensor, downsample: Callable, upsample: Callable,
+                   last: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor], *,
+                   grouped_target: bool = False, first_done: bool = False) -> torch.Tensor:
+    """The cross-block U-Net that UniverSeg, MultiverSeg and Tyche share: encoder blocks on (target, support)
+    with both kept as skips and down-sampled, then decoder blocks on the up-sampled pair joined to its skips;
+    ``last(block, target, support)`` runs the last decoder block (target only). ``target`` is ``(B, C, H, W)``,
+    or ``(B, K, C, H, W)`` with ``grouped_target`` (Tyche's candidates); ``support`` is ``(B, S, C, H, W)``.
+    ``first_done``: the first encoder block's output is given (UniverSeg's cached first layer)."""
+
+    def on_target(function: Callable, x: torch.Tensor) -> torch.Tensor:
+        return _vmap(function, x) if grouped_target else function(x)
+
+    channel_dim = 2 if grouped_target else 1
+    skips = []
+    for index, block in enumerate(enc_blocks):
+        if index > 0 or not first_done:
+            target, support = block(target, support)
+        if index == len(enc_blocks) - 1:
+            break
+        skips.append((target, support))
+        target, support = on_target(downsample, target), _vmap(downsample, support)
+    for index, block in enumerate(dec_blocks):
+        target_skip, support_skip = skips.pop()
+        target = torch.cat([on_target(upsample, target), target_skip], dim=channel_dim)
+        support = torch.cat([_vmap(upsample, support), support_skip], dim=2)
+        if index == len(dec_blocks) - 1:
+            target = last(block, target, support)
+        else:
+            target, support = block(target, support)
+    return target
 
 
 def build_universeg() -> UniverSeg:

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from FMSegCore.errors import InputError
 from FMSegCore.io.volume import Volume
 from FMSegCore.options import AXIS_INDEX
+from FMSegCore.prompts import in_plane
 
 #: Slicing directions by name: the anatomical axis (L-R, A-P, S-I) slices are across (FMSegCore.options').
 AXIS_NAMES = AXIS_INDEX
@@ -42,9 +43,9 @@ def axis_index(axis: Axis) -> int:
 
 
 def in_plane_axes(axis: Axis) -> tuple[int, int]:
-    """The IJK axes along the rows and the columns of a slice perpendicular to ``axis``."""
-    others = [a for a in (0, 1, 2) if a != axis_index(axis)]
-    return others[1], others[0]
+    """The IJK axes along the rows and the columns of a slice perpendicular to ``axis`` (by name or index; the
+    rule is :func:`FMSegCore.prompts.in_plane`'s)."""
+    return in_plane(axis_index(axis))
 
 
 def _index(axis: Axis, index: int) -> tuple:

@@ -264,6 +264,30 @@ def test_bad_requests_say_what_to_do(logic, oblique):
         FMSegLogic(slicer.mrmlScene).save_adapter("/tmp/x.pt")
 
 
+def test_a_released_volume_leaves_the_worker_and_is_sent_again_when_used(logic, scene, case):
+    image, labels, names = case
+    node = slicer.util.addVolumeFromArray(np.ascontiguousarray(image.array), name="released")
+    roi = roi_on_grid(node, *kidney_roi(labels, names))
+    segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "released result")
+    held = logic.client.info()
+    logic.prompt(node, segmentation, "kidney_left", rois=[roi])
+    first = _segment_array(segmentation, "kidney_left", node)
+    used = logic.client.info()
+    assert (used["volumes"], used["sessions"]) == (held["volumes"] + 1, held["sessions"] + 1)
+    logic.release_volume(node)
+    freed = logic.client.info()
+    assert (freed["volumes"], freed["sessions"]) == (held["volumes"], held["sessions"])
+    logic.release_volume(node)  # nothing held any more: nothing to do
+    logic.release_volume(None)
+    logic.prompt(node, segmentation, "kidney_left", rois=[roi])  # uploaded again, same result
+    assert logic.client.info()["volumes"] == held["volumes"] + 1
+    assert first.sum() > 500 and np.array_equal(_segment_array(segmentation, "kidney_left", node), first)
+    logic.release_volume(node)
+    scene.RemoveNode(segmentation)
+    scene.RemoveNode(roi)
+    scene.RemoveNode(node)
+
+
 # ------------------------------------------------------------------------------------------------ pairs
 
 

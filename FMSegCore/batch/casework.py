@@ -14,7 +14,7 @@ from typing import Any, Optional
 import numpy as np
 
 from FMSegCore.batch.cases import Case
-from FMSegCore.batch.methods import CaseSegmentation, Segmenter
+from FMSegCore.batch.methods import CaseSegmentation, MethodSpec, Segmenter
 from FMSegCore.batch.results import DONE, FAILED, Row, volume_column
 from FMSegCore.errors import FMSegError
 from FMSegCore.io.volume import Volume
@@ -71,9 +71,17 @@ def write_case(job: CaseJob, image: Volume, result: CaseSegmentation, seconds: f
     mean uncertainty inside the segmented voxels (the whole scan where nothing was segmented)."""
     from FMSegCore.io.labelmap import write_labelmap
 
-    folder = Path(job.folder)
+    write_labelmap(np.asarray(result.labels), image, Path(job.folder) / job.output_name, list(result.segments),
+                   overwrite=True)
+    return done_row(job, image, result, seconds)
+
+
+def done_row(job: CaseJob, image: Volume, result: CaseSegmentation, seconds: float) -> Row:
+    """The row of a case whose result is written already (``job.output_name``, by :func:`write_case` or by
+    another writer, such as Slicer's storage node in ``Examples/slicer_batch_cohort.py``): the volume (ml) of
+    every structure of ``result`` (its label map on ``image``'s grid), the mean uncertainty inside the segmented
+    voxels (the whole scan where nothing was segmented) and the overlay PNG (drawn here when ``job.overlays``)."""
     labels = np.asarray(result.labels)
-    write_labelmap(labels, image, folder / job.output_name, list(result.segments), overwrite=True)
     voxel_ml = float(np.prod(image.spacing)) / 1000.0
     counts = np.bincount(labels.ravel().astype(np.int64), minlength=max((s.value for s in result.segments),
                                                                           default=0) + 1)
@@ -86,6 +94,15 @@ def write_case(job: CaseJob, image: Volume, result: CaseSegmentation, seconds: f
     overlay = _write_overlay(job, image, labels, result) if job.overlays else ""
     return job.row(status=DONE, error="", output=job.output_name, overlay=overlay,
                    seconds=round(seconds, 2), mean_uncertainty=uncertainty, **values)
+
+
+def method_sha256(spec: MethodSpec) -> str:
+    """The ``task_sha256`` a run of ``spec`` records (its files' sha256 and its settings), computed without reading
+    the files as models or tasks (no torch): what a script applying the same method elsewhere records, so that
+    its results folder and ``fmseg batch``'s are one (the same manifest, reruns skipping each other's cases)."""
+    from FMSegCore.batch.methods import _digest
+
+    return _digest(spec)
 
 
 def _write_overlay(job: CaseJob, image: Volume, labels: np.ndarray, result: CaseSegmentation) -> str:

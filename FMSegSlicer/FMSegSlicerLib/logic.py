@@ -308,6 +308,15 @@ class FMSegLogic:
             except WorkerError:
                 pass
 
+    def release_volume(self, volume_node: Any) -> None:
+        """Free the worker's copy of a volume node and its prompt sessions (the worker keeps every volume uploaded
+        to it): what a batch script calls before removing a case's nodes, so that a cohort does not pile up in the
+        worker's memory. Best effort; a later request on the node uploads it again."""
+        known = self._uploads.pop(volume_node.GetID(), None) if volume_node is not None else None
+        if known is not None:
+            self._sessions = {key: session for key, session in self._sessions.items() if key[0] != known.volume_id}
+            self._discard([known.volume_id])
+
     def _volume_data(self, volume_node: Any) -> tuple[np.ndarray, dict[str, Any]]:
         """A volume's voxels and grid, read on the calling (GUI) thread for the request to send. A volume the
         worker holds already is not copied again on every prompt: its array is then Slicer's own view, read only

@@ -42,8 +42,8 @@ def main(argv: list[str]) -> int:
     from FMSegSlicerLib.logic import FMSegLogic
 
     from FMSegCore.batch.cases import read_cases
-    from FMSegCore.batch.casework import check_overlays_possible, method_sha256
-    from FMSegCore.batch.methods import TASK, MethodPlan, MethodSpec
+    from FMSegCore.batch.casework import check_overlays_possible
+    from FMSegCore.batch.methods import TASK, MethodPlan, MethodSpec, method_sha256
     from FMSegCore.batch.results import RESULTS_FILE, read_results
     from FMSegCore.batch.run import BatchSettings, check_folder, check_outputs, plan_jobs, write_manifest
     from FMSegCore.errors import InputError

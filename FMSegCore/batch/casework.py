@@ -14,7 +14,7 @@ from typing import Any, Optional
 import numpy as np
 
 from FMSegCore.batch.cases import Case
-from FMSegCore.batch.methods import CaseSegmentation, MethodSpec, Segmenter
+from FMSegCore.batch.methods import CaseSegmentation, Segmenter
 from FMSegCore.batch.results import DONE, FAILED, Row, volume_column
 from FMSegCore.errors import FMSegError
 from FMSegCore.io.volume import Volume
@@ -94,15 +94,6 @@ def done_row(job: CaseJob, image: Volume, result: CaseSegmentation, seconds: flo
     overlay = _write_overlay(job, image, labels, result) if job.overlays else ""
     return job.row(status=DONE, error="", output=job.output_name, overlay=overlay,
                    seconds=round(seconds, 2), mean_uncertainty=uncertainty, **values)
-
-
-def method_sha256(spec: MethodSpec) -> str:
-    """The ``task_sha256`` a run of ``spec`` records (its files' sha256 and its settings), computed without reading
-    the files as models or tasks (no torch): what a script applying the same method elsewhere records, so that
-    its results folder and ``fmseg batch``'s are one (the same manifest, reruns skipping each other's cases)."""
-    from FMSegCore.batch.methods import _digest
-
-    return _digest(spec)
 
 
 def _write_overlay(job: CaseJob, image: Volume, labels: np.ndarray, result: CaseSegmentation) -> str:

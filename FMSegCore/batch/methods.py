@@ -72,7 +72,10 @@ class Segmenter(Protocol):
     def segment(self, image: Volume, case: Case) -> CaseSegmentation: ...
 
 
-def _digest(spec: MethodSpec) -> str:
+def method_sha256(spec: MethodSpec) -> str:
+    """The task's sha256 a run of ``spec`` records: its files' sha256 and its settings, read as plain files (no
+    torch), so that ``fmseg batch`` and a script applying the same method elsewhere (the Slicer cohort example)
+    share one results folder."""
     from FMSegCore.batch.results import file_sha256
 
     digest = hashlib.sha256(json.dumps({k: v for k, v in asdict(spec).items() if k != "files"},
@@ -125,7 +128,7 @@ def plan_method(spec: MethodSpec) -> MethodPlan:
         require_kind(model, PROMPTABLE)
         structures, uncertainty = None, False
         description = f"prompts from column '{spec.prompts_column}' ({model})"
-    return MethodPlan(description, structures, uncertainty, _digest(spec))
+    return MethodPlan(description, structures, uncertainty, method_sha256(spec))
 
 
 def build_segmenter(spec: MethodSpec, device_name: str = "auto", threads: Optional[int] = None) -> Segmenter:

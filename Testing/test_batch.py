@@ -41,7 +41,7 @@ def cohort(tmp_path_factory) -> dict[str, Path]:
     scans = root / "scans"
     scans.mkdir()
     image = sitk.ReadImage(str(CT / "image.nii.gz"))
-    sitk.WriteImage(image[:, :, 40:80], str(scans / "upper.nii.gz"))
+    sitk.WriteImage(image[:, :, 50:70], str(scans / "upper.nii.gz"))
     size = [int(s * 3.0 / 5.0) for s in image.GetSize()]
     coarse = sitk.Resample(image, size, sitk.Transform(), sitk.sitkLinear, image.GetOrigin(), [5.0] * 3,
                            image.GetDirection(), -1000.0)
@@ -190,11 +190,17 @@ def test_bad_input_is_one_line_and_nothing_is_lost(cohort, tmp_path, capsys):
 
 
 def test_a_support_set_and_per_case_prompts_segment_a_cohort_too(cohort, tmp_path):
-    """The two other methods on the coarse copy: the bundled CT as the support set (its spleen), and a CSV whose
-    column names each case's markups (the kidney's box, in physical space, so it fits the coarse copy too); a
-    case whose prompts file is missing fails alone."""
+    """The two other methods on a 6 mm copy: the bundled CT as the support set (its spleen), and a CSV whose
+    column names each case's markups (the kidney's box, in physical space, so it fits the copy too); a case whose
+    prompts file is missing fails alone."""
+    import SimpleITK as sitk
+
     table = tmp_path / "cohort.csv"
-    coarse = cohort["scans"] / "coarse.nrrd"
+    coarse = tmp_path / "coarse_6mm.nii.gz"  # fewer slices than the cohort's 5 mm copy: a shorter test
+    image = sitk.ReadImage(str(CT / "image.nii.gz"))
+    sitk.WriteImage(sitk.Resample(image, [int(n * 3.0 / 6.0) for n in image.GetSize()], sitk.Transform(),
+                                  sitk.sitkLinear, image.GetOrigin(), [6.0] * 3, image.GetDirection(), -1000.0),
+                    str(coarse))
     table.write_text(f"case,image,prompts\ncoarse,{coarse},{CT / 'prompts' / 'kidney_left.mrk.json'}\n"
                      f"unprompted,{coarse},absent.mrk.json\n")
     support = tmp_path / "support"

@@ -31,21 +31,29 @@ def _batch(*args: str, script: str = "slicer_batch_prompt.py") -> subprocess.Com
 
 
 def test_slicer_batch_script_and_cli_agree_voxel_by_voxel(tmp_path):
+    import SimpleITK as sitk
+
+    # the bundled CT resampled to 4.5 mm (the markups are in physical space): the same check, fewer slices to run
+    original = sitk.ReadImage(str(CASE / "image.nii.gz"))
+    scan = tmp_path / "ct_4.5mm.nii.gz"
+    sitk.WriteImage(sitk.Resample(original, [int(n * 3.0 / 4.5) for n in original.GetSize()], sitk.Transform(),
+                                  sitk.sitkLinear, original.GetOrigin(), [4.5] * 3, original.GetDirection(), -1000.0),
+                    str(scan))
     batch_output, cli_output = tmp_path / "batch.seg.nrrd", tmp_path / "cli.seg.nrrd"
-    batch = _batch("--image", str(CASE / "image.nii.gz"), "--prompts", *map(str, PROMPTS), "--output",
+    batch = _batch("--image", str(scan), "--prompts", *map(str, PROMPTS), "--output",
                    str(batch_output), "--device", "cpu")
     assert batch.returncode == 0, batch.stderr[-2000:]
-    cli = subprocess.run([sys.executable, "-m", "FMSegCore", "prompt", "--image", str(CASE / "image.nii.gz"),
+    cli = subprocess.run([sys.executable, "-m", "FMSegCore", "prompt", "--image", str(scan),
                           "--prompts", *map(str, PROMPTS), "--output", str(cli_output), "--device", "cpu",
                           "--no-progress"], capture_output=True, text=True, timeout=900)
     assert cli.returncode == 0, cli.stderr[-2000:]
-    image = read_volume(CASE / "image.nii.gz")
+    image = read_volume(scan)
     batch_labels, batch_segments = read_labelmap(batch_output, reference=image)
     cli_labels, cli_segments = read_labelmap(cli_output, reference=image)
     assert [s.name for s in batch_segments] == [s.name for s in cli_segments] == ["kidney_left", "spleen"]
     for mine, theirs in zip(batch_segments, cli_segments):
         batch_mask, cli_mask = batch_labels.array == mine.value, cli_labels.array == theirs.value
-        assert cli_mask.sum() > 1000
+        assert cli_mask.sum() > 300
         assert np.array_equal(batch_mask, cli_mask)
     assert not list(tmp_path.glob(".*partial*"))
 
@@ -111,7 +119,7 @@ def cohort(tmp_path_factory) -> dict[str, Path]:
     scans = root / "scans"
     scans.mkdir()
     image = sitk.ReadImage(str(CASE / "image.nii.gz"))
-    sitk.WriteImage(image[:, :, 40:80], str(scans / "upper.nii.gz"))
+    sitk.WriteImage(image[:, :, 50:70], str(scans / "upper.nii.gz"))
     coarse = sitk.Resample(image, [int(s * 3.0 / 5.0) for s in image.GetSize()], sitk.Transform(), sitk.sitkLinear,
                            image.GetOrigin(), [5.0] * 3, image.GetDirection(), -1000.0)
     sitk.WriteImage(coarse, str(scans / "coarse.nrrd"))

@@ -194,9 +194,9 @@ def test_a_corrective_click_also_changes_the_neighbouring_slices(case):
     prompt = SegmentPrompts("pancreas", boxes=[BoxPrompt((c0, r0, k), (c1, r1, k))])
     changed = {}
     session = PromptSession(image, model, "cpu", settings=PropagationSettings())
+    before = session.segment(prompt).copy()  # the reach applies to clicks only: one box result serves both
     for reach in (0, 8):  # one session: the propagation (and its embeddings) is shared, the clicks redone
         session.settings.click_reach_slices = reach
-        before = session.segment(prompt).copy()
         on_slice = corrective_click(before[k:k + 1], pancreas[k:k + 1])  # a click on the prompted slice
         click = PointPrompt((on_slice.ijk[0], on_slice.ijk[1], float(k)), include=on_slice.include)
         after = session.segment(SegmentPrompts("pancreas", boxes=prompt.boxes, points=[click]))

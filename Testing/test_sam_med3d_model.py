@@ -16,7 +16,7 @@ from FMSegCore.errors import ModelError
 from FMSegCore.io.volume import Volume
 from FMSegCore.models.interfaces import PromptableModel3D, PromptBatch3D
 from FMSegCore.models.sam_med3d import SAMMed3D, load_sam_med3d
-from FMSegCore.prompts import PointPrompt, SegmentPrompts
+from FMSegCore.prompts import BoxPrompt, PointPrompt, SegmentPrompts
 
 CASES = ("a_none", "a_zeros", "a_prev", "b_none", "b_zeros", "b_prev")
 
@@ -194,3 +194,28 @@ def test_a_3d_session_encodes_once_and_refines_with_a_second_click(model):
                                                            PointPrompt((10.0, 10.0, 10.0), False)]))
     assert second.shape == volume.array.shape
     assert session.timings.encoded == 1 and session.timings.decoded == 2
+
+
+def test_a_box_longer_than_the_crop_is_tiled_and_the_tiles_masks_joined(model):
+    """A 450 mm bar boxed whole: overlapping 128^3 crops at 1.5 mm (192 mm) cover the box, each with the box's
+    share and the points inside it; a box that fits keeps one crop."""
+    volume = Volume(np.full((16, 16, 300), -800.0, dtype=np.float32), spacing=(1.5, 1.5, 1.5))
+    volume.array[6:10, 6:10, :] = 200.0
+    session = PromptSession3D(volume, model, "cpu")
+    box = BoxPrompt((0.0, 4.0, 4.0), (299.0, 11.0, 11.0))
+    click = PointPrompt((250.0, 8.0, 8.0))
+    tiles = session.tiles_for(SegmentPrompts("bar", boxes=[box], points=[click]))
+    reach = (np.asarray(model.crop_shape[::-1]) - 1) / 2.0  # crop voxels = volume voxels at 1.5 mm
+    assert len(tiles) == 3
+    covered = np.zeros(300, dtype=bool)
+    for crop, prompts in tiles:
+        lo, hi = prompts.box_bounds()
+        assert np.all(np.abs(lo - crop.centre) <= reach) and np.all(np.abs(hi - crop.centre) <= reach)
+        covered[int(np.ceil(lo[0])):int(np.floor(hi[0])) + 1] = True
+        assert [p.ijk for p in prompts.points] == ([click.ijk] if abs(crop.centre[0] - 250.0) <= reach[0] else [])
+    assert covered.all()  # the tiles' boxes cover the whole box
+    short = session.tiles_for(SegmentPrompts("bar", boxes=[BoxPrompt((100.0, 4.0, 4.0), (200.0, 11.0, 11.0))]))
+    assert len(short) == 1
+    mask = session.segment(SegmentPrompts("bar", boxes=[box]))
+    assert mask.shape == volume.array.shape
+    assert session.timings.encoded == 3 and session.timings.decoded == 3

@@ -2,9 +2,11 @@
 is decoded in one 3-D crop around its prompts, at the model's spacing, and pasted back onto the volume grid.
 
 The crop is centred on the segment's boxes (their union), else on its include points; it follows the volume's
-own index axes, resampled to the model's spacing. Crop embeddings are cached, so corrective clicks re-run only
-the decoder; a segment prompted again with more points than before (same crop) also gets its previous logits
-as a mask prompt, SAM-Med3D's iterative refinement. Scribbles and lassos are given as include (or exclude)
+own index axes, resampled to the model's spacing. A box larger than the crop is tiled: overlapping crops cover
+it, each decoded with the part of the box inside it and the points inside it, and their masks are joined.
+Crop embeddings are cached, so corrective clicks re-run only the decoder; a segment prompted again with more
+points than before (same crop) also gets its previous logits as a mask prompt, SAM-Med3D's iterative
+refinement. Scribbles and lassos are given as include (or exclude)
 points sampled along them (they need not lie on one slice).
 """
 
@@ -25,7 +27,7 @@ from FMSegCore.errors import InputError
 from FMSegCore.io.volume import Volume
 from FMSegCore.models.interfaces import PromptableModel3D, PromptBatch3D
 from FMSegCore.progress import Progress, ProgressCallback
-from FMSegCore.prompts import PointPrompt, SegmentPrompts
+from FMSegCore.prompts import BoxPrompt, PointPrompt, SegmentPrompts
 
 #: Curves become points about this many mm apart along them, at most this many per curve.
 CURVE_STEP_MM = 5.0
@@ -33,6 +35,9 @@ CURVE_POINTS = 12
 
 #: Logit given to volume voxels outside the crop when the crop's logits are pasted back.
 _OUTSIDE = -1e4
+#: A box is tiled when it spans more than this share of the crop along an axis; tiles cover this share each
+#: (the rest is context around the structure, and the tiles' overlap).
+TILE_FILL = 0.8
 
 
 @dataclass(frozen=True)
@@ -74,7 +79,7 @@ class PromptSession3D:
         self.timings = Timings()
         self.results: dict[str, np.ndarray] = {}
         self._intensities = volume.array.astype(np.float32, copy=False)
-        self._last: dict[str, tuple[Crop, tuple, torch.Tensor]] = {}
+        self._last: dict[str, list[tuple[Crop, tuple, torch.Tensor]]] = {}
 
     # ------------------------------------------------------------------ geometry
     def crop_for(self, prompts: SegmentPrompts) -> Crop:
@@ -86,6 +91,30 @@ class PromptSession3D:
         spacing = self.model.crop_spacing_mm or tuple(float(s) for s in self.volume.spacing)
         return Crop(tuple(float(round(c, 3)) for c in centre), tuple(self.model.crop_shape),
                     tuple(float(s) for s in spacing))
+
+    def tiles_for(self, prompts: SegmentPrompts) -> list[tuple[Crop, SegmentPrompts]]:
+        """The crops a segment is decoded in, each with its prompts: one crop (:meth:`crop_for`), or, for boxes
+        spanning more than :data:`TILE_FILL` of the crop along an axis, a grid of overlapping crops over the box,
+        each with the box clipped to its share and the points that fall inside it."""
+        crop = self.crop_for(prompts)
+        if not prompts.boxes:
+            return [(crop, prompts)]
+        lo, hi = (np.asarray(corner, dtype=float) for corner in prompts.box_bounds())
+        share = crop.half() * crop.scale(self.volume.spacing) * 2.0 * TILE_FILL  # volume voxels per tile, I J K
+        counts = np.maximum(np.ceil((hi - lo) / share - 1e-9), 1).astype(int)
+        if np.all(counts == 1):
+            return [(crop, prompts)]
+        axes = [np.linspace(lo[a] + share[a] / 2, hi[a] - share[a] / 2, counts[a]) if counts[a] > 1
+                else np.array([(lo[a] + hi[a]) / 2]) for a in range(3)]
+        reach = crop.half() * crop.scale(self.volume.spacing)
+        tiles = []
+        for centre in (np.array(c) for c in np.stack(np.meshgrid(*axes, indexing="ij"), -1).reshape(-1, 3)):
+            tile = Crop(tuple(float(round(c, 3)) for c in centre), crop.shape, crop.spacing)
+            low, high = np.maximum(lo, centre - share / 2), np.minimum(hi, centre + share / 2)
+            boxes = [BoxPrompt(tuple(float(v) for v in low), tuple(float(v) for v in high))]
+            points = [p for p in prompts.points if np.all(np.abs(np.asarray(p.ijk) - centre) <= reach)]
+            tiles.append((tile, SegmentPrompts(prompts.name, boxes, points, prompts.color)))
+        return tiles
 
     def _crop_coordinates(self, crop: Crop) -> np.ndarray:
         """Volume KJI coordinates (3, K, J, I) of every crop voxel centre."""
@@ -156,31 +185,35 @@ class PromptSession3D:
         return SegmentPrompts(prompts.name, prompts.boxes, sampled + prompts.points, prompts.color)
 
     def segment(self, prompts: SegmentPrompts, progress: Optional[ProgressCallback] = None) -> np.ndarray:
-        """A boolean KJI mask of one structure from its prompts; remembered under its name."""
+        """A boolean KJI mask of one structure from its prompts (the union of its tiles' masks); remembered under
+        its name."""
         if prompts.is_empty():
             raise InputError(None, f"segment '{prompts.name}' has no box and no include point")
         prompts = self.curve_points(prompts)
-        crop = self.crop_for(prompts)
-        if progress:
-            progress(Progress(0, 1, f"{prompts.name}: encoding the crop"))
-        embedding = self.embedding(crop)
-        points = tuple(prompts.points)
-        last = self._last.get(prompts.name)
-        previous = None
-        if last is not None and last[0] == crop and len(last[1]) < len(points) and points[:len(last[1])] == last[1]:
-            previous = last[2]
-        began = time.perf_counter()
-        with torch.inference_mode(), self._autocast():
-            logits, _quality = self.model.decode(embedding[None], self._prompt_batch(prompts, crop, previous))
-        logits = logits.float()
-        self.timings.decode_seconds += time.perf_counter() - began
-        self.timings.decoded += 1
-        self._last[prompts.name] = (crop, points, logits)
-        full = torch.nn.functional.interpolate(logits, size=crop.shape, mode="trilinear", align_corners=False)
-        mask = self.paste(crop, full[0, 0].cpu().numpy())
+        tiles = self.tiles_for(prompts)
+        mask = np.zeros(self.volume.array.shape, dtype=bool)
+        last = self._last.get(prompts.name, [])
+        remembered = []
+        for number, (crop, tile_prompts) in enumerate(tiles):
+            if progress:
+                progress(Progress(number, len(tiles), f"{prompts.name}: encoding crop {number + 1} of {len(tiles)}"))
+            embedding = self.embedding(crop)
+            points = tuple(tile_prompts.points)
+            previous = next((logits for seen, before, logits in last if seen == crop and len(before) < len(points)
+                             and points[:len(before)] == before), None)
+            began = time.perf_counter()
+            with torch.inference_mode(), self._autocast():
+                logits, _quality = self.model.decode(embedding[None], self._prompt_batch(tile_prompts, crop, previous))
+            logits = logits.float()
+            self.timings.decode_seconds += time.perf_counter() - began
+            self.timings.decoded += 1
+            remembered.append((crop, points, logits))
+            full = torch.nn.functional.interpolate(logits, size=crop.shape, mode="trilinear", align_corners=False)
+            mask |= self.paste(crop, full[0, 0].cpu().numpy())
+        self._last[prompts.name] = remembered
         self.results[prompts.name] = mask
         if progress:
-            progress(Progress(1, 1, f"{prompts.name}: done"))
+            progress(Progress(len(tiles), len(tiles), f"{prompts.name}: done"))
         return mask
 
     def run(self, segments: Sequence[SegmentPrompts],

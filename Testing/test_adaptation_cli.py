@@ -81,29 +81,29 @@ def test_segment_learns_the_unlabelled_slices(auto_adapter, sparse_chest, tmp_pa
 
 
 def test_a_cohort_run_with_the_adapter_gives_what_fmseg_segment_gives(auto_adapter, tmp_path, capsys):
-    """``fmseg batch --adapter`` over a folder (the chest CT, as NIfTI and as NRRD): each case voxel-equal to
-    ``fmseg segment --adapter`` on the same scan, the adapter's structures named, volumes in the table."""
-    import shutil
+    """``fmseg batch --adapter`` over a folder: voxel-equal to ``fmseg segment --adapter`` on the same scan (a
+    12-slice slab of the chest CT, to keep the test short), the adapter's structures named, volumes in the table."""
+    import SimpleITK as sitk
 
     path, _ = auto_adapter
     scans = tmp_path / "scans"
     scans.mkdir()
-    shutil.copy(CHEST / "image.nii.gz", scans / "chest.nii.gz")
-    shutil.copy(CHEST / "image.nrrd", scans / "chest_nrrd.nrrd")
+    sitk.WriteImage(sitk.ReadImage(str(CHEST / "image.nii.gz"))[:, :, 10:22], str(scans / "chest.nrrd"))
     code, out, err = run_cli(capsys, "batch", "--inputs", scans, "--output", tmp_path / "cohort", "--adapter", path,
                              "--device", "cpu", "--no-progress")
     assert code == 0, err
-    assert "2 case(s) done now" in out
+    assert "1 case(s) done now" in out
     single = tmp_path / "single.seg.nrrd"
-    assert run_cli(capsys, "segment", "--image", CHEST / "image.nii.gz", "--adapter", path, "--output", single,
+    assert run_cli(capsys, "segment", "--image", scans / "chest.nrrd", "--adapter", path, "--output", single,
                    "--device", "cpu", "--no-progress")[0] == 0
     expected, _ = read_labelmap(single)
-    for case in ("chest", "chest_nrrd"):
-        labels, segments = read_labelmap(tmp_path / "cohort" / f"{case}.seg.nrrd")
-        assert {s.value: s.name for s in segments} == {5: "right lung", 6: "left lung"}
-        assert np.array_equal(labels.array, expected.array)
+    labels, segments = read_labelmap(tmp_path / "cohort" / "chest.seg.nrrd")
+    assert {s.value: s.name for s in segments} == {5: "right lung", 6: "left lung"}
+    assert (expected.array > 0).sum() > 1000
+    assert np.array_equal(labels.array, expected.array)
     table = (tmp_path / "cohort" / "results.csv").read_text()
     assert "right lung_ml" in table and "left lung_ml" in table
+
 
 def test_prompt_mode_adapter_plugs_into_fmseg_prompt(tmp_path, capsys):
     from test_cli_prompt import KIDNEY_BOX, roi_markup

@@ -263,9 +263,11 @@ class MaskDecoder(nn.Module):
         )
         self.iou_prediction_head = MLP(transformer_dim, iou_head_hidden_dim, self.num_mask_tokens, iou_head_depth)
 
-    def forward(self, image_embeddings: torch.Tensor, image_pe: torch.Tensor, sparse_prompt_embeddings: torch.Tensor,
-                dense_prompt_embeddings: torch.Tensor, multimask_output: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mask logits (B, M, 4H, 4W) and predicted IoU (B, M); M is 1, or 3 with ``multimask_output``."""
+    def attend(self, image_embeddings: torch.Tensor, image_pe: torch.Tensor, sparse_prompt_embeddings: torch.Tensor,
+               dense_prompt_embeddings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Size]:
+        """The part the 2-D and 3-D decoders share: the output tokens (IoU, masks) joined to the prompt tokens,
+        the image embedding (repeated per prompt) plus the dense prompt, through the two-way transformer. The
+        tokens out ``hs`` (B, T, C), the image tokens out (B, N, C) and the image embedding's shape (B, C, ...)."""
         tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)
         tokens = tokens.unsqueeze(0).expand(sparse_prompt_embeddings.size(0), -1, -1)
         tokens = torch.cat((tokens, sparse_prompt_embeddings), dim=1)
@@ -273,9 +275,15 @@ class MaskDecoder(nn.Module):
         if src.shape[0] != tokens.shape[0]:
             src = torch.repeat_interleave(src, tokens.shape[0] // src.shape[0], dim=0)
         src = src + dense_prompt_embeddings
-        pos = image_pe.expand(tokens.shape[0], -1, -1, -1)
-        batch, channels, height, width = src.shape
-        hs, src = self.transformer(src, pos, tokens)
+        pos = image_pe.expand(tokens.shape[0], *image_pe.shape[1:])
+        hs, image_tokens = self.transformer(src, pos, tokens)
+        return hs, image_tokens, src.shape
+
+    def forward(self, image_embeddings: torch.Tensor, image_pe: torch.Tensor, sparse_prompt_embeddings: torch.Tensor,
+                dense_prompt_embeddings: torch.Tensor, multimask_output: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mask logits (B, M, 4H, 4W) and predicted IoU (B, M); M is 1, or 3 with ``multimask_output``."""
+        hs, src, (batch, channels, height, width) = self.attend(image_embeddings, image_pe, sparse_prompt_embeddings,
+                                                                dense_prompt_embeddings)
         iou_token_out = hs[:, 0, :]
         mask_tokens_out = hs[:, 1:1 + self.num_mask_tokens, :]
         # Upscaling in channels-last layout: the transformer's image tokens (B, H*W, C) are already that.

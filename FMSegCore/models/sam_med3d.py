@@ -323,16 +323,8 @@ class MaskDecoder3D(MaskDecoder):
     def forward(self, image_embeddings: torch.Tensor, image_pe: torch.Tensor, sparse_prompt_embeddings: torch.Tensor,
                 dense_prompt_embeddings: torch.Tensor, multimask_output: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """Mask logits (B, M, 4X, 4Y, 4Z) and predicted IoU (B, M); M is 1, or 3 with ``multimask_output``."""
-        tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)
-        tokens = tokens.unsqueeze(0).expand(sparse_prompt_embeddings.size(0), -1, -1)
-        tokens = torch.cat((tokens, sparse_prompt_embeddings), dim=1)
-        src = image_embeddings
-        if src.shape[0] != tokens.shape[0]:
-            src = torch.repeat_interleave(src, tokens.shape[0] // src.shape[0], dim=0)
-        src = src + dense_prompt_embeddings
-        pos = image_pe.expand(tokens.shape[0], -1, -1, -1, -1)
-        batch, channels, x, y, z = src.shape
-        hs, src = self.transformer(src, pos, tokens)
+        hs, src, (batch, channels, x, y, z) = self.attend(image_embeddings, image_pe, sparse_prompt_embeddings,
+                                                          dense_prompt_embeddings)
         upscaled = self.output_upscaling(src.transpose(1, 2).reshape(batch, channels, x, y, z))
         needed = range(1, self.num_mask_tokens) if multimask_output else range(1)  # single mask: token 0
         hyper_in = torch.stack([self.output_hypernetworks_mlps[i](hs[:, 1 + i]) for i in needed], dim=1)

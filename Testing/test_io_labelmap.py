@@ -186,6 +186,7 @@ def test_seg_nrrd_is_one_layer_on_the_full_grid_with_slicer_fields(tmp_path, abd
     assert header["Segment0_Layer"] == "0"
     assert header["Segment0_Extent"] == "0 121 0 100 0 111"
     np.testing.assert_allclose(header["space origin"], abdomen.origin)
+    assert "TerminologyEntry:" in header["Segment0_Tags"] and "SCT^10200004^Liver" in header["Segment0_Tags"]
 
 
 def test_labels_json_is_written_beside_the_label_map_and_found_by_the_reader(tmp_path, abdomen):
@@ -284,6 +285,8 @@ def test_slicer_reads_the_written_segmentation(tmp_path, abdomen):
     for info in segments:
         segment = node.GetSegmentation().GetSegment(f"Segment_{info.value}")
         assert segment.GetName() == info.name
+        code = {"spleen": "78961009", "liver": "10200004"}[info.name]  # standard terminology, as Slicer writes it
+        assert f"SCT^{code}^" in segment.GetTerminology()
         np.testing.assert_allclose(segment.GetColor(), info.color, atol=1e-6)
         image = slicer.vtkOrientedImageData()
         node.GetBinaryLabelmapRepresentation(f"Segment_{info.value}", image)
